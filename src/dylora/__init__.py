@@ -1,38 +1,36 @@
 """DyLoRA: dynamic, search-free low-rank adaptation on top of Hugging Face PEFT.
 
 Train a LoRA adapter once over every rank b in [r_min, r]; then evaluate, merge or export any rank.
+Names are imported on first use (PEP 562), so `import dylora` and `dylora --help` stay fast.
 """
 
-from .config import DyLoraConfig
-from .functional import rank_scale
-from .model import (
-    add_dylora_adapter,
-    dylora_adapters,
-    export_lora,
-    get_dylora_model,
-    get_rank,
-    load,
-    merge,
-    rank,
-    save,
-    set_rank,
-)
-from .sampler import RankSampler
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DyLoraConfig",
-    "RankSampler",
-    "add_dylora_adapter",
-    "dylora_adapters",
-    "export_lora",
-    "get_dylora_model",
-    "get_rank",
-    "load",
-    "merge",
-    "rank",
-    "rank_scale",
-    "save",
-    "set_rank",
-]
+_EXPORTS = {
+    "DyLoraConfig": "config",
+    "RankSampler": "sampler",
+    "rank_scale": "functional",
+    **{name: "model" for name in ("add_dylora_adapter", "dylora_adapters", "export_lora", "get_dylora_model",
+                                  "get_rank", "load", "merge", "rank", "save", "set_rank")},
+    **{name: "training" for name in ("DyLoraCallback", "SweepRow", "rank_parameters", "rank_sweep", "step_rank")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dylora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+

@@ -1,0 +1,252 @@
+"""Reproduce the DyLoRA paper in shape: LoRA at each rank, truncated LoRA, DyLoRA (full, frozen, geometric),
+full fine-tuning, and the cost of a rank search, on real pretrained MiniLM and real data.
+
+    python benchmarks/reproduce.py --quick          # polarity, one seed, short schedule (< 10 min on 2 cores)
+    python benchmarks/reproduce.py                  # every task, arm and seed (see PLAN)
+
+Every run is a `dylora train` / `dylora lora` pipeline run (`dylora.pipeline.run`), written to
+`<out>/<task>/<arm>-s<seed>/`; a run whose sweep.json exists is not run again, so an interrupted
+reproduction resumes where it stopped. At the end the tables and plots are written to `--docs`
+(`results.md` section files and PNGs) and all numbers to `<out>/summary.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from dylora.pipeline import Settings, run, sweep_saved
+
+RANKS = list(range(1, 9))
+LORA_RANKS = [1, 2, 4, 8]
+SEARCH_EXTRA = [3, 5, 6, 7]  # with LORA_RANKS: the exhaustive search over 1..8
+
+# Per-task schedule. Same optimiser, schedule, epochs and lr for every arm of a task.
+PLAN = {
+    "polarity": dict(settings=dict(epochs=2.0, max_length=64, batch_size=16), seeds=3),
+    "tweets": dict(settings=dict(epochs=1.0, max_length=48, batch_size=16, max_train=4000), seeds=2),
+    "bbc": dict(settings=dict(epochs=2.0, max_length=128, batch_size=16), seeds=2),
+}
+QUICK = {"polarity": dict(settings=dict(max_steps=60, max_length=64, batch_size=16, max_train=1000), seeds=1)}
+LR_GRID = [5e-4, 1e-3, 2e-3]
+
+ARMS = {
+    "dylora": dict(method="dylora"),
+    "dylora-frozen": dict(method="dylora", frozen=True),
+    "dylora-geometric": dict(method="dylora", distribution="geometric", geometric_p=0.15),
+    "dylora-geometric-frozen": dict(method="dylora", distribution="geometric", geometric_p=0.15, frozen=True),
+    **{f"lora-r{b}": dict(method="lora", r=b) for b in LORA_RANKS},
+    "full": dict(method="full", lr=5e-5),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_once(out: Path, s: Settings) -> dict:
+    """Run one arm (or reuse its finished directory) and return its sweep and timings."""
+    if not (out / "sweep.json").is_file():
+        log(f"run {out}")
+        run(s, out, overwrite=True, quiet=True)
+    sweep = json.loads((out / "sweep.json").read_text())
+    record = json.loads((out / "run.json").read_text())
+    return {"rows": sweep["rows"], "metric": sweep["metric"], "timings": record["timings"],
+            "best_rank": sweep["best_rank"]}
+
+
+def truncated(out: Path, lora8: Path) -> dict:
+    """The r = 8 LoRA evaluated at b = 1..8 with scale alpha / b (the paper's Table 2 'LoRA' row)."""
+    path = out / "truncated.json"
+    if not path.is_file():
+        rows = {}
+        for split in ("validation", "test"):
+            sweep_rows, _, _ = sweep_saved(lora8, None, RANKS, quiet=True, split=split)
+            rows[split] = {row.rank: row.metrics for row in sweep_rows}
+        merged = [{"rank": b, **{f"validation_{k}": v for k, v in rows["validation"][b].items()},
+                   **{f"test_{k}": v for k, v in rows["test"][b].items()}} for b in RANKS]
+        path.write_text(json.dumps({"rows": merged}, indent=2))
+    return json.loads(path.read_text())
+
+
+def choose_lr(task: str, base: Settings, out: Path, quick: bool) -> float:
+    """The lr of a task: best validation score of plain LoRA r=8, seed 0, over LR_GRID."""
+    if quick:
+        return base.lr
+    scores = {}
+    for lr in LR_GRID:
+        res = run_once(out / task / f"lr-{lr:g}", replace(base, method="lora", r=8, lr=lr, seed=0))
+        scores[lr] = res["rows"][0][f"validation_{res['metric']}"]
+    (out / task / "lr_choice.json").write_text(json.dumps({"grid": scores, "chosen": max(scores, key=scores.get)}))
+    return max(scores, key=scores.get)
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def reproduce(plan: dict, out: Path, quick: bool) -> dict:
+    summary: dict = {}
+    t_start = time.perf_counter()
+    for task, spec in plan.items():
+        base = Settings(model="minilm", data=task, r=8, lora_alpha=16, **spec["settings"])
+        lr = choose_lr(task, base, out, quick)
+        base = replace(base, lr=lr)
+        results: dict = {"lr": lr, "settings": spec["settings"], "arms": {}}
+        for seed in range(spec["seeds"]):
+            for arm, kw in ARMS.items():
+                s = replace(base, seed=seed, **{k: v for k, v in kw.items() if k != "lr"})
+                if arm == "full":
+                    s = replace(s, lr=kw["lr"])
+                res = run_once(out / task / f"{arm}-s{seed}", s)
+                results["arms"].setdefault(arm, []).append(res)
+            lora8 = out / task / f"lora-r8-s{seed}"
+            results["arms"].setdefault("truncated", []).append(truncated(lora8, lora8 / "adapter"))
+        # the exhaustive search over 1..8 needs LoRA at 3, 5, 6, 7 too (seed 0)
+        if not quick:
+            for b in SEARCH_EXTRA:
+                res = run_once(out / task / f"lora-r{b}-s0", replace(base, method="lora", r=b, seed=0))
+                results["arms"][f"lora-r{b}"] = [res]
+        summary[task] = results
+    summary["_wall_s"] = time.perf_counter() - t_start
+    return summary
+
+
+# ---------------------------------------------------------------- tables and plots
+
+
+def score(rows: list[dict], metric: str, split: str = "test") -> dict[int, float]:
+    return {row["rank"]: row[f"{split}_{metric}"] for row in rows}
+
+
+def arm_by_rank(runs: list[dict], metric: str, split: str = "test") -> dict[int, tuple[float, float]]:
+    per_rank: dict[int, list[float]] = {}
+    for res in runs:
+        for b, v in score(res["rows"], metric, split).items():
+            per_rank.setdefault(b, []).append(v)
+    return {b: mean_std(v) for b, v in sorted(per_rank.items())}
+
+
+def search_cost(results: dict, metric: str) -> list[dict]:
+    """LoRA search (one run per rank) vs one DyLoRA run + sweep: wall time, picked rank, its test score."""
+    rows = []
+    arms = results["arms"]
+    dy = arms["dylora"][0]
+    dy_time = dy["timings"]["total_s"]
+    dy_pick = dy["best_rank"]
+    for label, ranks in (("{1,2,4,8}", LORA_RANKS), ("{1..8}", RANKS)):
+        runs = {b: arms[f"lora-r{b}"][0] for b in ranks if f"lora-r{b}" in arms}
+        if len(runs) != len(ranks):
+            continue
+        t = sum(r["timings"]["total_s"] for r in runs.values())
+        pick = max(runs, key=lambda b: (runs[b]["rows"][0][f"validation_{metric}"], -b))
+        rows.append({"search": label, "lora_runs": len(ranks), "lora_wall_s": t, "lora_pick": pick,
+                     "lora_pick_test": runs[pick]["rows"][0][f"test_{metric}"], "dylora_wall_s": dy_time,
+                     "dylora_pick": dy_pick, "dylora_pick_test": score(dy["rows"], metric)[dy_pick],
+                     "speedup": t / dy_time})
+    return rows
+
+
+def fmt(ms: tuple[float, float] | None) -> str:
+    return "" if ms is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def write_docs(summary: dict, docs: Path, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs.mkdir(parents=True, exist_ok=True)
+    lines = [f"<!-- written by: {command} -->", ""]
+    for task, results in summary.items():
+        if task.startswith("_"):
+            continue
+        arms = results["arms"]
+        metric = arms["dylora"][0]["metric"]
+        seeds = len(arms["dylora"])
+        lines += [f"### {task}: test {metric} (%), mean ± std over {seeds} seed(s)", "",
+                  f"Schedule: {results['settings']}, lr {results['lr']:g} (chosen on validation with LoRA r=8).", "",
+                  "| row | " + " | ".join(f"b={b}" for b in RANKS) + " |",
+                  "|---|" + "---|" * len(RANKS)]
+        lora_sep = {b: mean_std([r["rows"][0][f"test_{metric}"] for r in arms[f"lora-r{b}"]])
+                    for b in RANKS if f"lora-r{b}" in arms}
+        table = {
+            "LoRA trained at r = b": lora_sep,
+            "LoRA r=8, truncated to b": arm_by_rank(arms["truncated"], metric),
+            "DyLoRA (Frozen)": arm_by_rank(arms["dylora-frozen"], metric),
+            "DyLoRA": arm_by_rank(arms["dylora"], metric),
+        }
+        for name, row in table.items():
+            lines.append(f"| {name} | " + " | ".join(fmt(row.get(b)) for b in RANKS) + " |")
+        full = mean_std([r["rows"][0][f"test_{metric}"] for r in arms["full"]])
+        lines += ["", f"Full fine-tuning (ceiling): {fmt(full)}", "",
+                  f"Ablation (test {metric}, b = 8 / b = 1):", "",
+                  "| sampling | mode | b=8 | b=1 |", "|---|---|---|---|"]
+        for name, arm, mode in (("uniform", "dylora", "full"), ("uniform", "dylora-frozen", "frozen"),
+                                ("geometric p=0.15", "dylora-geometric", "full"),
+                                ("geometric p=0.15", "dylora-geometric-frozen", "frozen")):
+            row = arm_by_rank(arms[arm], metric)
+            lines.append(f"| {name} | {mode} | {fmt(row[8])} | {fmt(row[1])} |")
+        cost = search_cost(results, metric)
+        if cost:
+            lines += ["", "Search cost (seed 0; wall time of training + evaluation):", "",
+                      "| LoRA search over | LoRA runs | LoRA wall (s) | LoRA pick (test) | DyLoRA run+sweep (s) "
+                      "| DyLoRA pick (test) | speed-up |", "|---|---|---|---|---|---|---|"]
+            for c in cost:
+                lines.append(f"| {c['search']} | {c['lora_runs']} | {c['lora_wall_s']:.0f} | r={c['lora_pick']} "
+                             f"({c['lora_pick_test']:.1f}) | {c['dylora_wall_s']:.0f} | b={c['dylora_pick']} "
+                             f"({c['dylora_pick_test']:.1f}) | {c['speedup']:.2f}x |")
+        lines.append("")
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        for name, row in table.items():
+            bs = sorted(row)
+            ax.errorbar(bs, [row[b][0] for b in bs], yerr=[row[b][1] for b in bs], marker="o", capsize=3,
+                        label=name)
+        ax.axhline(full[0], color="grey", ls="--", lw=1, label="full fine-tuning")
+        ax.set_xlabel("rank b")
+        ax.set_ylabel(f"test {metric} (%)")
+        ax.set_title(f"{task}: MiniLM, r_max = 8, {seeds} seed(s)")
+        ax.set_xticks(RANKS)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(docs / f"reproduce-{task}.png")
+        plt.close(fig)
+        lines += [f"![{task}](reproduce-{task}.png)", ""]
+    lines.append(f"Wall time of this reproduction: {summary['_wall_s'] / 60:.1f} min "
+                 "(runs reused from an earlier, interrupted invocation are not counted again).")
+    (docs / "reproduce-tables.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="polarity, one seed, 60 steps")
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(PLAN))
+    parser.add_argument("--out", default="bench-out/reproduce")
+    parser.add_argument("--docs", default="docs")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else PLAN
+    if args.tasks:
+        unknown = set(args.tasks.split(",")) - set(PLAN)
+        if unknown:
+            parser.error(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(PLAN)}")
+        plan = {t: (QUICK.get(t) if args.quick else PLAN[t]) or PLAN[t] for t in args.tasks.split(",")}
+    out = Path(args.out) / ("quick" if args.quick else "full")
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    summary = reproduce(plan, out, args.quick)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_docs(summary, Path(args.docs) if not args.quick else out, " ".join(["python", *sys.argv]))
+    log(f"done in {summary['_wall_s'] / 60:.1f} min; tables in {args.docs if not args.quick else out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The `dylora` command line: train once, sweep every rank, pick and export a rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer._click import exceptions as click_exc
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  help="DyLoRA: train a LoRA adapter once over every rank, then use any rank.")
+
+Model = Annotated[str, typer.Option(help="Short name (minilm, mpnet, smollm2), model directory or hub id.")]
+Data = Annotated[str, typer.Option(help="polarity, tweets, bbc, bbc-headlines, or a .csv/.tsv/.json/.jsonl file.")]
+Out = Annotated[Path | None, typer.Option(help="Run directory (default runs/<model>-<data>-<method>).")]
+
+
+class UsageFailure(Exception):
+    """A bad argument: printed as one line, exit code 2."""
+
+
+def _settings(method: str, **kw):
+    from .pipeline import Settings
+
+    targets = kw.pop("target_modules")
+    s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None, **kw)
+    return s
+
+
+def _default_out(model: str, data: str, method: str) -> Path:
+    stem = lambda x: Path(x).stem if os.sep in x or "." in x else x  # noqa: E731
+    return Path("runs") / f"{stem(model)}-{stem(data)}-{method}"
+
+
+def _train(method: str, out: Path | None, overwrite: bool, resume: bool, quiet: bool, keep_checkpoints: bool,
+           **kw) -> None:
+    from .pipeline import print_table, run
+
+    _hush(quiet)
+    s = _settings(method, **kw)
+    out = out or _default_out(s.model, s.data, method)
+    if _is_generation(s.model, s.data):
+        from .generation import run_generation
+
+        run_generation(s, out, overwrite=overwrite, resume=resume, quiet=quiet)
+        return
+    result = run(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints)
+    if result is None:  # not the main process of a distributed run
+        return
+    print_table(result, title=f"{method} on {s.data} ({s.model}), seed {s.seed}")
+    if method == "dylora":
+        typer.echo(f"best rank (validation {result.metric}): {result.best_rank}; smallest rank within "
+                   f"{s.within} points: {result.smallest_rank}")
+    typer.echo(f"wrote {out}/ (adapter, sweep.json, sweep.csv, sweep.png, run.json) in "
+               f"{result.timings['total_s']:.0f} s")
+
+
+def _hush(quiet: bool) -> None:
+    """Hide library chatter (load reports, weight-loading bars); with --quiet, every progress bar."""
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if quiet:
+        datasets.disable_progress_bars()
+
+
+def _is_generation(model: str, data: str) -> bool:
+    from . import data as data_mod
+
+    return data in data_mod.GENERATION_DATASETS
+
+
+def _common_train_options(method: str):
+    """The options shared by `train` and `lora` (one signature, two commands)."""
+
+    def command(
+        model: Model = "minilm",
+        data: Data = "polarity",
+        r: Annotated[int, typer.Option("--r", "--r-max", help="LoRA rank (r_max for DyLoRA); --r-max under torchrun, "
+                                       "whose own parser takes --r for one of its options.")] = 8,
+        r_min: Annotated[int, typer.Option(help="Smallest DyLoRA rank.")] = 1,
+        lora_alpha: Annotated[float, typer.Option(help="LoRA alpha; the scale at rank b is alpha / b.")] = 16,
+        frozen: Annotated[bool, typer.Option("--frozen", help="DyLoRA (Frozen): train only component b.")] = False,
+        distribution: Annotated[str, typer.Option(help="Rank distribution: uniform or geometric.")] = "uniform",
+        geometric_p: Annotated[float, typer.Option(help="p of the geometric distribution.")] = 0.15,
+        lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+        target_modules: Annotated[str | None, typer.Option(help="Comma-separated module names to adapt.")] = None,
+        epochs: Annotated[float, typer.Option(help="Training epochs.")] = 3.0,
+        max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: epochs).")] = -1,
+        lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear schedule).")] = 1e-3,
+        weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+        warmup_ratio: Annotated[float, typer.Option(help="Warm-up fraction of the steps.")] = 0.06,
+        batch_size: Annotated[int, typer.Option(help="Per-process batch size.")] = 16,
+        grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+        max_length: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 64,
+        max_train: Annotated[int | None, typer.Option(help="Subsample the train split (seeded).")] = None,
+        text_column: Annotated[str | None, typer.Option(help="Text column of a local file.")] = None,
+        label_column: Annotated[str | None, typer.Option(help="Label column of a local file.")] = None,
+        text_pair_column: Annotated[str | None, typer.Option(help="Second text column (pairs).")] = None,
+        seed: Annotated[int, typer.Option(help="Seed of data split, init, and rank sampler.")] = 0,
+        save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (0: none).")] = 0,
+        within: Annotated[float, typer.Option(help="'Smallest rank within' this many points of the best.")] = 0.5,
+        max_eval: Annotated[int | None, typer.Option(help="Evaluate at most this many validation/test rows.")] = None,
+        label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the training loss.")] = 0.0,
+        out: Out = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest complete checkpoint.")] = False,
+        keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep checkpoints.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    ) -> None:
+        kw = dict(locals())
+        for key in ("out", "overwrite", "resume", "quiet", "keep_checkpoints", "method"):
+            kw.pop(key)
+        if method == "lora":
+            for key in ("r_min", "frozen", "distribution", "geometric_p"):
+                kw.pop(key)
+        _train(method, out, overwrite, resume, quiet, keep_checkpoints, **kw)
+
+    return command
+
+
+app.command("train", help="Train one DyLoRA adapter, sweep every rank on validation and test, save all.")(
+    _common_train_options("dylora"))
+app.command("lora", help="The baseline: the same pipeline with plain LoRA at one fixed rank --r.")(
+    _common_train_options("lora"))
+
+
+def _parse_ranks(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageFailure(f"--ranks must be comma-separated integers like 1,2,4,8, got {text!r}") from None
+
+
+@app.command(help="Evaluate a saved run or adapter at chosen ranks.")
+def sweep(
+    run_or_adapter: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.")],
+    data: Annotated[str | None, typer.Option(help="Dataset (default: the run's).")] = None,
+    ranks: Annotated[str | None, typer.Option(help="Comma-separated ranks (default: all).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or minilm).")] = None,
+    split: Annotated[str, typer.Option(help="validation or test.")] = "test",
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .pipeline import sweep_saved
+
+    _hush(quiet)
+    if split not in ("validation", "test"):
+        raise UsageFailure(f"--split must be validation or test, got {split!r}")
+    rows, s, task = sweep_saved(run_or_adapter, data, _parse_ranks(ranks), quiet=quiet, model=model, split=split)
+    table = Table(title=f"{run_or_adapter} on {s.data} ({split})")
+    table.add_column("rank", justify="right")
+    table.add_column("params", justify="right")
+    for name in task.metrics:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(str(row.rank), f"{row.params:,}", *[f"{row.metrics[n]:.2f}" for n in task.metrics])
+    Console().print(table)
+
+
+def _choose_rank(spec: str, run: Path) -> int:
+    if spec.isdigit():
+        return int(spec)
+    if spec == "best" or spec.startswith("smallest-within="):
+        sweep_file = run / "sweep.json"
+        if not sweep_file.is_file():
+            raise UsageFailure(f"--rank {spec} needs a run directory with sweep.json; {run} has none")
+        payload = json.loads(sweep_file.read_text())
+        if spec == "best":
+            return int(payload["best_rank"])
+        try:
+            within = float(spec.split("=", 1)[1])
+        except ValueError:
+            raise UsageFailure(f"--rank smallest-within=X needs a number, got {spec!r}") from None
+        from .pipeline import pick_ranks
+        from .training import SweepRow
+
+        metric = payload["metric"]
+        rows = [SweepRow(row["rank"], {metric: row[f"validation_{metric}"]}, row["params"]) for row in payload["rows"]]
+        return pick_ranks(rows, metric, within)[1]
+    raise UsageFailure(f"--rank must be an integer, best, or smallest-within=X; got {spec!r}")
+
+
+@app.command(help="Write one rank as a plain PEFT LoRA adapter, or with --merge as a merged full model.")
+def export(
+    run_or_adapter: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.")],
+    rank: Annotated[str, typer.Option(help="b, best, or smallest-within=X (points).")] = "best",
+    out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Fold rank b into the base model and save it.")] = False,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or minilm).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    from . import model as model_api
+    from .functional import check_rank
+    from .model import read_adapter_config
+    from .pipeline import Settings, read_run
+
+    _hush(True)
+    s, adapter = read_run(run_or_adapter)
+    s = s or Settings(model=model or "minilm")
+    if model:
+        s.model = model
+    b = _choose_rank(rank, Path(run_or_adapter))
+    cfg = read_adapter_config(adapter)
+    check_rank(b, cfg.r_min, cfg.r)  # before loading any model
+    out = out or Path(run_or_adapter) / (f"merged-r{b}" if merge else f"lora-r{b}")
+    if out.exists() and not overwrite:
+        raise UsageFailure(f"{out} exists; pass --overwrite to replace it")
+    peft_model, tokenizer = _load_saved(s, adapter)
+    if merge:
+        merged = model_api.merge(peft_model, rank=b, inplace=True)
+        with model_api.atomic_dir(out) as tmp:
+            merged.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        typer.echo(f"wrote the base model with rank {b} merged to {out}")
+    else:
+        model_api.export_lora(peft_model, rank=b, path=out)
+        typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} to {out}")
+
+
+def _load_saved(s, adapter: Path):
+    """The saved adapter on its base model: a causal LM or a classifier, as the adapter's task says."""
+    from . import zoo
+    from .model import load, read_adapter_config
+
+    cfg = read_adapter_config(adapter)
+    model_dir = zoo.resolve_model(s.model)
+    if cfg.task_type == "CAUSAL_LM":
+        from transformers import AutoModelForCausalLM
+
+        return load(AutoModelForCausalLM.from_pretrained(model_dir), adapter), zoo.load_tokenizer(model_dir)
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        heads = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("classifier.weight")
+                 or k.endswith("score.weight") or k.endswith("out_proj.weight")]
+    from .pipeline import load_base
+
+    base, tokenizer = load_base(model_dir, heads[0] if heads else 2, s.seed)
+    return load(base, adapter), tokenizer
+
+
+@app.command(help="Generate text (a headline for each paragraph) from a causal-LM run at rank b.")
+def generate(
+    run: Annotated[Path, typer.Argument(help="A causal-LM run directory (or adapter directory).")],
+    text: Annotated[list[str], typer.Argument(help="Paragraph(s) to write a headline for.")],
+    rank: Annotated[int | None, typer.Option("--rank", help="DyLoRA rank b (default: the run's best).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or smollm2).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 24,
+) -> None:
+    from .generation import generate_command
+
+    _hush(True)
+    generate_command(run, text, rank, model, max_new_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        command.main(args=args, prog_name="dylora", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("dylora: aborted", file=sys.stderr)
+        return 1
+    except click_exc.ClickException as e:
+        print(f"dylora: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        return 2
+    except (UsageFailure, ValueError, FileNotFoundError, FileExistsError) as e:  # DataError, ModelError too
+        if os.environ.get("DYLORA_DEBUG"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"dylora: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

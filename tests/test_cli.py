@@ -1,0 +1,158 @@
+"""The `dylora` command line through its real entry point, on a tiny random model and real polarity data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dylora import zoo
+from dylora.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(zoo.make_tiny_model("bert", tmp_path_factory.mktemp("models") / "tiny-bert"))
+
+
+def cli(*args, check=True):
+    """Run `python -m dylora ARGS` as a user would; returns the completed process."""
+    proc = subprocess.run([sys.executable, "-m", "dylora", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    proc = cli("train", "--model", tiny, "--data", "polarity", "--max-steps", "30", "--r", "4",
+               "--max-train", "400", "--out", out, "--quiet")
+    return out, proc
+
+
+def test_train_writes_a_complete_run_directory(trained):
+    out, proc = trained
+    assert {p.name for p in out.iterdir()} >= {"adapter", "sweep.json", "sweep.csv", "sweep.png", "run.json"}
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [row["rank"] for row in sweep["rows"]] == [1, 2, 3, 4]
+    assert 1 <= sweep["best_rank"] <= 4 and sweep["smallest_rank_within"] <= sweep["best_rank"]
+    assert all("validation_accuracy" in row and "test_accuracy" in row for row in sweep["rows"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["r"] == 4 and run["seed"] == 0 and run["versions"]["peft"]
+    assert len(run["rank_history"]) == run["steps"] == 30
+    assert {"train_s", "sweep_s", "total_s"} <= set(run["timings"])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best rank" in proc.stdout and "smallest within" in proc.stdout
+    assert not list(out.parent.glob("*.partial"))
+
+
+def test_rerun_into_existing_out_refuses_without_overwrite(trained, tiny):
+    out, _ = trained
+    proc = cli("train", "--model", tiny, "--max-steps", "2", "--out", out, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--overwrite" in proc.stderr
+
+
+def test_sweep_a_saved_run_at_chosen_ranks(trained):
+    out, _ = trained
+    proc = cli("sweep", out, "--ranks", "1,4", "--quiet")
+    assert "accuracy" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("│")]
+    assert len(rows) == 2
+    sweep = json.loads((out / "sweep.json").read_text())
+    test_acc = {row["rank"]: row["test_accuracy"] for row in sweep["rows"]}
+    assert f"{test_acc[4]:.2f}" in rows[1]  # the same numbers as the sweep made right after training
+
+
+def test_export_best_and_merge(trained, tmp_path):
+    out, _ = trained
+    best = json.loads((out / "sweep.json").read_text())["best_rank"]
+    cli("export", out, "--rank", "best", "--out", tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == best and cfg["peft_type"] == "LORA"
+    cli("export", out, "--rank", "smallest-within=100", "--out", tmp_path / "small")
+    assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 1
+    cli("export", out, "--rank", "2", "--merge", "--out", tmp_path / "merged")
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_lora_baseline_shares_the_pipeline(tiny, tmp_path):
+    out = tmp_path / "lora"
+    cli("lora", "--model", tiny, "--max-steps", "5", "--r", "2", "--max-train", "200", "--out", out, "--quiet")
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [row["rank"] for row in sweep["rows"]] == [2]
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert not (out / "adapter" / "dylora_config.json").exists()
+
+
+def test_help_on_every_command():
+    for command in ([], ["train"], ["lora"], ["sweep"], ["export"]):
+        proc = cli(*command, "--help")
+        assert "Usage" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--r", "0"], "r"),
+        (["train", "--r", "4", "--r-min", "5"], "r_min"),
+        (["train", "--distribution", "zipf"], "uniform, geometric"),
+        (["train", "--data", "nosuchdata"], "polarity"),
+        (["train", "--model", "nosuchmodel"], "minilm"),
+        (["train", "--epochs", "-1"], "epochs"),
+        (["train", "--bogus-flag"], "bogus"),
+        (["sweep", "/nonexistent/run"], "neither a run directory"),
+        (["export", "/nonexistent/run", "--rank", "2"], "neither a run directory"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
+    code = main([*args, "--out", str(tmp_path / "x")] if args[0] == "train" else args)
+    assert code == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_bad_arguments_message_is_one_line(tmp_path):
+    proc = cli("train", "--data", "nosuchdata", "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dylora: error:") and "polarity" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_export_rank_outside_range_and_bad_rank_spec(trained, tmp_path):
+    out, _ = trained
+    for spec, msg in (("9", r"\[1, 4\]"), ("bestest", "best, or smallest-within")):
+        proc = cli("export", out, "--rank", spec, "--out", tmp_path / "e", check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        import re
+
+        assert re.search(msg, proc.stderr)
+        assert not (tmp_path / "e").exists()
+
+
+def test_local_csv_data(tiny, tmp_path):
+    rows = ["review,sentiment"] + [f"great film number {i},pos" if i % 2 else f"awful film {i},neg"
+                                   for i in range(60)]
+    path = tmp_path / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    cli("train", "--model", tiny, "--data", path, "--text-column", "review", "--label-column", "sentiment",
+        "--max-steps", "3", "--r", "2", "--out", out, "--quiet")
+    assert json.loads((out / "run.json").read_text())["label_names"] == ["neg", "pos"]
+    proc = cli("train", "--model", tiny, "--data", path, "--text-column", "nope", "--out", tmp_path / "r2",
+               check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "review" in proc.stderr
+
+
+def test_entry_point_is_installed():
+    exe = Path(sys.executable).parent / "dylora"
+    assert exe.exists()

@@ -7,7 +7,7 @@ export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench clean
+.PHONY: venv test demo lint bench reproduce-quick clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/inference.py
+
+reproduce-quick: venv
+	$(BIN)/python benchmarks/reproduce.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

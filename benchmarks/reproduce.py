@@ -104,10 +104,13 @@ def reproduce(plan: dict, out: Path, quick: bool) -> dict:
                 s = replace(base, seed=seed, **{k: v for k, v in kw.items() if k != "lr"})
                 if arm == "full":
                     s = replace(s, lr=kw["lr"])
-                res = run_once(out / task / f"{arm}-s{seed}", s)
+                path = out / task / f"{arm}-s{seed}"
+                if arm == "lora-r8" and seed == 0 and not quick:
+                    path = out / task / f"lr-{lr:g}"  # the lr search already trained exactly this run
+                res = run_once(path, s)
                 results["arms"].setdefault(arm, []).append(res)
-            lora8 = out / task / f"lora-r8-s{seed}"
-            results["arms"].setdefault("truncated", []).append(truncated(lora8, lora8 / "adapter"))
+            lora8 = out / task / (f"lr-{lr:g}" if seed == 0 and not quick else f"lora-r8-s{seed}")
+            results["arms"].setdefault("truncated", []).append(truncated(lora8, lora8))
         # the exhaustive search over 1..8 needs LoRA at 3, 5, 6, 7 too (seed 0)
         if not quick:
             for b in SEARCH_EXTRA:
@@ -229,6 +232,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="polarity, one seed, 60 steps")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(PLAN))
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: the plan's, 3 or 2)")
     parser.add_argument("--out", default="bench-out/reproduce")
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args()
@@ -238,6 +242,8 @@ def main() -> int:
         if unknown:
             parser.error(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(PLAN)}")
         plan = {t: (QUICK.get(t) if args.quick else PLAN[t]) or PLAN[t] for t in args.tasks.split(",")}
+    if args.seeds is not None:
+        plan = {t: {**spec, "seeds": args.seeds} for t, spec in plan.items()}
     out = Path(args.out) / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

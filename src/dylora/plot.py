@@ -31,6 +31,12 @@ def plot_sweep(path: str | os.PathLike, validation: list[Any], test: list[Any], 
     ax.patch.set_visible(False)
     ax.legend(loc="lower right")
     ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write a figure to a temporary name, then rename it into place."""
+    path = Path(path)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

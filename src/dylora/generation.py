@@ -40,10 +40,11 @@ import typer
 
 from . import data as data_mod
 from . import zoo
-from .model import dylora_adapters, get_dylora_model, get_rank, load, rank, save
+from .model import dylora_adapters, get_rank, load, rank, save
 from .pipeline import (
     RunResult,
     Settings,
+    build_model,
     is_main_process,
     pick_ranks,
     prepare_out,
@@ -160,19 +161,6 @@ def load_causal_lm(model_dir: str, model_name: str, seed: int = 0) -> tuple[Any,
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def build_causal_model(s: Settings, base: Any) -> Any:
-    """`pipeline.build_model` for a causal LM: the same adapter config with task_type CAUSAL_LM."""
-    if s.method == "full":
-        return base
-    config = s.peft_config(s.target_modules or zoo.default_target_modules(base.config))
-    config.task_type = "CAUSAL_LM"
-    if s.method == "dylora":
-        return get_dylora_model(base, config)
-    from peft import get_peft_model
-
-    return get_peft_model(base, config)
 
 
 # ---------------------------------------------------------------- generation and scores
@@ -352,7 +340,7 @@ def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = Fal
     base, tokenizer = load_causal_lm(model_dir, s.model, s.seed)
     if s.method != "full" and not s.target_modules:
         s.target_modules = zoo.default_target_modules(base.config)
-    model = build_causal_model(s, base)
+    model = build_model(s, base, task_type="CAUSAL_LM")
 
     splits = {"train": task.splits["train"], "validation": _cap(task.splits["validation"], s.max_eval),
               "test": _cap(task.splits["test"], s.max_eval)}

@@ -80,11 +80,11 @@ class Settings:
         if self.method == "dylora":  # DyLoraConfig names the field and the valid range
             self.peft_config(["x"])
 
-    def peft_config(self, targets: list[str]) -> Any:
+    def peft_config(self, targets: list[str], task_type: str = "SEQ_CLS") -> Any:
         from peft import LoraConfig
 
         common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                      target_modules=targets, task_type="SEQ_CLS", modules_to_save=self.modules_to_save)
+                      target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
         if self.method == "dylora":
             return DyLoraConfig(r_min=self.r_min, frozen=self.frozen, rank_distribution=self.distribution,
                                 geometric_p=self.geometric_p, seed=self.seed, **common)
@@ -147,11 +147,12 @@ def load_base(model_dir: str, num_labels: int, seed: int) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def build_model(s: Settings, base: Any) -> Any:
+def build_model(s: Settings, base: Any, task_type: str = "SEQ_CLS") -> Any:
+    """The base model with the run's adapter (DyLoRA or LoRA) on it, or the base itself for full fine-tuning."""
     if s.method == "full":
         return base
     targets = s.target_modules or zoo.default_target_modules(base.config)
-    config = s.peft_config(targets)
+    config = s.peft_config(targets, task_type)
     if s.method == "dylora":
         return get_dylora_model(base, config)
     from peft import get_peft_model

@@ -94,6 +94,14 @@ def test_lora_baseline_shares_the_pipeline(tiny, tmp_path):
     assert not (out / "adapter" / "dylora_config.json").exists()
 
 
+def test_train_sweeps_only_the_chosen_ranks(tiny, tmp_path):
+    out = tmp_path / "some"
+    cli("train", "--model", tiny, "--max-steps", "3", "--r", "4", "--max-train", "100", "--max-eval", "50",
+        "--ranks", "1,4", "--out", out, "--quiet")
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [row["rank"] for row in sweep["rows"]] == [1, 4] and sweep["best_rank"] in (1, 4)
+
+
 def test_help_on_every_command():
     for command in ([], ["train"], ["lora"], ["sweep"], ["export"]):
         proc = cli(*command, "--help")
@@ -109,14 +117,17 @@ def test_help_on_every_command():
         (["train", "--data", "nosuchdata"], "polarity"),
         (["train", "--model", "nosuchmodel"], "minilm"),
         (["train", "--epochs", "-1"], "epochs"),
+        (["train", "--ranks", "1,9"], "[1, 8]"),
+        (["train", "--ranks", "one"], "comma-separated"),
         (["train", "--bogus-flag"], "bogus"),
         (["sweep", "/nonexistent/run"], "neither a run directory"),
         (["export", "/nonexistent/run", "--rank", "2"], "neither a run directory"),
     ],
 )
-def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
+def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
     code = main([*args, "--out", str(tmp_path / "x")] if args[0] == "train" else args)
     assert code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 

@@ -28,6 +28,8 @@ def _settings(method: str, **kw):
     from .pipeline import Settings
 
     targets = kw.pop("target_modules")
+    if "ranks" in kw:
+        kw["ranks"] = _parse_ranks(kw["ranks"])
     s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None, **kw)
     return s
 
@@ -110,6 +112,8 @@ def _common_train_options(method: str):
         within: Annotated[float, typer.Option(help="'Smallest rank within' this many points of the best.")] = 0.5,
         max_eval: Annotated[int | None, typer.Option(help="Evaluate at most this many validation/test rows.")] = None,
         label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the training loss.")] = 0.0,
+        ranks: Annotated[str | None, typer.Option(help="Ranks the sweep evaluates, comma-separated "
+                                                  "(default: every rank from r_min to r).")] = None,
         out: Out = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest complete checkpoint.")] = False,
@@ -120,7 +124,7 @@ def _common_train_options(method: str):
         for key in ("out", "overwrite", "resume", "quiet", "keep_checkpoints", "method"):
             kw.pop(key)
         if method == "lora":
-            for key in ("r_min", "frozen", "distribution", "geometric_p"):
+            for key in ("r_min", "frozen", "distribution", "geometric_p", "ranks"):
                 kw.pop(key)
         _train(method, out, overwrite, resume, quiet, keep_checkpoints, **kw)
 

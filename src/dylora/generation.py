@@ -374,8 +374,8 @@ def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = Fal
         return evaluate
 
     if s.method == "dylora":
-        val = rank_sweep(model, ev("validation"), progress=not quiet)
-        test = rank_sweep(model, ev("test"), progress=not quiet)
+        val = rank_sweep(model, ev("validation"), ranks=s.ranks, progress=not quiet)
+        test = rank_sweep(model, ev("test"), ranks=s.ranks, progress=not quiet)
     else:
         params = rank_parameters(model, s.r) if s.method == "lora" else sum(
             p.numel() for p in model.parameters() if p.requires_grad)

@@ -70,6 +70,7 @@ class Settings:
     within: float = 0.5  # "smallest rank within this many points of the best"
     max_eval: int | None = None  # cap the validation and test splits (quick runs and tests)
     label_smoothing: float = 0.0  # label_smoothing_factor of the Trainer (generation)
+    ranks: list[int] | None = None  # the ranks the sweep evaluates (default: every b in [r_min, r])
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -79,6 +80,10 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.method == "dylora":  # DyLoraConfig names the field and the valid range
             self.peft_config(["x"])
+            bad = [b for b in self.ranks or [] if not self.r_min <= b <= self.r]
+            if bad or self.ranks == []:
+                raise ValueError(f"--ranks {bad or '(empty)'}: each rank must be in [r_min, r] = "
+                                 f"[{self.r_min}, {self.r}]")
 
     def peft_config(self, targets: list[str], task_type: str = "SEQ_CLS") -> Any:
         from peft import LoraConfig
@@ -369,9 +374,9 @@ def run(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume:
         return lambda m: evaluate(m, encoded[split], tokenizer, task.metrics, s.eval_batch_size)
 
     if s.method == "dylora":
-        val = rank_sweep(model, ev("validation"), progress=not quiet)
+        val = rank_sweep(model, ev("validation"), ranks=s.ranks, progress=not quiet)
         t_val = time.perf_counter() - t1
-        test = rank_sweep(model, ev("test"), progress=not quiet)
+        test = rank_sweep(model, ev("test"), ranks=s.ranks, progress=not quiet)
     else:
         params = rank_parameters(model, s.r) if s.method == "lora" else sum(
             p.numel() for p in model.parameters() if p.requires_grad)

@@ -7,7 +7,7 @@ export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench reproduce-quick clean
+.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,15 @@ bench: venv
 
 reproduce-quick: venv
 	$(BIN)/python benchmarks/reproduce.py --quick
+
+reproduce: venv
+	$(BIN)/python benchmarks/reproduce.py
+
+search-cost: venv
+	$(BIN)/python benchmarks/search_cost.py --epochs 2
+
+generation-bench: venv
+	$(BIN)/python benchmarks/generation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

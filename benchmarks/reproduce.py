@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -63,8 +64,17 @@ def run_once(out: Path, s: Settings) -> dict:
         log(f"done {out}")
     sweep = json.loads((out / "sweep.json").read_text())
     record = json.loads((out / "run.json").read_text())
+    history = record["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
+    tail = losses[-max(1, len(losses) // 5):]  # the last fifth of training
     return {"rows": sweep["rows"], "metric": sweep["metric"], "timings": record["timings"],
-            "best_rank": sweep["best_rank"]}
+            "best_rank": sweep["best_rank"], "path": str(out), "final_loss": statistics.fmean(tail),
+            "chance_loss": math.log(len(record["label_names"]))}
+
+
+def stuck(res: dict) -> bool:
+    """A run that never left chance: its training loss over the last fifth of training is still ~ln(classes)."""
+    return res["final_loss"] >= 0.97 * res["chance_loss"]
 
 
 def truncated(out: Path, lora8: Path) -> dict:
@@ -162,7 +172,8 @@ def reproduce(plan: dict, out: Path, quick: bool, pool: Pool) -> dict:
             if t == task:
                 arms.setdefault(arm, []).append(res)
         arms["truncated"] = [{"rows": [{"rank": int(b), **{f"test_{k}": v for k, v in m.items()}}
-                                       for b, m in sorted(trunc[task, seed]["test"].items(), key=lambda x: int(x[0]))]}
+                                       for b, m in sorted(trunc[task, seed]["test"].items(), key=lambda x: int(x[0]))],
+                              **{k: results[task, "lora-r8", seed][k] for k in ("path", "final_loss", "chance_loss")}}
                              for seed in range(spec["seeds"])]
         summary[task] = {"lr": lrs[task], "settings": spec["settings"], "arms": arms}
     summary["_wall_s"] = time.perf_counter() - t_start
@@ -214,6 +225,23 @@ def search_cost(results: dict, metric: str) -> list[dict]:
     return rows
 
 
+def main_table(arms: dict, metric: str) -> dict[str, dict[int, tuple[float, float]]]:
+    """The rows of the paper's Table 2: LoRA trained at each rank, truncated LoRA, DyLoRA (Frozen), DyLoRA."""
+    return {
+        "LoRA trained at r = b": {b: mean_std([r["rows"][0][f"test_{metric}"] for r in arms[f"lora-r{b}"]])
+                                  for b in RANKS if arms.get(f"lora-r{b}")},
+        "LoRA r=8, truncated to b": arm_by_rank(arms["truncated"], metric),
+        "DyLoRA (Frozen)": arm_by_rank(arms["dylora-frozen"], metric),
+        "DyLoRA": arm_by_rank(arms["dylora"], metric),
+    }
+
+
+def table_lines(lines: list[str], table: dict, one_seed: list[int]) -> None:
+    for name, row in table.items():
+        cells = [fmt(row.get(b)) + (" ¹" if name.startswith("LoRA trained") and b in one_seed else "") for b in RANKS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def fmt(ms: tuple[float, float] | None) -> str:
     return "" if ms is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
 
@@ -236,22 +264,20 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
                   f"Schedule: {results['settings']}, lr {results['lr']:g} (chosen on validation with LoRA r=8).", "",
                   "| row | " + " | ".join(f"b={b}" for b in RANKS) + " |",
                   "|---|" + "---|" * len(RANKS)]
-        lora_sep = {b: mean_std([r["rows"][0][f"test_{metric}"] for r in arms[f"lora-r{b}"]])
-                    for b in RANKS if f"lora-r{b}" in arms}
-        one_seed = [b for b in lora_sep if len(arms[f"lora-r{b}"]) == 1 and seeds > 1]
-        table = {
-            "LoRA trained at r = b": lora_sep,
-            "LoRA r=8, truncated to b": arm_by_rank(arms["truncated"], metric),
-            "DyLoRA (Frozen)": arm_by_rank(arms["dylora-frozen"], metric),
-            "DyLoRA": arm_by_rank(arms["dylora"], metric),
-        }
-        for name, row in table.items():
-            cells = [fmt(row.get(b)) + (" ¹" if name.startswith("LoRA trained") and b in one_seed else "")
-                     for b in RANKS]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        one_seed = [b for b in RANKS if f"lora-r{b}" in arms and len(arms[f"lora-r{b}"]) == 1 and seeds > 1]
+        table = main_table(arms, metric)
+        table_lines(lines, table, one_seed)
         if one_seed:
             lines += ["", f"¹ seed 0 only: LoRA at r = {', '.join(map(str, one_seed))} is trained for the "
                       "search-cost table (the exhaustive search over 1..8), not for every seed."]
+        failed = sorted({r["path"] for runs in arms.values() for r in runs if "path" in r and stuck(r)})
+        if failed:
+            lines += ["", f"Runs that never left chance (training loss over the last fifth of training >= 0.97 "
+                      f"ln(classes)): {', '.join(f'`{Path(p).name}`' for p in failed)}. The same table without "
+                      f"them (the truncated row drops with its LoRA r=8 run):", "",
+                      "| row | " + " | ".join(f"b={b}" for b in RANKS) + " |", "|---|" + "---|" * len(RANKS)]
+            table_lines(lines, main_table({k: [r for r in v if "path" not in r or not stuck(r)]
+                                           for k, v in arms.items()}, metric), one_seed)
         full = mean_std([r["rows"][0][f"test_{metric}"] for r in arms["full"]])
         lines += ["", f"Full fine-tuning (ceiling): {fmt(full)}", "",
                   f"Ablation (test {metric} at b = 1, 2, 4, 8):", "",
@@ -291,10 +317,11 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
         fig.savefig(docs / f"reproduce-{task}.png")
         plt.close(fig)
         lines += [f"![{task}](reproduce-{task}.png)", ""]
-    lines.append(f"Wall time of this reproduction: {summary['_wall_s'] / 60:.1f} min, {summary['_jobs']} run(s) at a "
-                 f"time with {summary['_threads']} thread(s) each (runs reused from an earlier, interrupted "
-                 "invocation are not counted again). Every run's own time (search cost) is the wall time of "
-                 "that run alone on its thread(s).")
+    walls = summary.get("_invocations_s", [summary["_wall_s"]])
+    lines.append(f"Wall time of this reproduction: {sum(walls) / 60:.1f} min over {len(walls)} invocation(s) "
+                 f"({', '.join(f'{w / 60:.1f}' for w in walls)} min; an invocation reuses every finished run), "
+                 f"{summary['_jobs']} run(s) at a time with {summary['_threads']} thread(s) each. Each run's own "
+                 "time (search cost) is the wall time of that run on its thread(s).")
     (docs / "reproduce-tables.md").write_text("\n".join(lines) + "\n")
 
 
@@ -321,8 +348,17 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     log(f"{args.jobs} run(s) at a time, {threads} thread(s) each")
+    ledger = out / "wall.json"  # the wall time of every invocation over this output directory
+    if ledger.is_file():
+        invocations = json.loads(ledger.read_text())
+    elif (out / "summary.json").is_file():  # written before the ledger existed
+        invocations = [json.loads((out / "summary.json").read_text())["_wall_s"]]
+    else:
+        invocations = []
     summary = reproduce(plan, out, args.quick, Pool(args.jobs, threads))
-    summary["_jobs"], summary["_threads"] = args.jobs, threads
+    invocations.append(summary["_wall_s"])
+    ledger.write_text(json.dumps(invocations))
+    summary["_jobs"], summary["_threads"], summary["_invocations_s"] = args.jobs, threads, invocations
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     write_docs(summary, Path(args.docs) if not args.quick else out, " ".join(["python", *sys.argv]))
     log(f"done in {summary['_wall_s'] / 60:.1f} min; tables in {args.docs if not args.quick else out}")

@@ -149,6 +149,22 @@ def test_generate_command_prints_a_headline(trained, capsys):
     assert len(lines) == 2 and all(line.strip() for line in lines)
 
 
+def test_sweep_of_a_saved_generation_run_scores_by_generating(trained, capsys):
+    out, _ = trained
+    capsys.readouterr()
+    assert main(["sweep", str(out), "--ranks", "2,4", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "bleu" in table and "rougeL" in table and "perplexity" in table
+    saved = {row["rank"]: row for row in json.loads((out / "sweep.json").read_text())["rows"]}
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines() if line.count("│") > 2]
+    shown = {int(row[0]): row[2:] for row in cells if row[0].isdigit()}
+    assert sorted(shown) == [2, 4]
+    for b, values in shown.items():  # the same numbers as the sweep right after training
+        assert values == [f"{saved[b][f'test_{key}']:.2f}" for key in ("bleu", "rougeL", "perplexity")]
+    assert main(["sweep", str(out), "--ranks", "7"]) == 2
+    assert "outside" in capsys.readouterr().err
+
+
 def test_export_of_a_causal_run_loads_with_vanilla_peft(trained, tmp_path, tiny, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -80,6 +80,16 @@ def _is_generation(model: str, data: str) -> bool:
     return data in data_mod.GENERATION_DATASETS
 
 
+def _is_generation_run(path: Path) -> bool:
+    """A run directory or adapter of a causal LM (swept by generating, not by classifying)."""
+    from .model import read_adapter_config
+
+    adapter = path / "adapter" if (path / "run.json").is_file() else path
+    if not (adapter / "adapter_config.json").is_file():
+        return False  # sweep_saved names what is missing
+    return read_adapter_config(adapter).task_type == "CAUSAL_LM"
+
+
 def _common_train_options(method: str):
     """The options shared by `train` and `lora` (one signature, two commands)."""
 
@@ -163,14 +173,23 @@ def sweep(
     _hush(quiet)
     if split not in ("validation", "test"):
         raise UsageFailure(f"--split must be validation or test, got {split!r}")
-    rows, s, task = sweep_saved(run_or_adapter, data, _parse_ranks(ranks), quiet=quiet, model=model, split=split)
+    if _is_generation_run(run_or_adapter):
+        from .generation import METRICS, sweep_generation
+
+        if data is not None:
+            raise UsageFailure("--data applies to classification runs; a generation run is swept on its own data")
+        rows, s = sweep_generation(run_or_adapter, _parse_ranks(ranks), split=split, quiet=quiet, model=model)
+        metrics = list(METRICS)
+    else:
+        rows, s, task = sweep_saved(run_or_adapter, data, _parse_ranks(ranks), quiet=quiet, model=model, split=split)
+        metrics = task.metrics
     table = Table(title=f"{run_or_adapter} on {s.data} ({split})")
     table.add_column("rank", justify="right")
     table.add_column("params", justify="right")
-    for name in task.metrics:
+    for name in metrics:
         table.add_column(name, justify="right")
     for row in rows:
-        table.add_row(str(row.rank), f"{row.params:,}", *[f"{row.metrics[n]:.2f}" for n in task.metrics])
+        table.add_row(str(row.rank), f"{row.params:,}", *[f"{row.metrics[n]:.2f}" for n in metrics])
     Console().print(table)
 
 

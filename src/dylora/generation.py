@@ -293,6 +293,17 @@ def plot_generation_sweep(path: str | os.PathLike, validation: list[SweepRow], t
     return save_figure(fig, path)
 
 
+def encode_split(tokenizer: Any, split: Any, max_length: int, name: str = "") -> Any:
+    """Token ids and prompt-masked labels of a (source, target) split."""
+
+    def enc(batch: dict[str, list]) -> dict[str, list]:
+        rows = [encode_example(tokenizer, x, y, max_length) for x, y in zip(batch["source"], batch["target"],
+                                                                             strict=True)]
+        return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
+
+    return split.map(enc, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}".strip())
+
+
 def _cap(split: Any, n: int | None) -> Any:
     if n is None:
         return split
@@ -345,13 +356,7 @@ def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = Fal
     splits = {"train": task.splits["train"], "validation": _cap(task.splits["validation"], s.max_eval),
               "test": _cap(task.splits["test"], s.max_eval)}
 
-    def enc(batch: dict[str, list]) -> dict[str, list]:
-        rows = [encode_example(tokenizer, x, y, s.max_length) for x, y in zip(batch["source"], batch["target"],
-                                                                               strict=True)]
-        return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
-
-    encoded = {name: split.map(enc, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}")
-               for name, split in splits.items()}
+    encoded = {name: encode_split(tokenizer, split, s.max_length, name) for name, split in splits.items()}
 
     trainer, rank_history = train_model(s, model, args, encoded["train"], CausalCollator(tokenizer.pad_token_id),
                                         partial, quiet, resume)
@@ -441,6 +446,27 @@ def load_generation_run(path: str | os.PathLike, model: str | None = None) -> tu
                          f"run trained on a generation dataset such as bbc-headlines")
     base, tokenizer = load_causal_lm(zoo.resolve_model(s.model), s.model, s.seed)
     return load(base, adapter), tokenizer, s, best
+
+
+def sweep_generation(path: str | os.PathLike, ranks: list[int] | None = None, split: str = "test",
+                     quiet: bool = False, model: str | None = None) -> tuple[list[SweepRow], Settings]:
+    """BLEU, ROUGE-L and perplexity of a saved causal-LM run at chosen ranks (default: all), on the run's split."""
+    peft_model, tokenizer, s, _ = load_generation_run(path, model)
+    cfg = dylora_adapters(peft_model)["default"]
+    for b in ranks or []:
+        if not cfg.r_min <= b <= cfg.r:
+            raise ValueError(f"--ranks: rank {b} is outside [r_min, r] = [{cfg.r_min}, {cfg.r}]")
+    task = data_mod.load_generation_task(s.data, seed=s.seed, max_train=s.max_train)
+    rows = _cap(task.splits[split], s.max_eval)
+    limit = max_positions(peft_model.config)
+    length = s.max_length if limit is None else min(s.max_length, limit)
+    encoded = encode_split(tokenizer, rows, length, split)
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return evaluate_generation(m, tokenizer, rows, encoded, max_length=length, batch_size=s.eval_batch_size,
+                                   progress=not quiet, desc=f"{split} r={get_rank(m)}")[0]
+
+    return rank_sweep(peft_model, evaluate, ranks=ranks, progress=not quiet), s
 
 
 def generate_command(

@@ -42,7 +42,7 @@ reproduce: venv
 	$(BIN)/python benchmarks/reproduce.py
 
 search-cost: venv
-	$(BIN)/python benchmarks/search_cost.py --epochs 2
+	$(BIN)/python benchmarks/search_cost.py --epochs 3.5 --jobs 2
 
 generation-bench: venv
 	$(BIN)/python benchmarks/generation.py

@@ -242,6 +242,17 @@ def table_lines(lines: list[str], table: dict, one_seed: list[int]) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def search_cost_table(cost: list[dict]) -> list[str]:
+    """The search-cost rows of `search_cost` as a markdown table."""
+    lines = ["| LoRA search over | LoRA runs | LoRA wall (s) | LoRA pick (test) | DyLoRA run + val sweep (s) "
+             "| DyLoRA pick (test) | speed-up |", "|---|---|---|---|---|---|---|"]
+    for c in cost:
+        lines.append(f"| {c['search']} | {c['lora_runs']} | {c['lora_wall_s']:.0f} | r={c['lora_pick']} "
+                     f"({c['lora_pick_test']:.1f}) | {c['dylora_wall_s']:.0f} | b={c['dylora_pick']} "
+                     f"({c['dylora_pick_test']:.1f}) | {c['speedup']:.2f}x |")
+    return lines
+
+
 def fmt(ms: tuple[float, float] | None) -> str:
     return "" if ms is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
 
@@ -293,13 +304,7 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
             lines += ["", "Search cost (seed 0; wall time of loading, training and validation evaluation, i.e. "
                       "everything up to the choice of rank; the test evaluation is reporting and not counted. "
                       "DyLoRA: its one run without the sweep, plus one measured validation evaluation per rank "
-                      "searched):", "",
-                      "| LoRA search over | LoRA runs | LoRA wall (s) | LoRA pick (test) | DyLoRA run + val sweep (s) "
-                      "| DyLoRA pick (test) | speed-up |", "|---|---|---|---|---|---|---|"]
-            for c in cost:
-                lines.append(f"| {c['search']} | {c['lora_runs']} | {c['lora_wall_s']:.0f} | r={c['lora_pick']} "
-                             f"({c['lora_pick_test']:.1f}) | {c['dylora_wall_s']:.0f} | b={c['dylora_pick']} "
-                             f"({c['dylora_pick_test']:.1f}) | {c['speedup']:.2f}x |")
+                      "searched):", "", *search_cost_table(cost)]
         lines.append("")
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         for name, row in table.items():

@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from reproduce import RANKS, Pool, log, search_cost
+from reproduce import RANKS, Pool, log, search_cost, search_cost_table
 
 from dylora.pipeline import Settings
 
@@ -57,13 +57,7 @@ def main() -> int:
     lines = [f"<!-- written by: python {' '.join(sys.argv)} -->", "",
              f"{args.task}, MiniLM, r_max = 8, {args.epochs:g} epoch(s), lr {args.lr:g}, seed 0; {args.jobs} run(s) at "
              f"a time with {threads} thread(s) each. One validation evaluation E = {e:.1f} s; the DyLoRA run "
-             f"without its sweep T = {dy['total_s'] - dy['sweep_s']:.0f} s.", "",
-             "| LoRA search over | LoRA runs | LoRA wall (s) | LoRA pick (test) | DyLoRA run + val sweep (s) "
-             "| DyLoRA pick (test) | speed-up |", "|---|---|---|---|---|---|---|"]
-    for c in cost:
-        lines.append(f"| {c['search']} | {c['lora_runs']} | {c['lora_wall_s']:.0f} | r={c['lora_pick']} "
-                     f"({c['lora_pick_test']:.1f}) | {c['dylora_wall_s']:.0f} | b={c['dylora_pick']} "
-                     f"({c['dylora_pick_test']:.1f}) | {c['speedup']:.2f}x |")
+             f"without its sweep T = {dy['total_s'] - dy['sweep_s']:.0f} s.", "", *search_cost_table(cost)]
     lines += ["", f"Wall time of this benchmark: {summary['wall_s'] / 60:.1f} min."]
     Path(args.docs).mkdir(parents=True, exist_ok=True)
     (Path(args.docs) / "search-cost.md").write_text("\n".join(lines) + "\n")

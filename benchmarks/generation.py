@@ -4,7 +4,7 @@ DyLoRA at b = 1..4 (r_max = 4, lora_alpha = 32 as in the paper), BLEU / ROUGE-L 
     python benchmarks/generation.py                   # one seed, the CPU schedule below (21 min on 2 cores)
     python benchmarks/generation.py --seeds 2
 
-Every arm is a `dylora train` / `dylora lora` generation run (`dylora.generation.run_generation`) written to
+Every arm is a `dylora train` / `dylora lora` generation run (`dylora.run.train`) written to
 `<out>/<arm>-s<seed>/`; a finished run (sweep.json) is reused, so an interrupted benchmark resumes. The LoRA
 r = 4 run is evaluated at b = 1..3 as well, scaled alpha / b (truncated LoRA). Tables, example headlines and a
 plot go to `--docs` (generation-tables.md, generation.png); all numbers to `<out>/summary.json`.
@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from dylora.generation import METRICS, run_generation, sweep_generation
-from dylora.pipeline import Settings
+from dylora.generation import METRICS
+from dylora.run import sweep_run, train
+from dylora.settings import Settings
 
 RANKS = [1, 2, 3, 4]
 ARMS = {
@@ -41,7 +42,7 @@ def run_arm(out: Path, s: Settings) -> dict:
     """Train and sweep one arm (or reuse its finished directory); {rank: test metrics} and timings."""
     if not (out / "sweep.json").is_file():
         log(f"run {out}")
-        run_generation(s, out, overwrite=True, quiet=True, show=False)
+        train(s, out, overwrite=True, quiet=True)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     test = {row["rank"]: {m: row[f"test_{m}"] for m in METRICS} for row in rows}
     timings = json.loads((out / "run.json").read_text())["timings"]
@@ -49,7 +50,7 @@ def run_arm(out: Path, s: Settings) -> dict:
         path = out / "truncated.json"
         if not path.is_file():
             t0 = time.perf_counter()
-            trunc, _ = sweep_generation(out, [b for b in RANKS if b < s.r], split="test", quiet=True)
+            trunc, _, _ = sweep_run(out, [b for b in RANKS if b < s.r], split="test", progress=False)
             path.write_text(json.dumps({"rows": {r.rank: r.metrics for r in trunc},
                                         "seconds": time.perf_counter() - t0}))
         saved = json.loads(path.read_text())

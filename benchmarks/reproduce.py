@@ -4,7 +4,7 @@ full fine-tuning, and the cost of a rank search, on real pretrained MiniLM and r
     python benchmarks/reproduce.py --quick          # polarity, one seed, short schedule (< 10 min on 2 cores)
     python benchmarks/reproduce.py                  # every task, arm and seed (see PLAN)
 
-Every run is a `dylora train` / `dylora lora` pipeline run (`dylora.pipeline.run`), written to
+Every run is a `dylora train` / `dylora lora` pipeline run (`dylora.run.train`), written to
 `<out>/<task>/<arm>-s<seed>/`; a run whose sweep.json exists is not run again, so an interrupted
 reproduction resumes where it stopped. At the end the tables and plots are written to `--docs`
 (`results.md` section files and PNGs) and all numbers to `<out>/summary.json`.
@@ -22,7 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dylora.pipeline import Settings, run, sweep_saved
+from dylora.run import sweep_run, train
+from dylora.settings import Settings
 
 RANKS = list(range(1, 9))
 LORA_RANKS = [1, 2, 4, 8]
@@ -44,8 +45,8 @@ ARMS = {
     "dylora": dict(method="dylora"),
     "dylora-frozen": dict(method="dylora", frozen=True),
     # the ablation table reports b = 1, 2, 4, 8: the geometric arms sweep only those
-    "dylora-geometric": dict(method="dylora", distribution="geometric", geometric_p=0.15, ranks=LORA_RANKS),
-    "dylora-geometric-frozen": dict(method="dylora", distribution="geometric", geometric_p=0.15, frozen=True,
+    "dylora-geometric": dict(method="dylora", rank_distribution="geometric", geometric_p=0.15, ranks=LORA_RANKS),
+    "dylora-geometric-frozen": dict(method="dylora", rank_distribution="geometric", geometric_p=0.15, frozen=True,
                                     ranks=LORA_RANKS),
     **{f"lora-r{b}": dict(method="lora", r=b) for b in LORA_RANKS},
     "full": dict(method="full", lr=1e-4),  # untuned: the usual lr for fine-tuning a small encoder in full
@@ -60,7 +61,7 @@ def run_once(out: Path, s: Settings) -> dict:
     """Run one arm (or reuse its finished directory) and return its sweep and timings."""
     if not (out / "sweep.json").is_file():
         log(f"run {out}")
-        run(s, out, overwrite=True, quiet=True)
+        train(s, out, overwrite=True, quiet=True)
         log(f"done {out}")
     sweep = json.loads((out / "sweep.json").read_text())
     record = json.loads((out / "run.json").read_text())
@@ -82,7 +83,7 @@ def truncated(out: Path, lora8: Path) -> dict:
     b = 8 is the run's own score."""
     path = out / "truncated.json"
     if not path.is_file():
-        rows, _, _ = sweep_saved(lora8, None, RANKS[:-1], quiet=True, split="test")
+        rows, _, _ = sweep_run(lora8, RANKS[:-1], split="test", progress=False)
         own = json.loads((lora8 / "sweep.json").read_text())["rows"][0]
         test = {str(row.rank): row.metrics for row in rows}
         test["8"] = {k[len("test_"):]: v for k, v in own.items() if k.startswith("test_")}

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import make_tiny_model
 
-from dylora import zoo
 from dylora.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -16,7 +16,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return str(zoo.make_tiny_model("bert", tmp_path_factory.mktemp("models") / "tiny-bert"))
+    return str(make_tiny_model("bert", tmp_path_factory.mktemp("models") / "tiny-bert"))
 
 
 def cli(*args, check=True):

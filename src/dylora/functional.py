@@ -25,7 +25,7 @@ import torch
 def check_rank(rank: int, r_min: int, r: int) -> int:
     """Return ``rank`` if it lies in [r_min, r], else raise a ValueError naming the range."""
     if isinstance(rank, bool) or not isinstance(rank, int) or not r_min <= rank <= r:
-        raise ValueError(f"rank must be an integer in [r_min, r] = [{r_min}, {r}], got {rank!r}")
+        raise ValueError(f"rank {rank!r} is outside [r_min, r] = [{r_min}, {r}]: a rank is an integer in that range")
     return rank
 
 

@@ -1,10 +1,7 @@
-"""The generation pipeline: DyLoRA on a causal LM for a text-to-text task (`bbc-headlines`).
+"""The generation task: a causal LM writes a text from a text (`bbc-headlines`: a headline for a paragraph).
 
-`run_generation` mirrors `pipeline.run` (the classification pipeline) and reuses its helpers: settings
-checked, a `NAME.partial` run directory published by rename only when complete, one adapter trained with the
-HF Trainer and the DyLoRA rank sampler, then every rank evaluated on validation and test with greedy,
-batched, left-padded decoding (KV cache on) and scored with BLEU, ROUGE-L F1 and target perplexity. The best
-rank is picked on validation BLEU.
+A task plug-in of `dylora.run`. Each rank is evaluated with greedy, batched, left-padded decoding (KV
+cache on) and scored with BLEU, ROUGE-L F1 and target perplexity; the best rank is picked on BLEU.
 
 Prompt format (the same token ids in training and generation)::
 
@@ -14,49 +11,24 @@ followed in training by " <headline>" and EOS. The loss covers the headline and 
 padding get label -100. Each piece is tokenised on its own and the token ids are concatenated, so the prompt
 is exactly the same whether or not a target follows.
 
-Lengths: `Settings.max_length` bounds prompt + target. Its classification default (64) is too short for a
-paragraph plus a headline, so when a generation run is given that default it uses `GENERATION_MAX_LENGTH`
-(160) instead, and records the value used in run.json (pass another `--max-length` to choose; 64 itself is
-read as "not given"). It is further capped at the model's position limit. In training the target is cut to
-half the budget and the paragraph is cut so prompt + target fits; in generation the paragraph is cut so the
-prompt plus `max_new_tokens` fits.
+Lengths: `Settings.max_length` bounds prompt + target (default 160, capped at the model's position limit;
+the value used is recorded in run.json). In training the target is cut to half the budget and the paragraph
+is cut so prompt + target fits; in generation the paragraph is cut so the prompt plus `max_new_tokens` fits.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import shutil
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 
 from . import data as data_mod
-from . import zoo
-from .model import dylora_adapters, get_rank, load, rank, save
-from .pipeline import (
-    RunResult,
-    Settings,
-    build_model,
-    is_main_process,
-    pick_ranks,
-    prepare_out,
-    print_table,
-    publish,
-    read_run,
-    train_model,
-    training_arguments,
-    versions,
-    write_sweep,
-)
-from .training import SweepRow, rank_parameters, rank_sweep
+from . import files, report, zoo
+from .model import at_rank, dylora_adapters, get_rank
+from .settings import Settings
 
 INSTRUCTION = "Write a short headline for this news paragraph.\nParagraph:"
 SEPARATOR = "\nHeadline:"
@@ -117,22 +89,6 @@ class CausalCollator:
             labels[i, :k] = torch.as_tensor(f["labels"])
             mask[i, :k] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def max_positions(config: Any) -> int | None:
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def effective_max_length(s: Settings, config: Any) -> int:
-    """The token budget of prompt + target: see the module docstring."""
-    default = Settings.__dataclass_fields__["max_length"].default
-    length = GENERATION_MAX_LENGTH if s.max_length == default else s.max_length
-    limit = max_positions(config)
-    return min(length, limit) if limit else length
 
 
 # ---------------------------------------------------------------- models
@@ -211,7 +167,7 @@ def generate(model: Any, tokenizer: Any, sources: Sequence[str], *, rank_b: int 
         if rank_b is None:
             run_batches()
         else:
-            with rank(model, rank_b):
+            with at_rank(model, rank_b):
                 run_batches()
     finally:
         model.train(was_training)
@@ -256,238 +212,88 @@ def perplexity(model: Any, encoded: Any, pad_token_id: int, batch_size: int = 16
     return float(torch.exp(torch.tensor(total / max(count, 1))))
 
 
-def evaluate_generation(model: Any, tokenizer: Any, split: Any, encoded: Any, *, max_length: int,
-                        batch_size: int, max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = False,
-                        desc: str = "generate") -> tuple[dict[str, float], list[str]]:
-    """BLEU, ROUGE-L and perplexity of one split at the model's current rank, and the predictions."""
-    rank_b = get_rank(model) if dylora_adapters(model) else None
-    preds = generate(model, tokenizer, split["source"], rank_b=rank_b, max_new_tokens=max_new_tokens,
-                     max_length=max_length, batch_size=batch_size, progress=progress, desc=desc)
-    scores = text_scores(preds, split["target"])
-    scores["perplexity"] = perplexity(model, encoded, tokenizer.pad_token_id, batch_size)
-    return scores, preds
+class GenerationTask:
+    """Text-to-text generation with a decoder-only causal LM."""
 
+    task_type = "CAUSAL_LM"
+    metrics = list(METRICS)
+    higher_is_better = True
+    progress = False  # progress bars while evaluating
+    default_max_length = GENERATION_MAX_LENGTH
+    default_model = "smollm2"
 
-# ---------------------------------------------------------------- results
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.data: data_mod.GenerationData | None = None
+        self.splits: dict[str, Any] = {}
+        self.encoded: dict[str, Any] = {}
+        self.tokenizer: Any = None
+        self.predictions: dict[str, dict[int, list[str]]] = {"validation": {}, "test": {}}
 
+    @property
+    def name(self) -> str:
+        return self.data.name
 
-def plot_generation_sweep(path: str | os.PathLike, validation: list[SweepRow], test: list[SweepRow],
-                          title: str = "") -> Path:
-    """BLEU and ROUGE-L vs rank (left) and perplexity vs rank (right), validation and test; atomic write."""
-    from .plot import plt, save_figure  # the Agg backend
+    def load_data(self) -> None:
+        s = self.s
+        self.data = data_mod.load_generation_task(s.data, seed=s.seed, max_train=s.max_train)
+        cap = s.max_eval or None
+        self.splits = {name: split if name == "train" or cap is None else split.select(range(min(cap, len(split))))
+                       for name, split in self.data.splits.items()}
 
-    path = Path(path)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.0), dpi=120)
-    for rows, split, marker in ((validation, "validation", "o"), (test, "test", "s")):
-        ranks = [row.rank for row in rows]
-        left.plot(ranks, [row.metrics["bleu"] for row in rows], marker + "-", label=f"{split} BLEU")
-        left.plot(ranks, [row.metrics["rougeL"] for row in rows], marker + "--", label=f"{split} ROUGE-L")
-        right.plot(ranks, [row.metrics["perplexity"] for row in rows], marker + "-", label=f"{split}")
-    for ax, label in ((left, "score (0-100)"), (right, "target perplexity")):
-        ax.set_xlabel("rank b")
-        ax.set_ylabel(label)
-        ax.set_xticks([row.rank for row in validation])
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    def check_model(self, model_dir: str) -> None:
+        check_causal_lm(model_dir, self.s.model, self.s.data)
 
+    def load_base(self, model_dir: str, num_labels: int | None = None) -> tuple[Any, Any]:
+        model, self.tokenizer = load_causal_lm(model_dir, self.s.model, self.s.seed)
+        return model, self.tokenizer
 
-def encode_split(tokenizer: Any, split: Any, max_length: int, name: str = "") -> Any:
-    """Token ids and prompt-masked labels of a (source, target) split."""
-
-    def enc(batch: dict[str, list]) -> dict[str, list]:
-        rows = [encode_example(tokenizer, x, y, max_length) for x, y in zip(batch["source"], batch["target"],
-                                                                             strict=True)]
-        return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
-
-    return split.map(enc, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}".strip())
-
-
-def _cap(split: Any, n: int | None) -> Any:
-    if n is None:
-        return split
-    if n < 1:
-        raise ValueError(f"--max-eval must be >= 1, got {n}")
-    return split.select(range(min(n, len(split))))
-
-
-def _print_results(result: RunResult, s: Settings, out: Path) -> None:
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal:  # a log file or pipe: do not squeeze the nine columns into 80 characters
-        console = Console(width=150)
-    print_table(result, title=f"{s.method} on {s.data} ({s.model}), seed {s.seed}", console=console)
-    if s.method == "dylora":
-        typer.echo(f"best rank (validation bleu): {result.best_rank}; smallest rank within {s.within} points: "
-                   f"{result.smallest_rank}")
-    typer.echo(f"wrote {out}/ (adapter, sweep.json, sweep.csv, sweep.png, samples.json, run.json) in "
-               f"{result.timings['total_s']:.0f} s")
-
-
-# ---------------------------------------------------------------- the run
-
-
-def run_generation(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-                   quiet: bool = False, keep_checkpoints: bool = False, show: bool = True) -> RunResult | None:
-    """Train a causal LM adapter on a generation task, sweep every rank, write the run directory."""
-
-    s.validate()
-    if s.label_smoothing < 0 or s.label_smoothing >= 1:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
-    if s.max_eval is not None and s.max_eval < 1:
-        raise ValueError(f"--max-eval must be >= 1, got {s.max_eval}")
-    out = Path(out)
-    t0 = time.perf_counter()
-    model_dir = zoo.resolve_model(s.model)
-    config = check_causal_lm(model_dir, s.model, s.data)  # before anything is written
-    task = data_mod.load_generation_task(s.data, seed=s.seed, max_train=s.max_train)
-    s.max_length = effective_max_length(s, config)
-    args = training_arguments(s, out.with_name(out.name + ".partial") / "checkpoints", quiet)
-    args.label_smoothing_factor = s.label_smoothing
-    with args.main_process_first(local=False):
-        partial = prepare_out(out, overwrite, resume)  # process 0 alone (re)creates it
-    base, tokenizer = load_causal_lm(model_dir, s.model, s.seed)
-    if s.method != "full" and not s.target_modules:
-        s.target_modules = zoo.default_target_modules(base.config)
-    model = build_model(s, base, task_type="CAUSAL_LM")
-
-    splits = {"train": task.splits["train"], "validation": _cap(task.splits["validation"], s.max_eval),
-              "test": _cap(task.splits["test"], s.max_eval)}
-
-    encoded = {name: encode_split(tokenizer, split, s.max_length, name) for name, split in splits.items()}
-
-    trainer, rank_history = train_model(s, model, args, encoded["train"], CausalCollator(tokenizer.pad_token_id),
-                                        partial, quiet, resume)
-    t_train = time.perf_counter() - t0
-    if not is_main_process():
+    def saved_num_labels(self, adapter: Path, record: dict[str, Any] | None) -> None:
         return None
 
-    model = trainer.model
-    t1 = time.perf_counter()
-    predictions: dict[str, dict[int, list[str]]] = {"validation": {}, "test": {}}
+    def encode(self, max_length: int) -> dict[str, Any]:
+        """Token ids and prompt-masked labels of each (source, target) split."""
+        self.max_length = max_length
 
-    def ev(split: str):
-        def evaluate(m: Any) -> dict[str, float]:
-            b = get_rank(m) if dylora_adapters(m) else (s.r if s.method == "lora" else 0)
-            scores, preds = evaluate_generation(m, tokenizer, splits[split], encoded[split], max_length=s.max_length,
-                                                batch_size=s.eval_batch_size, progress=not quiet,
-                                                desc=f"{split} r={b}")
-            predictions[split][b] = preds
-            return scores
-        return evaluate
+        def enc(batch: dict[str, list]) -> dict[str, list]:
+            rows = [encode_example(self.tokenizer, x, y, max_length)
+                    for x, y in zip(batch["source"], batch["target"], strict=True)]
+            return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
 
-    if s.method == "dylora":
-        val = rank_sweep(model, ev("validation"), ranks=s.ranks, progress=not quiet)
-        test = rank_sweep(model, ev("test"), ranks=s.ranks, progress=not quiet)
-    else:
-        params = rank_parameters(model, s.r) if s.method == "lora" else sum(
-            p.numel() for p in model.parameters() if p.requires_grad)
-        b = s.r if s.method == "lora" else 0
-        val = [SweepRow(b, ev("validation")(model), params)]
-        test = [SweepRow(b, ev("test")(model), params)]
-    t_sweep = time.perf_counter() - t1
-    best, smallest = pick_ranks(val, METRICS[0], s.within)
-    result = RunResult(out, val, test, best, smallest, METRICS[0], rank_history=rank_history)
+        self.encoded = {name: split.map(enc, batched=True, remove_columns=split.column_names, desc=f"tokenize {name}")
+                        for name, split in self.splits.items()}
+        return self.encoded
 
-    if s.method != "full":
-        save(model, partial / "adapter")
-    if not keep_checkpoints:
-        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-    write_sweep(partial, result, SimpleNamespace(metrics=list(METRICS)))
-    test_split = splits["test"]
-    samples = {"best_rank": best, "ranks": {
-        str(b): [{"source": test_split[i]["source"], "reference": test_split[i]["target"], "prediction": preds[i]}
-                 for i in range(min(N_SAMPLES, len(preds)))]
-        for b, preds in sorted(predictions["test"].items())}}
-    (partial / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
-    plot_generation_sweep(partial / "sweep.png", val, test,
-                          title=f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})")
-    result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),
-                      "total_s": round(time.perf_counter() - t0, 2)}
-    record = {"settings": dataclasses.asdict(s), "model_dir": model_dir, "versions": versions(),
-              "seed": s.seed, "timings": result.timings, "command": sys.argv,
-              "world_size": int(os.environ.get("WORLD_SIZE", "1")), "task": "generation",
-              "metrics": list(METRICS), "prompt": {"instruction": INSTRUCTION, "separator": SEPARATOR},
-              "max_new_tokens": MAX_NEW_TOKENS, "train_examples": len(encoded["train"]),
-              "eval_examples": {k: len(splits[k]) for k in ("validation", "test")},
-              "steps": trainer.state.global_step, "rank_history": rank_history,
-              "log_history": trainer.state.log_history}
-    (partial / "run.json").write_text(json.dumps(record, indent=2, default=str))
-    publish(partial, out)
-    if show:
-        _print_results(result, s, out)
-    return result
+    def collator(self) -> Any:
+        return CausalCollator(self.tokenizer.pad_token_id)
 
+    def evaluate(self, model: Any, split: str) -> dict[str, float]:
+        """BLEU, ROUGE-L and perplexity of one split at the model's current rank (predictions kept)."""
+        b = get_rank(model) if dylora_adapters(model) else (self.s.r if self.s.method == "lora" else 0)
+        preds = generate(model, self.tokenizer, self.splits[split]["source"], max_new_tokens=MAX_NEW_TOKENS,
+                         max_length=self.max_length, batch_size=self.s.eval_batch_size,
+                         progress=self.progress, desc=f"{split} r={b}")
+        self.predictions[split][b] = preds
+        scores = text_scores(preds, self.splits[split]["target"])
+        scores["perplexity"] = perplexity(model, self.encoded[split], self.tokenizer.pad_token_id,
+                                          self.s.eval_batch_size)
+        return scores
 
-# ---------------------------------------------------------------- `dylora generate`
+    def plot(self, path: Path, validation: list, test: list, title: str) -> None:
+        report.plot_sweep(path, validation, test, [(["bleu", "rougeL"], "score (0-100)"),
+                                                   (["perplexity"], "target perplexity")], title, params=False)
 
+    def write_outputs(self, directory: Path, best_rank: int) -> None:
+        """samples.json: the first test predictions at each rank swept."""
+        test = self.splits["test"]
+        samples = {"best_rank": best_rank, "ranks": {
+            str(b): [{"source": test[i]["source"], "reference": test[i]["target"], "prediction": preds[i]}
+                     for i in range(min(N_SAMPLES, len(preds)))]
+            for b, preds in sorted(self.predictions["test"].items())}}
+        files.write_text(directory / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
 
-def load_generation_run(path: str | os.PathLike, model: str | None = None) -> tuple[Any, Any, Settings, int | None]:
-    """(DyLoRA model, tokenizer, settings, best rank or None) of a causal-LM run or bare adapter directory."""
-    from .model import read_adapter_config
-
-    s, adapter = read_run(Path(path))
-    best = None
-    if s is None:
-        s = Settings(model=model or "smollm2", data="bbc-headlines")
-    else:
-        sweep_file = Path(path) / "sweep.json"
-        if sweep_file.is_file():
-            best = int(json.loads(sweep_file.read_text())["best_rank"])
-    if model:
-        s.model = model
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} has no adapter to generate with (a full fine-tuning run?)")
-    cfg = read_adapter_config(adapter)
-    if cfg.task_type != "CAUSAL_LM":
-        raise ValueError(f"{adapter} is a {cfg.task_type} adapter, not a causal-LM one; `dylora generate` needs a "
-                         f"run trained on a generation dataset such as bbc-headlines")
-    base, tokenizer = load_causal_lm(zoo.resolve_model(s.model), s.model, s.seed)
-    return load(base, adapter), tokenizer, s, best
-
-
-def sweep_generation(path: str | os.PathLike, ranks: list[int] | None = None, split: str = "test",
-                     quiet: bool = False, model: str | None = None) -> tuple[list[SweepRow], Settings]:
-    """BLEU, ROUGE-L and perplexity of a saved causal-LM run at chosen ranks (default: all), on the run's split."""
-    peft_model, tokenizer, s, _ = load_generation_run(path, model)
-    cfg = dylora_adapters(peft_model)["default"]
-    for b in ranks or []:
-        if not cfg.r_min <= b <= cfg.r:
-            raise ValueError(f"--ranks: rank {b} is outside [r_min, r] = [{cfg.r_min}, {cfg.r}]")
-    task = data_mod.load_generation_task(s.data, seed=s.seed, max_train=s.max_train)
-    rows = _cap(task.splits[split], s.max_eval)
-    limit = max_positions(peft_model.config)
-    length = s.max_length if limit is None else min(s.max_length, limit)
-    encoded = encode_split(tokenizer, rows, length, split)
-
-    def evaluate(m: Any) -> dict[str, float]:
-        return evaluate_generation(m, tokenizer, rows, encoded, max_length=length, batch_size=s.eval_batch_size,
-                                   progress=not quiet, desc=f"{split} r={get_rank(m)}")[0]
-
-    return rank_sweep(peft_model, evaluate, ranks=ranks, progress=not quiet), s
-
-
-def generate_command(
-    run: Annotated[Path, typer.Argument(help="A causal-LM run directory (or adapter directory).")],
-    text: Annotated[list[str], typer.Argument(help="Paragraph(s) to write a headline for.")],
-    rank_b: Annotated[int | None, typer.Option("--rank", help="DyLoRA rank b (default: the run's best).")] = None,
-    model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or smollm2).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = MAX_NEW_TOKENS,
-) -> None:
-    """Generate a headline for each TEXT at rank b, one per line."""
-    texts = list(text or [])
-    if not texts:
-        raise ValueError("no prompts to generate from: give at least one text")
-    if any(not x.strip() for x in texts):
-        raise ValueError("empty prompt: every text to generate from must contain some words")
-    peft_model, tokenizer, s, best = load_generation_run(run, model)
-    cfg = dylora_adapters(peft_model)["default"]
-    b = rank_b if rank_b is not None else (best if best is not None else cfg.r)
-    if not cfg.r_min <= b <= cfg.r:
-        raise ValueError(f"--rank {b} is outside [r_min, r] = [{cfg.r_min}, {cfg.r}] of {run}")
-    limit = max_positions(peft_model.config)
-    length = s.max_length if limit is None else min(s.max_length, limit)
-    for line in generate(peft_model, tokenizer, texts, rank_b=b, max_new_tokens=max_new_tokens, max_length=length):
-        typer.echo(line)
+    def record(self) -> dict[str, Any]:
+        return {"task": "generation", "metrics": self.metrics,
+                "prompt": {"instruction": INSTRUCTION, "separator": SEPARATOR}, "max_new_tokens": MAX_NEW_TOKENS,
+                "train_examples": len(self.encoded["train"]),
+                "eval_examples": {k: len(self.splits[k]) for k in ("validation", "test")}}

@@ -128,7 +128,3 @@ def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
         return DyLoraLinearVariant
     return None
 
-
-def set_layer_rank(module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
-    variant = module.lora_variant[adapter]
-    variant.set_rank(module, adapter, rank)

@@ -4,37 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import shutil
-import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import SIDECAR_NAME, DyLoraConfig
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights
 from .functional import check_rank
 from .layers import variant_for
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The PeftModel inside torch.compile / DDP / FSDP wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def dylora_adapters(model: torch.nn.Module) -> dict[str, DyLoraConfig]:
@@ -96,7 +86,7 @@ def _layers(model: torch.nn.Module, adapter: str) -> Iterator[LoraLayer]:
             yield module
 
 
-def _pick(model: torch.nn.Module, adapter_name: str | None) -> dict[str, DyLoraConfig]:
+def select_adapters(model: torch.nn.Module, adapter_name: str | None) -> dict[str, DyLoraConfig]:
     adapters = dylora_adapters(model)
     if not adapters:
         raise ValueError("model has no DyLoRA adapter: build it with dylora.get_dylora_model or dylora.load")
@@ -109,7 +99,7 @@ def _pick(model: torch.nn.Module, adapter_name: str | None) -> dict[str, DyLoraC
 
 def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None) -> None:
     """Use rank b in every layer of the DyLoRA adapter(s): W0 x + (alpha / b) B_b A_b x."""
-    picked = _pick(model, adapter_name)
+    picked = select_adapters(model, adapter_name)
     for cfg in picked.values():
         check_rank(rank, cfg.r_min, cfg.r)
     for name in picked:
@@ -119,7 +109,7 @@ def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None)
 
 def get_rank(model: torch.nn.Module, adapter_name: str | None = None) -> int:
     """The rank the DyLoRA adapter currently uses (the active one if several)."""
-    picked = _pick(model, adapter_name)
+    picked = select_adapters(model, adapter_name)
     if adapter_name is None and len(picked) > 1:
         active = getattr(unwrap(model), "active_adapter", None)
         adapter_name = active if active in picked else next(iter(picked))
@@ -131,7 +121,7 @@ def get_rank(model: torch.nn.Module, adapter_name: str | None = None) -> int:
 
 
 @contextlib.contextmanager
-def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> Iterator[None]:
+def at_rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> Iterator[None]:
     """Use rank b inside the block, then restore the previous rank."""
     previous = get_rank(model, adapter_name)
     set_rank(model, b, adapter_name)
@@ -141,35 +131,20 @@ def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> Ite
         set_rank(model, previous, adapter_name)
 
 
-# ---------------------------------------------------------------- files
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing adapter file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"corrupted adapter file {path}: {err}") from None
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing adapter file: {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"corrupted adapter file {path}: {str(err).splitlines()[0]}") from None
+def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> contextlib.AbstractContextManager[None]:
+    """Deprecated alias of `at_rank` (kept for one release)."""
+    warnings.warn("dylora.rank is deprecated; use dylora.at_rank", DeprecationWarning, stacklevel=2)
+    return at_rank(model, b, adapter_name)
 
 
 def read_adapter_config(path: str | os.PathLike) -> DyLoraConfig:
     """The DyLoraConfig of a saved adapter directory (plain LoRA settings plus the sidecar)."""
     path = Path(path)
-    lora = _read_json(path / ADAPTER_CONFIG)
+    lora = read_json(path / ADAPTER_CONFIG)
     if lora.get("peft_type") != "LORA":
         raise ValueError(f"{path / ADAPTER_CONFIG} is not a LoRA adapter (peft_type={lora.get('peft_type')!r})")
     sidecar = path / SIDECAR_NAME
-    dy = _read_json(sidecar) if sidecar.exists() else {"r_min": 1}
+    dy = read_json(sidecar) if sidecar.exists() else {"r_min": 1}
     try:
         return DyLoraConfig.from_lora_config(lora, dy)
     except (TypeError, ValueError) as err:
@@ -184,7 +159,7 @@ def load(base: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "de
         raise FileNotFoundError(f"adapter directory not found: {path}")
     config = read_adapter_config(path)
     config.inference_mode = not is_trainable
-    weights = _read_weights(path / ADAPTER_WEIGHTS)
+    weights = read_weights(path / ADAPTER_WEIGHTS)
     model = get_dylora_model(base, config, adapter_name=adapter_name)
     _check_shapes(model, weights, adapter_name, path)
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
@@ -206,34 +181,6 @@ def _check_shapes(model: PeftModel, weights: dict[str, torch.Tensor], adapter: s
         raise ValueError(f"{path / ADAPTER_WEIGHTS}: missing key {missing[0]} ({len(missing)} missing)")
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Rename directory `src` to `dst`, replacing an existing `dst` (moved aside first, then removed)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Write a directory under a temporary name beside `path`, then rename it into place."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
     """`model.save_pretrained(path)`, written to a temporary directory and renamed into place."""
     with atomic_dir(path) as tmp:
@@ -249,7 +196,7 @@ def export_lora(model: torch.nn.Module, rank: int, path: str | os.PathLike,
     DyLoRA's exactly.
     """
     peft_model = unwrap(model)
-    picked = _pick(peft_model, adapter_name)
+    picked = select_adapters(peft_model, adapter_name)
     name, cfg = next(iter(picked.items())) if adapter_name is None else (adapter_name, picked[adapter_name])
     if adapter_name is None and len(picked) > 1 and peft_model.active_adapter in picked:
         name, cfg = peft_model.active_adapter, picked[peft_model.active_adapter]
@@ -278,7 +225,7 @@ def merge(model: torch.nn.Module, rank: int, adapter_name: str | None = None,
           inplace: bool = False) -> torch.nn.Module:
     """The base model with (alpha / b) B_b A_b folded into W0 (a copy, unless `inplace`)."""
     peft_model = unwrap(model)
-    picked = _pick(peft_model, adapter_name)
+    picked = select_adapters(peft_model, adapter_name)
     for cfg in picked.values():
         check_rank(rank, cfg.r_min, cfg.r)
     if not inplace:

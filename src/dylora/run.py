@@ -1,0 +1,305 @@
+"""The one run skeleton: train -> sweep -> pick -> publish, for every method and every task.
+
+`train` goes from `Settings` to a finished run directory: the task's data and base model, the adapter
+(DyLoRA, or plain LoRA / full fine-tuning as baselines) trained with the HF Trainer (checkpoints, resume,
+torchrun processes), every rank swept on validation and test, the best rank picked on validation, and all
+of it written under `NAME.partial`, renamed to `NAME` only when complete. `read_run`, `load_run` and
+`sweep_run` give a saved run back.
+
+Tasks are plug-ins (`classification.ClassificationTask`, `generation.GenerationTask`). A task is built
+from the settings and supplies: `task_type` (PEFT's), `metrics` (the first picks the best rank),
+`higher_is_better`, `default_max_length`, `default_model`, `name`, `load_data()`, `check_model(dir)`,
+`load_base(dir, num_labels) -> (model, tokenizer)`, `saved_num_labels(adapter, record)`,
+`encode(max_length) -> splits`, `collator()`, `evaluate(model, split) -> metrics` at the model's
+current rank, `plot(path, validation, test, title)`, `write_outputs(dir, best_rank)` and `record()`
+(its run.json fields). A new task is a new class and a line in `task_for`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from . import files, zoo
+from .checkpoint import CompleteCheckpointCallback, newest_complete, trace_from_env
+from .classification import ClassificationTask
+from .data import GENERATION_DATASETS
+from .functional import check_rank
+from .generation import GenerationTask
+from .model import dylora_adapters, get_dylora_model, load, read_adapter_config, save
+from .report import pick_ranks, sweep_payload, write_sweep
+from .sampler import RankSampler
+from .settings import Settings
+from .training import RANK_KEY, DyLoraCallback, SweepRow, rank_parameters, rank_sweep
+
+Task = ClassificationTask | GenerationTask
+
+
+@dataclass
+class RunResult:
+    out: Path
+    validation: list[SweepRow]
+    test: list[SweepRow]
+    best_rank: int
+    smallest_rank: int
+    metric: str
+    timings: dict[str, float] = field(default_factory=dict)
+    rank_history: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class SavedRun:
+    """A run directory (or a bare adapter directory: no record, no sweep) as `read_run` finds it."""
+
+    settings: Settings
+    adapter: Path
+    record: dict[str, Any] | None = None
+    sweep: dict[str, Any] | None = None
+
+    @property
+    def task_type(self) -> str:
+        return read_adapter_config(self.adapter).task_type if (self.adapter / files.ADAPTER_CONFIG).is_file() \
+            else "SEQ_CLS"
+
+
+def task_for(s: Settings, task_type: str | None = None) -> Task:
+    """The task plug-in of a dataset (or of a saved adapter's PEFT task type)."""
+    generation = task_type == "CAUSAL_LM" if task_type else s.data in GENERATION_DATASETS
+    return (GenerationTask if generation else ClassificationTask)(s)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {"dylora": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform()}
+
+
+def build_model(s: Settings, base: Any, task_type: str) -> Any:
+    """The base model with the run's adapter on it (targets resolved into `s`), or the base itself."""
+    if s.method == "full":
+        return base
+    s.target_modules = s.target_modules or zoo.default_target_modules(base.config)
+    config = s.peft_config(s.target_modules, task_type)
+    if s.method == "dylora":
+        return get_dylora_model(base, config)
+    from peft import get_peft_model
+
+    return get_peft_model(base, config)
+
+
+def prepare_out(out: Path, overwrite: bool, resume: bool, main_process: bool) -> Path:
+    """Check the run directory and return the `.partial` directory the run writes into."""
+    partial = out.with_name(out.name + ".partial")
+    if out.exists() and not (overwrite or resume):
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if resume:
+        if not partial.exists():
+            raise FileNotFoundError(f"nothing to resume: {partial} does not exist")
+    elif main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    return partial
+
+
+def training_arguments(s: Settings, output_dir: Path, quiet: bool) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=s.epochs, max_steps=s.max_steps,
+        per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr, weight_decay=s.weight_decay, warmup_steps=s.warmup_ratio,
+        lr_scheduler_type="linear", seed=s.seed, data_seed=s.seed, logging_steps=s.logging_steps,
+        train_sampling_strategy="group_by_length", label_smoothing_factor=s.label_smoothing,
+        eval_strategy="no", save_strategy="steps" if s.save_steps else "no",
+        save_steps=s.save_steps or 500, save_total_limit=None,
+        report_to=[], disable_tqdm=quiet, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, remove_unused_columns=True, log_level="error",
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        # every LoRA weight takes part in every forward (the rank is a mask), so DDP need not search for unused ones
+        ddp_find_unused_parameters=False if s.method != "full" else None,
+    )
+
+
+class _BarOnly(ProgressCallback):
+    """The Trainer's progress bar (rate, ETA) with loss and rank in its postfix, without printing log dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            post = {"loss": f"{float(logs['loss']):.3f}"}
+            if RANK_KEY in (state.log_history[-1] if state.log_history else {}):
+                post["rank"] = state.log_history[-1][RANK_KEY]
+            self.training_bar.set_postfix(post, refresh=False)
+
+
+def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator: Any, partial: Path, quiet: bool,
+                resume: bool) -> tuple[Any, list[tuple[int, int]]]:
+    """Train with the HF Trainer: one sampled rank per step (DyLoRA), sealed checkpoints, and with `resume`
+    the newest intact checkpoint. Returns the trainer and the (step, rank) history."""
+    from transformers import Trainer
+
+    dy_callback = None
+    if s.method == "dylora":
+        dy_callback = DyLoraCallback(RankSampler.from_config(dylora_adapters(model)["default"]))
+    keeper = CompleteCheckpointCallback(dy_callback)
+    callbacks = [c for c in (dy_callback, keeper, trace_from_env()) if c is not None]
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                      callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not quiet:
+        trainer.add_callback(_BarOnly())
+    resume_from = newest_complete(partial / "checkpoints") if resume else None
+    if resume_from:
+        keeper.restore(resume_from)  # the rank history of the steps before the checkpoint
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer, (list(dy_callback.history) if dy_callback else [])
+
+
+def sweep(s: Settings, model: Any, task: Task, split: str, ranks: list[int] | None, progress: bool) -> list[SweepRow]:
+    """The task's metrics on a split at each rank (DyLoRA), or at the adapter's one rank (baselines)."""
+    if dylora_adapters(model):
+        return rank_sweep(model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress)
+    params = rank_parameters(model, s.r) if s.method == "lora" else sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    return [SweepRow(s.r if s.method == "lora" else 0, task.evaluate(model, split), params)]
+
+
+def token_budget(s: Settings, task: Task, config: Any) -> int:
+    """The token budget: the given one or the task's default, capped at the model's positions."""
+    limit = zoo.max_positions(config)
+    length = s.max_length or task.default_max_length
+    return min(length, limit) if limit else length
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+          quiet: bool = False, keep_checkpoints: bool = False) -> RunResult | None:
+    """Train, sweep every rank, write the run directory. Returns None on processes other than the first."""
+    s.validate()
+    out = Path(out)
+    t0 = time.perf_counter()
+    task = task_for(s)
+    model_dir = zoo.resolve_model(s.model)  # a bad model or data fail here, before anything is written
+    task.check_model(model_dir)
+    task.load_data()
+    task.progress = not quiet
+    args = training_arguments(s, out.with_name(out.name + ".partial") / "checkpoints", quiet)
+    with args.main_process_first(local=False, desc="prepare the run directory"):  # process 0 alone (re)creates it
+        partial = prepare_out(out, overwrite, resume, args.process_index == 0)
+    base, _ = task.load_base(model_dir)
+    s.max_length = token_budget(s, task, base.config)
+    model = build_model(s, base, task.task_type)
+    encoded = task.encode(s.max_length)
+
+    trainer, rank_history = train_model(s, model, args, encoded["train"], task.collator(), partial, quiet, resume)
+    t_train = time.perf_counter() - t0
+    if not trainer.is_world_process_zero():
+        return None
+
+    model = trainer.model
+    t1 = time.perf_counter()
+    val = sweep(s, model, task, "validation", s.ranks, not quiet)
+    t_val = time.perf_counter() - t1
+    test = sweep(s, model, task, "test", s.ranks, not quiet)
+    t_sweep = time.perf_counter() - t1
+    metric = task.metrics[0]
+    best, smallest = pick_ranks(val, metric, s.within, task.higher_is_better)
+    result = RunResult(out, val, test, best, smallest, metric, rank_history=rank_history)
+
+    if s.method != "full":
+        save(model, partial / "adapter")
+    if not keep_checkpoints:
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+    write_sweep(partial, sweep_payload(val, test, task.metrics, best, smallest))
+    task.plot(partial / "sweep.png", val, test, f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})")
+    task.write_outputs(partial, best)
+    result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),
+                      "sweep_validation_s": round(t_val, 2), "sweep_test_s": round(t_sweep - t_val, 2),
+                      "total_s": round(time.perf_counter() - t0, 2)}
+    record = {"settings": dataclasses.asdict(s), "model_dir": model_dir, "versions": versions(),
+              "seed": s.seed, "timings": result.timings, "command": sys.argv, "world_size": args.world_size,
+              **task.record(), "steps": trainer.state.global_step, "rank_history": rank_history,
+              "log_history": trainer.state.log_history}
+    files.write_text(partial / "run.json", json.dumps(record, indent=2, default=str))
+    files.replace_dir(partial, out)
+    return result
+
+
+# ---------------------------------------------------------------- saved runs
+
+
+def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
+    """The settings, adapter directory, run.json record and sweep.json of a run directory, or of a bare
+    adapter directory (settings then default to the task's model; `model` overrides either)."""
+    path = Path(path)
+    if (path / "run.json").is_file():
+        record = files.read_json(path / "run.json", "run file")
+        sweep_file = path / "sweep.json"
+        saved = SavedRun(Settings.from_dict(record["settings"]), path / "adapter", record,
+                         files.read_json(sweep_file, "sweep file") if sweep_file.is_file() else None)
+    elif (path / files.ADAPTER_CONFIG).is_file():
+        saved = SavedRun(Settings(), path)
+        if saved.task_type == "CAUSAL_LM":
+            saved.settings = Settings(model=GenerationTask.default_model, data=GENERATION_DATASETS[0])
+    else:
+        raise FileNotFoundError(f"{path} is neither a run directory (run.json) nor an adapter (adapter_config.json)")
+    if model:
+        saved.settings.model = model
+    return saved
+
+
+def load_run(path: str | os.PathLike | SavedRun, model: str | None = None, *,
+             with_data: bool = False) -> tuple[Any, Any, SavedRun, Task]:
+    """A saved DyLoRA (or plain LoRA, seen as DyLoRA with r_min = 1) adapter on its base model, with its
+    tokenizer, the saved run and its task (with the data loaded when `with_data`)."""
+    saved = path if isinstance(path, SavedRun) else read_run(path, model)
+    if not (saved.adapter / files.ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{saved.adapter.parent} has no adapter (a full fine-tuning run?)")
+    task = task_for(saved.settings, saved.task_type)
+    model_dir = zoo.resolve_model(saved.settings.model)
+    task.check_model(model_dir)
+    if with_data:
+        task.load_data()
+    base, tokenizer = task.load_base(model_dir, None if with_data else task.saved_num_labels(saved.adapter,
+                                                                                              saved.record))
+    return load(base, saved.adapter), tokenizer, saved, task
+
+
+def sweep_run(path: str | os.PathLike, ranks: list[int] | None = None, split: str = "test",
+              data: str | None = None, model: str | None = None,
+              progress: bool = True) -> tuple[list[SweepRow], Settings, list[str]]:
+    """Evaluate a saved run or adapter on a split at chosen ranks (default: all): (rows, settings, metrics)."""
+    saved = read_run(path, model)
+    if data:
+        if saved.task_type == "CAUSAL_LM":
+            raise ValueError("--data applies to classification runs; a generation run is swept on its own data")
+        saved.settings.data = data
+    cfg = read_adapter_config(saved.adapter)
+    for b in ranks or []:
+        check_rank(b, cfg.r_min, cfg.r)  # before loading anything
+    peft_model, _, saved, task = load_run(saved, with_data=True)
+    s = saved.settings
+    task.progress = progress
+    task.encode(token_budget(s, task, peft_model.config))
+    return rank_sweep(peft_model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress), s, task.metrics
+

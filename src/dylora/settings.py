@@ -1,0 +1,96 @@
+"""Settings: everything that defines a run, checked in one place before anything is loaded or written."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .config import DyLoraConfig
+from .functional import check_rank
+
+METHODS = ("dylora", "lora", "full")
+
+
+@dataclass
+class Settings:
+    """A run's settings; written to run.json so a result can be reproduced."""
+
+    model: str = "minilm"
+    data: str = "polarity"
+    method: str = "dylora"  # dylora | lora | full
+    r: int = 8
+    r_min: int = 1
+    lora_alpha: float = 16
+    frozen: bool = False
+    rank_distribution: str = "uniform"
+    geometric_p: float = 0.15
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    epochs: float = 3.0
+    max_steps: int = -1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_batch_size: int = 64
+    max_length: int | None = None  # tokens per example (None: the task's default, capped by the model)
+    seed: int = 0
+    max_train: int | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    text_pair_column: str | None = None
+    save_steps: int = 0  # checkpoint every N optimizer steps (0: no checkpoints)
+    modules_to_save: list[str] | None = None  # trained in full beside the adapter (default: the task head)
+    logging_steps: int = 10
+    within: float = 0.5  # "smallest rank within this many points of the best"
+    max_eval: int | None = None  # cap the validation and test splits (quick runs and tests)
+    label_smoothing: float = 0.0  # label_smoothing_factor of the Trainer
+    ranks: list[int] | None = None  # the ranks the sweep evaluates (default: every b in [r_min, r])
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Settings:
+        """Settings from run.json (older runs wrote `distribution` for `rank_distribution`)."""
+        values = dict(values)
+        if "distribution" in values:
+            values.setdefault("rank_distribution", values.pop("distribution"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def validate(self) -> Settings:
+        """Refuse a bad value with one line naming it, before any side effect."""
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is invalid: choose one of {', '.join(METHODS)}")
+        for name in ("epochs", "lr", "batch_size", "eval_batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        for name in ("max_length", "max_eval", "max_train"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.method != "full":
+            self.peft_config(["x"])  # DyLoraConfig / LoraConfig name the field and the valid range
+        if self.method == "dylora" and self.ranks is not None:
+            if not self.ranks:
+                raise ValueError("--ranks is empty: give ranks like 1,2,4,8")
+            for b in self.ranks:
+                check_rank(b, self.r_min, self.r)
+        return self
+
+    def peft_config(self, targets: list[str], task_type: str = "SEQ_CLS") -> Any:
+        """The adapter's config: a DyLoraConfig, or a plain LoraConfig for the LoRA baseline."""
+        from peft import LoraConfig
+
+        common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                      target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
+        if self.method == "dylora":
+            return DyLoraConfig(r_min=self.r_min, frozen=self.frozen, rank_distribution=self.rank_distribution,
+                                geometric_p=self.geometric_p, seed=self.seed, **common)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"--r must be an integer >= 1, got {self.r}")
+        return LoraConfig(**common)

@@ -1,0 +1,77 @@
+"""Tiny random models for fast tests (hidden size 32, 2 layers), written like a real model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dylora import zoo
+from dylora.zoo import ModelError
+
+TINY_KINDS = ("bert", "gpt2", "llama")
+
+
+def make_tiny_model(kind: str, path: str | Path, *, num_labels: int = 2, seed: int = 0) -> Path:
+    """Write a tiny random model of `kind` ("bert", "gpt2", "llama") plus the MiniLM wordpiece tokenizer.
+
+    The checkpoint is a *ForSequenceClassification model (so the classification head is saved and
+    deterministic); gpt2/llama tie their LM head to the embeddings, so AutoModelForCausalLM loads the
+    same directory too. Hidden size 32, 2 layers: fast enough for unit and CLI tests.
+    """
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        GPT2Config,
+        LlamaConfig,
+    )
+
+    if kind not in TINY_KINDS:
+        raise ModelError(f"unknown tiny model kind {kind!r}; use one of {', '.join(TINY_KINDS)}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(zoo.resolve_model("minilm"))
+    max_len = 128
+    tokenizer.model_max_length = max_len
+    vocab = len(tokenizer)
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+    if kind == "bert":
+        config: Any = BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=max_len,
+            **ids,
+        )
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=max_len, **ids)
+        config.tie_word_embeddings = True
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=max_len,
+            tie_word_embeddings=True,
+            **ids,
+        )
+    config.num_labels = num_labels
+    if kind != "bert":
+        # Decoder models need an eos token on the tokenizer for generation and for load_tokenizer.
+        tokenizer.bos_token = tokenizer.cls_token
+        tokenizer.eos_token = tokenizer.sep_token
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,7 +1,8 @@
 """Per-layer ranks: at a rank map {l: b_l} layer l computes W0 x + (alpha/b_l) B_l[:, :b_l] A_l[:b_l] x,
-and exports and merges exactly."""
+exports and merges exactly, and `allocate` fills a parameter budget with b_l (in_l + out_l) per layer."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from test_files import make, saved_base, vanilla_peft_outputs  # noqa: F401  (saved_base is a fixture)
 
 import dylora
+from dylora import DyLoraConfig
 
 PREFIX = "base_model.model."
 
@@ -108,6 +110,76 @@ def test_merge_at_a_rank_map_equals_the_unmerged_model(ids):
         assert (merged(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-5
 
 
+def calibration_loss(model, ids):
+    """Mean squared distance of the logits to the model's logits now (at r_max): 0 at r everywhere."""
+    with torch.no_grad():
+        target = model(input_ids=ids).logits
+    return lambda m: float(((m(input_ids=ids).logits - target) ** 2).mean())
+
+
+@pytest.mark.parametrize("method", ["norm", "greedy"])
+@pytest.mark.parametrize(("family", "kind", "budget"),
+                         [("bert", "rank", 3), ("gpt2", "rank", 2.5), ("gpt2", "params", 2000)])
+def test_budget_is_never_exceeded_and_left_with_no_room(method, family, kind, budget, ids):
+    """BERT's layers all cost 64 a component, so an average rank of 3 is met exactly; GPT-2's cost 64..160."""
+    if family == "bert":
+        base, targets = tiny_bert(), ["query", "value"]
+    else:
+        base, targets = tiny_gpt2(), ["c_attn", "c_proj", "wte"]
+    model = make(base, targets, r=4)
+    loss_fn = calibration_loss(model, ids)
+    dylora.set_layer_ranks(model, previous := spread(model))
+    costs = dylora.layer_costs(model)
+    allowed = math.floor(budget * sum(costs.values())) if kind == "rank" else budget
+    ranks = dylora.allocate(model, budget, method, budget_kind=kind, loss_fn=loss_fn)
+    assert dylora.get_layer_ranks(model) == previous  # the model's ranks are restored
+    assert set(ranks) == set(costs) and all(1 <= b <= 4 for b in ranks.values())
+    spent = sum(b * costs[name] for name, b in ranks.items())
+    assert spent <= allowed
+    assert all(b == 4 or spent + costs[name] > allowed for name, b in ranks.items())
+    if family == "bert":
+        assert spent == allowed == 3 * 64 * 4
+
+
+class TwoPaths(torch.nn.Module):
+    """y = a(x[:, :4]) + b(x[:, 4:]): on data with x[:, 4:] = 0 only layer a changes the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x[:, :4]) + self.b(x[:, 4:])
+
+
+def test_greedy_spends_the_budget_where_the_loss_drops_norm_where_the_update_is():
+    """Layer b has the larger update (norm's pick) but sees only zeros on the calibration set (greedy's pick: a).
+
+    A = B = I in a (10 I as B in b), alpha = r = 4: ||dW(b) - dW(4)||^2 is 12, 4, 4/3, 0 for b = 1..4, a loss
+    falling with every component of a.
+    """
+    torch.manual_seed(0)
+    model = dylora.get_dylora_model(TwoPaths(), DyLoraConfig(r=4, lora_alpha=4, target_modules=["a", "b"])).eval()
+    with torch.no_grad():
+        for name, scale in (("a", 1.0), ("b", 10.0)):
+            layer = model.get_submodule(PREFIX + name)
+            layer.lora_A["default"].weight.copy_(torch.eye(4))
+            layer.lora_B["default"].weight.copy_(scale * torch.eye(4))
+        x = torch.cat([torch.randn(64, 4), torch.zeros(64, 4)], dim=1)
+        target = model(x)
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(((m(x) - target) ** 2).mean())
+
+    a, b = PREFIX + "a", PREFIX + "b"
+    assert dylora.allocate(model, 2.5, "norm") == {a: 1, b: 4}  # 40 parameters: 2 components + 3 more
+    assert dylora.allocate(model, 2.5, "greedy", loss_fn=loss_fn) == {a: 4, b: 1}
+    assert dylora.allocate(model, 2.5, "greedy", loss_fn=loss_fn, step=2) == {a: 4, b: 1}
+    dylora.set_layer_ranks(model, {a: 4, b: 1})
+    assert loss_fn(model) == 0.0
+
+
 # ------------------------------------------------------------------ errors, one line each
 
 
@@ -134,13 +206,35 @@ def test_bad_names_and_ranks():
     assert set(dylora.get_layer_ranks(model).values()) == {8}  # nothing was set
 
 
+def test_bad_budgets_and_methods():
+    model = make(tiny_bert(), ["query", "value"], r=8, r_min=2)
+    per_rank = sum(dylora.layer_costs(model).values())
+    for budget in (1.5, 8.5):
+        with pytest.raises(ValueError, match=r"feasible range \[r_min, r\] = \[2, 8\]") as e:
+            dylora.allocate(model, budget)
+        one_line(e)
+    for budget in (2 * per_rank - 1, 8 * per_rank + 1):
+        with pytest.raises(ValueError, match=rf"feasible range \[{2 * per_rank}, {8 * per_rank}\]") as e:
+            dylora.allocate(model, budget, budget_kind="params")
+        one_line(e)
+    with pytest.raises(ValueError, match="method must be one of norm, greedy"):
+        dylora.allocate(model, 4, "svd")
+    with pytest.raises(ValueError, match="needs loss_fn"):
+        dylora.allocate(model, 4, "greedy")
+    with pytest.raises(ValueError, match="budget_kind must be one of rank, params"):
+        dylora.allocate(model, 4, budget_kind="flops")
+    assert dylora.allocate(model, 8) == dict.fromkeys(dylora.get_layer_ranks(model), 8)
+    assert dylora.allocate(model, 2 * per_rank, budget_kind="params") == dict.fromkeys(dylora.get_layer_ranks(model), 2)
+
+
 def test_a_plain_lora_model_has_no_layer_ranks():
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"]))
-    with pytest.raises(ValueError, match="no DyLoRA adapter") as e:
-        dylora.get_layer_ranks(lora)
-    one_line(e)
+    for call in (dylora.get_layer_ranks, lambda m: dylora.allocate(m, 2)):
+        with pytest.raises(ValueError, match="no DyLoRA adapter") as e:
+            call(lora)
+        one_line(e)
 
 
 def test_pattern_keys_match_one_module_only_in_peft():

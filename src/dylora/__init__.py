@@ -18,6 +18,7 @@ _EXPORTS = {
     **{name: "model" for name in ("add_dylora_adapter", "dylora_adapters", "export_lora", "get_dylora_model",
                                   "get_layer_ranks", "get_rank", "load", "merge", "rank", "save", "set_layer_ranks",
                                   "set_rank")},
+    **{name: "allocation" for name in ("allocate", "layer_costs")},
     **{name: "training" for name in ("DyLoraCallback", "SweepRow", "rank_parameters", "rank_sweep", "step_rank")},
 }
 

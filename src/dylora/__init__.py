@@ -16,7 +16,9 @@ _EXPORTS = {
     "RankSampler": "sampler",
     "rank_scale": "functional",
     **{name: "model" for name in ("add_dylora_adapter", "at_rank", "dylora_adapters", "export_lora", "get_dylora_model",
-                                  "get_rank", "load", "merge", "rank", "save", "set_rank")},
+                                  "get_layer_ranks", "get_rank", "load", "merge", "rank", "save", "set_layer_ranks",
+                                  "set_rank")},
+    **{name: "allocation" for name in ("allocate", "layer_costs")},
     **{name: "training" for name in ("DyLoraCallback", "SweepRow", "rank_parameters", "rank_sweep", "step_rank")},
 }
 

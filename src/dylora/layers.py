@@ -128,3 +128,8 @@ def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
         return DyLoraLinearVariant
     return None
 
+
+
+def set_layer_rank(module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
+    """Use rank b in one layer (its variant checks b against [r_min, r])."""
+    module.lora_variant[adapter].set_rank(module, adapter, rank)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ from safetensors.torch import save_file
 from .config import SIDECAR_NAME, DyLoraConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights
 from .functional import check_rank
-from .layers import variant_for
+from .layers import set_layer_rank, variant_for
+
+PREFIX = "base_model.model."  # a PeftModel's module names are its base model's, under this prefix
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -107,17 +110,65 @@ def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None)
             module.lora_variant[name].set_rank(module, name, rank)
 
 
+def _one(model: torch.nn.Module, adapter_name: str | None) -> tuple[str, DyLoraConfig]:
+    """The named DyLoRA adapter, or the active one (the first if none is active) when `adapter_name` is None."""
+    picked = select_adapters(model, adapter_name)
+    name = adapter_name
+    if name is None:
+        active = getattr(unwrap(model), "active_adapter", None)
+        name = active if active in picked else next(iter(picked))
+    return name, picked[name]
+
+
 def get_rank(model: torch.nn.Module, adapter_name: str | None = None) -> int:
     """The rank the DyLoRA adapter currently uses (the active one if several)."""
-    picked = select_adapters(model, adapter_name)
-    if adapter_name is None and len(picked) > 1:
-        active = getattr(unwrap(model), "active_adapter", None)
-        adapter_name = active if active in picked else next(iter(picked))
-    name = adapter_name or next(iter(picked))
+    name, _ = _one(model, adapter_name)
     ranks = {module.lora_variant[name].rank for module in _layers(model, name)}
     if len(ranks) != 1:
-        raise RuntimeError(f"layers of adapter {name!r} disagree on the rank: {sorted(ranks)}")
+        raise RuntimeError(f"layers of adapter {name!r} disagree on the rank: {sorted(ranks)}; "
+                           "use dylora.get_layer_ranks for the rank of each layer")
     return ranks.pop()
+
+
+def _named_layers(model: torch.nn.Module, adapter: str) -> dict[str, LoraLayer]:
+    return {name: module for name, module in unwrap(model).named_modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_variant}
+
+
+def _rank_map(model: torch.nn.Module, adapter: str, ranks: Mapping[str, int]) -> dict[str, int]:
+    """`ranks` checked (known layer, b in [r_min, r]) and keyed by full module name."""
+    layers = _named_layers(model, adapter)
+    out = {}
+    for key, b in ranks.items():
+        name = key if key in layers else PREFIX + key
+        if name not in layers:
+            shown = ", ".join(list(layers)[:3])
+            raise ValueError(f"unknown module {key!r}: not a layer of DyLoRA adapter {adapter!r}; its layers are "
+                             f"named like {shown} ({len(layers)} in all, see dylora.get_layer_ranks)")
+        variant = layers[name].lora_variant[adapter]
+        try:
+            out[name] = check_rank(b, variant.r_min, variant.r)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+    return out
+
+
+def get_layer_ranks(model: torch.nn.Module, adapter_name: str | None = None) -> dict[str, int]:
+    """The rank b_l each layer of the DyLoRA adapter uses (the active one if several), by module name."""
+    name, _ = _one(model, adapter_name)
+    return {key: module.lora_variant[name].rank for key, module in _named_layers(model, name).items()}
+
+
+def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_name: str | None = None) -> None:
+    """Use rank b_l in layer l: W0 x + (alpha / b_l) B[:, :b_l] A[:b_l] x. Unlisted layers keep their rank.
+
+    Keys are module names as in `model.named_modules()`, with or without the `base_model.model.` prefix.
+    Acts on the named adapter, or the active one; every name and rank is checked before any is set.
+    """
+    name, _ = _one(model, adapter_name)
+    layers = _named_layers(model, name)
+    for key, b in _rank_map(model, name, ranks).items():
+        set_layer_rank(layers[key], name, b)
 
 
 @contextlib.contextmanager
@@ -188,47 +239,86 @@ def save(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
     return Path(path)
 
 
-def export_lora(model: torch.nn.Module, rank: int, path: str | os.PathLike,
-                adapter_name: str | None = None) -> Path:
-    """Write rank b of a DyLoRA adapter as a plain PEFT LoRA of rank b.
+def _one_of(rank: int | None, ranks: Mapping[str, int] | None) -> None:
+    if (rank is None) == (ranks is None):
+        raise ValueError("pass either rank (one b for every layer) or ranks ({module name: b}), not both or neither")
 
-    Keeps A[:b], B[:, :b], and writes r = b, lora_alpha = alpha: vanilla PEFT's scale alpha / b is then
-    DyLoRA's exactly.
+
+def pattern_key(module_name: str) -> str:
+    """A `rank_pattern` / `alpha_pattern` key that PEFT matches to this one module only.
+
+    PEFT 0.21 takes the first key k with `re.match(rf"(.*\\.)?({k})$", name)`, so a plain path would also
+    match any module whose name ends with it (and its dots match any character): the path is escaped and
+    anchored with `^`.
+    """
+    return "^" + re.escape(module_name.removeprefix(PREFIX))
+
+
+def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.PathLike | None = None,
+                adapter_name: str | None = None, *, ranks: Mapping[str, int] | None = None,
+                bake_scale: bool = False, overwrite: bool = True) -> Path:
+    """Write a DyLoRA adapter cut to rank b (or to rank b_l in each layer) as a plain PEFT LoRA.
+
+    Keeps A[:b_l], B[:, :b_l] of each layer. With one rank: r = b, lora_alpha = alpha, so vanilla PEFT's
+    scale alpha / b is DyLoRA's exactly. With `ranks` ({module name: b_l}; unlisted layers keep their
+    current rank): r = max b_l and `rank_pattern` gives every other layer its b_l, so PEFT's scale
+    alpha_l / b_l is again DyLoRA's. `bake_scale=True` folds alpha_l / b_l into B and writes
+    lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for consumers that ignore `alpha_pattern`.
     """
     peft_model = unwrap(model)
-    picked = select_adapters(peft_model, adapter_name)
-    name, cfg = next(iter(picked.items())) if adapter_name is None else (adapter_name, picked[adapter_name])
-    if adapter_name is None and len(picked) > 1 and peft_model.active_adapter in picked:
-        name, cfg = peft_model.active_adapter, picked[peft_model.active_adapter]
-    check_rank(rank, cfg.r_min, cfg.r)
+    name, cfg = _one(peft_model, adapter_name)
+    _one_of(rank, ranks)
+    if path is None:
+        raise ValueError("export_lora needs a path to write the adapter to")
+    layers = _named_layers(peft_model, name)
+    if ranks is None:
+        check_rank(rank, cfg.r_min, cfg.r)
+        b_of = dict.fromkeys(layers, rank)
+    else:
+        b_of = {**get_layer_ranks(peft_model, name), **_rank_map(peft_model, name, ranks)}
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     sliced = {}
     for key, t in state.items():
-        if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
-            t = t[:rank]
-        elif key.endswith("lora_B.weight") or key.endswith("lora_embedding_B"):
-            t = t[:, :rank]
+        module, _, part = key.rpartition(".lora_")
+        if part in ("A.weight", "embedding_A"):
+            t = t[:b_of[module]]
+        elif part in ("B.weight", "embedding_B"):
+            b = b_of[module]
+            t = t[:, :b] * (layers[module].lora_variant[name].lora_alpha / b) if bake_scale else t[:, :b]
         sliced[key] = t.detach().contiguous().clone()
     plain = LoraConfig(**{k: v for k, v in cfg.to_dict().items()
                           if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
-    plain.r = rank
-    plain.lora_alpha = cfg.lora_alpha
-    plain.alpha_pattern = dict(cfg.alpha_pattern or {})
+    plain.r = max(b_of.values())
+    plain.rank_pattern = {pattern_key(module): b for module, b in b_of.items() if b != plain.r}
+    plain.lora_alpha = plain.r if bake_scale else cfg.lora_alpha
+    plain.alpha_pattern = dict(plain.rank_pattern) if bake_scale else dict(cfg.alpha_pattern or {})
     plain.inference_mode = True
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         plain.save_pretrained(str(tmp))
         save_file(sliced, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return Path(path)
 
 
-def merge(model: torch.nn.Module, rank: int, adapter_name: str | None = None,
-          inplace: bool = False) -> torch.nn.Module:
-    """The base model with (alpha / b) B_b A_b folded into W0 (a copy, unless `inplace`)."""
+def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | None = None,
+          inplace: bool = False, *, ranks: Mapping[str, int] | None = None) -> torch.nn.Module:
+    """The base model with (alpha / b) B_b A_b folded into W0 (a copy, unless `inplace`).
+
+    With `ranks` ({module name: b_l}, unlisted layers keep their current rank) each layer folds in its own
+    (alpha / b_l) B[:, :b_l] A[:b_l].
+    """
     peft_model = unwrap(model)
     picked = select_adapters(peft_model, adapter_name)
-    for cfg in picked.values():
-        check_rank(rank, cfg.r_min, cfg.r)
+    _one_of(rank, ranks)
+    if ranks is None:
+        for cfg in picked.values():
+            check_rank(rank, cfg.r_min, cfg.r)
+    else:
+        name, _ = _one(peft_model, adapter_name)
+        ranks = _rank_map(peft_model, name, ranks)
     if not inplace:
         peft_model = copy.deepcopy(peft_model)
-    set_rank(peft_model, rank, adapter_name)
+    if ranks is None:
+        set_rank(peft_model, rank, adapter_name)
+    else:
+        set_layer_ranks(peft_model, ranks, name)
     return peft_model.merge_and_unload(adapter_names=list(picked) if adapter_name else None)

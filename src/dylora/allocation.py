@@ -1,0 +1,212 @@
+"""Per-layer ranks under a parameter budget, chosen after training.
+
+A DyLoRA adapter is ordered: in every layer its first b components were trained to stand alone, so one trained
+adapter can be cut to a different rank b_l in each layer l. At rank b a layer holds b (in_l + out_l) adapter
+parameters (b (num_embeddings + dim) for an embedding). `allocate` starts at r_min in every layer and adds
+components, always the next one of a layer (prefixes only), while they fit the budget:
+
+- "norm" (data-free, milliseconds): keep each layer's update close to its full update. Layer l at rank b
+  is off by err_l(b) = ||dW_l(b) - dW_l(r)||_F^2, with dW(b) = (alpha / b) B[:, :b] A[:b]; components go
+  where err drops most per parameter.
+- "greedy" (data-driven): add the components whose addition lowers a calibration loss most per parameter.
+
+Apply the result with `dylora.set_layer_ranks`, or write it with `dylora.export_lora(..., ranks=...)` or
+`dylora.merge(..., ranks=...)`. (This module is not named `allocate.py`: a submodule named like the function
+`dylora.allocate` would replace it on the package once anything imported the submodule.)
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+
+from .functional import rank_scale
+from .layers import set_layer_rank
+from .model import _named_layers, _one, get_layer_ranks
+
+METHODS = ("norm", "greedy")
+BUDGET_KINDS = ("rank", "params")
+
+
+def _lora_AB(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r x in) and B (out x r) of a layer; for an embedding in = num_embeddings, out = embedding_dim."""
+    if adapter in module.lora_embedding_A:
+        return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+    return module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+
+def layer_costs(model: torch.nn.Module, adapter_name: str | None = None) -> dict[str, int]:
+    """Adapter parameters per rank component of each layer, in + out: a layer at rank b holds b times this."""
+    name, _ = _one(model, adapter_name)
+    costs = {}
+    for key, module in _named_layers(model, name).items():
+        A, B = _lora_AB(module, name)
+        costs[key] = A.shape[1] + B.shape[0]
+    return costs
+
+
+def _budget_params(budget: float, kind: str, per_rank: int, r_min: int, r: int) -> int:
+    """The budget in parameters, checked to lie between r_min and r in every layer."""
+    if kind not in BUDGET_KINDS:
+        raise ValueError(f"budget_kind must be one of {', '.join(BUDGET_KINDS)}, got {kind!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
+        raise ValueError(f"budget must be a finite number, got {budget!r}")
+    if kind == "rank":
+        if not r_min <= budget <= r:
+            raise ValueError(f"budget {budget!r} (an average rank) is outside the feasible range "
+                             f"[r_min, r] = [{r_min}, {r}]")
+        return math.floor(budget * per_rank + 1e-6)
+    if not r_min * per_rank <= budget <= r * per_rank:
+        raise ValueError(f"budget {budget!r} parameters is outside the feasible range [{r_min * per_rank}, "
+                         f"{r * per_rank}] (rank r_min = {r_min} to r = {r} in every layer)")
+    return math.floor(budget)
+
+
+def truncation_errors(module: LoraLayer, adapter: str) -> list[float]:
+    """err(b) = ||dW(b) - dW(r)||_F^2 for b = 0..r (entries below r_min are 0 and unused).
+
+    With d = s_b - s_r (the rank-scale vectors), dW(b) - dW(r) = B diag(d) A, whose squared norm is
+    d^T G d with the r x r Gram matrix G = (B^T B) * (A A^T) (elementwise): no d_out x d_in matrix is built.
+    """
+    variant = module.lora_variant[adapter]
+    A, B = (t.detach().float() for t in _lora_AB(module, adapter))
+    gram = ((B.T @ B) * (A @ A.T)).double().cpu()
+    full = rank_scale(variant.r, variant.r, variant.lora_alpha).double()
+    errors = [0.0] * (variant.r + 1)
+    for b in range(variant.r_min, variant.r + 1):
+        d = rank_scale(b, variant.r, variant.lora_alpha).double() - full
+        errors[b] = float(d @ gram @ d)
+    return errors
+
+
+def _best_extension(errors: list[float], b: int, r: int, cost: int, left: int) -> tuple[float, int] | None:
+    """(error drop per parameter, new rank) of the best b -> b2 that fits in `left`, or None."""
+    best = None
+    for b2 in range(b + 1, min(r, b + left // cost) + 1):
+        gain = (errors[b] - errors[b2]) / ((b2 - b) * cost)
+        if best is None or gain > best[0]:
+            best = (gain, b2)
+    return best
+
+
+def _norm(errors: dict[str, list[float]], costs: dict[str, int], r_min: int, r: int, left: int) -> dict[str, int]:
+    """Grow the layer whose error drops most per parameter until nothing fits.
+
+    A layer may grow by several components at once (b -> b2, the best average drop), so a layer whose next
+    component alone helps little but whose next two help a lot is not starved. A heap holds each layer's best
+    step; only the grown layer's step changes, and a step that no longer fits is recomputed when popped.
+    """
+    ranks = dict.fromkeys(errors, r_min)
+    order = {key: i for i, key in enumerate(errors)}
+    heap: list[tuple[float, int, int, str]] = []
+
+    def push(key: str) -> None:
+        best = _best_extension(errors[key], ranks[key], r, costs[key], left)
+        if best is not None:
+            heapq.heappush(heap, (-best[0], order[key], best[1], key))
+
+    for key in errors:
+        push(key)
+    while heap:
+        _, _, b2, key = heapq.heappop(heap)
+        extra = (b2 - ranks[key]) * costs[key]
+        if extra <= left:
+            ranks[key] = b2
+            left -= extra
+        push(key)
+    return ranks
+
+
+def _loss(loss_fn: Callable[[torch.nn.Module], float], model: torch.nn.Module) -> float:
+    value = float(loss_fn(model))
+    if not math.isfinite(value):
+        raise ValueError(f"loss_fn returned {value}; it must return a finite float")
+    return value
+
+
+def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], costs: dict[str, int],
+            r_min: int, r: int, left: int, loss_fn: Callable[[torch.nn.Module], float], step: int,
+            progress: bool) -> dict[str, int]:
+    """Each round, try `step` more components in every layer and keep the best drop in loss per parameter."""
+    from tqdm.auto import tqdm
+
+    ranks = dict.fromkeys(layers, r_min)
+    for module in layers.values():
+        set_layer_rank(module, adapter, r_min)
+    loss = _loss(loss_fn, model)
+    with tqdm(total=left, desc="greedy allocation", unit="param", disable=not progress) as bar:
+        while True:
+            best = None
+            for key, module in layers.items():
+                k = min(step, r - ranks[key], left // costs[key])
+                if k < 1:
+                    continue
+                set_layer_rank(module, adapter, ranks[key] + k)
+                trial = _loss(loss_fn, model)
+                set_layer_rank(module, adapter, ranks[key])
+                gain = (loss - trial) / (k * costs[key])
+                if best is None or gain > best[0]:
+                    best = (gain, key, k, trial)
+            if best is None:
+                return ranks
+            _, key, k, loss = best
+            ranks[key] += k
+            left -= k * costs[key]
+            set_layer_rank(layers[key], adapter, ranks[key])
+            bar.update(k * costs[key])
+
+
+def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
+             loss_fn: Callable[[torch.nn.Module], float] | None = None, budget_kind: str = "rank",
+             adapter_name: str | None = None, progress: bool = False, step: int = 1) -> dict[str, int]:
+    """Per-layer ranks {module name: b_l} of a trained DyLoRA adapter within a parameter budget.
+
+    Args:
+        model: a DyLoRA model; its ranks are the same before and after the call.
+        budget: an average rank in [r_min, r] (`budget_kind="rank"`: budget * sum_l (in_l + out_l) parameters
+            may be spent) or a number of adapter parameters (`budget_kind="params"`). Layer l at rank b costs
+            b (in_l + out_l) (see `layer_costs`). The result never exceeds the budget and is full: no layer's
+            next component still fits.
+        method: "norm" (data-free: keep ||dW_l(b_l) - dW_l(r)||_F^2 small, see `truncation_errors`; it accounts
+            for the scale alpha / b_l rescaling every kept component, which a per-component score
+            ||B[:, i]|| ||A[i]|| alpha / b could not, as b_l is not known while scoring) or "greedy"
+            (data-driven: each round tries `step` more components in every layer and keeps the one that
+            lowers `loss_fn(model)` most per added parameter, even if none lowers it, until the budget is spent).
+        loss_fn: for "greedy": model -> float, a calibration loss evaluated at the model's current ranks (run
+            under `torch.no_grad`, model in eval mode). Greedy calls it n_layers times a round, and a round
+            adds `step` components: about n_layers * n_layers * (budget - r_min) / step calls for an average
+            rank budget with layers of one size.
+        budget_kind: "rank" or "params".
+        adapter_name: the DyLoRA adapter (default: the active one).
+        progress: show a progress bar (greedy).
+        step: components a greedy round adds to a layer at once.
+    """
+    name, cfg = _one(model, adapter_name)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "greedy" and not callable(loss_fn):
+        raise ValueError("method='greedy' needs loss_fn: a callable model -> float (a calibration loss)")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an integer >= 1, got {step!r}")
+    layers = _named_layers(model, name)
+    costs = layer_costs(model, name)
+    per_rank = sum(costs.values())
+    left = _budget_params(budget, budget_kind, per_rank, cfg.r_min, cfg.r) - cfg.r_min * per_rank
+    if method == "norm":
+        errors = {key: truncation_errors(module, name) for key, module in layers.items()}
+        return _norm(errors, costs, cfg.r_min, cfg.r, left)
+    if any(module.lora_variant[name].merged_scale is not None for module in layers.values()):
+        raise ValueError(f"adapter {name!r} is merged, so its ranks do not change the output; unmerge it first")
+    previous, training = get_layer_ranks(model, name), model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _greedy(model, name, layers, costs, cfg.r_min, cfg.r, left, loss_fn, step, progress)
+    finally:
+        for key, b in previous.items():
+            set_layer_rank(layers[key], name, b)
+        model.train(training)

@@ -56,7 +56,7 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
             )
         alpha = module.lora_alpha[adapter]
         device = next(p.device for p in module.parameters())
-        cls(config.r, config.r_min, alpha, config.frozen).attach(module, adapter, device)
+        cls(config.r, config.r_min, alpha, config.frozen, config.rank_scaling).attach(module, adapter, device)
         count += 1
     if count == 0:
         raise ValueError(f"adapter {adapter!r} adapted no layer")
@@ -139,6 +139,52 @@ def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> Ite
         yield
     finally:
         set_rank(model, previous, adapter_name)
+
+
+def set_example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
+                      adapter_name: str | None = None) -> None:
+    """Row j of each batch uses rank ranks[j] (len(ranks) must be the batch size), until the next `set_rank`.
+
+    Row j of the output then equals the model at rank ranks[j] on row j alone, at training and inference.
+    Frozen adapters are refused while the model trains (their gradient mask is per rank, not per example).
+    """
+    picked = _pick(model, adapter_name)
+    ranks = torch.as_tensor(ranks)
+    if ranks.dim() != 1 or ranks.numel() == 0 or ranks.is_floating_point():
+        raise ValueError(f"ranks must be a non-empty 1-D list of integers, one per row; got shape {tuple(ranks.shape)}")
+    ranks = ranks.long().cpu()
+    for cfg in picked.values():
+        for b in sorted(set(ranks.tolist())):
+            check_rank(b, cfg.r_min, cfg.r)
+        if cfg.frozen and unwrap(model).training:
+            raise ValueError("per-example ranks train in full mode only; this adapter has frozen=True")
+    for name in picked:
+        for module in _layers(model, name):
+            module.lora_variant[name].set_example_ranks(module, name, ranks)
+
+
+@contextlib.contextmanager
+def example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
+                  adapter_name: str | None = None) -> Iterator[None]:
+    """Row j uses rank ranks[j] inside the block, then the previous rank is restored."""
+    previous = get_rank(model, adapter_name)
+    set_example_ranks(model, ranks, adapter_name)
+    try:
+        yield
+    finally:
+        set_rank(model, previous, adapter_name)
+
+
+def set_expected_scale(model: torch.nn.Module, pmf: list[float] | torch.Tensor,
+                       adapter_name: str | None = None) -> None:
+    """Scale every layer by E_b[s_b] for b ~ pmf over [r_min, r] (the nested recipe), until the next `set_rank`."""
+    picked = _pick(model, adapter_name)
+    pmf = torch.as_tensor(pmf, dtype=torch.float64)
+    for name, cfg in picked.items():
+        if pmf.shape != (cfg.r - cfg.r_min + 1,):
+            raise ValueError(f"pmf must have r - r_min + 1 = {cfg.r - cfg.r_min + 1} entries, got {tuple(pmf.shape)}")
+        for module in _layers(model, name):
+            module.lora_variant[name].set_expected_scale(module, name, pmf)
 
 
 # ---------------------------------------------------------------- files
@@ -246,7 +292,8 @@ def export_lora(model: torch.nn.Module, rank: int, path: str | os.PathLike,
     """Write rank b of a DyLoRA adapter as a plain PEFT LoRA of rank b.
 
     Keeps A[:b], B[:, :b], and writes r = b, lora_alpha = alpha: vanilla PEFT's scale alpha / b is then
-    DyLoRA's exactly.
+    DyLoRA's exactly. With rank_scaling "alpha/sqrt(b)" it also writes use_rslora=True, whose scale
+    alpha / sqrt(r) at r = b is DyLoRA's c(b).
     """
     peft_model = unwrap(model)
     picked = _pick(peft_model, adapter_name)
@@ -266,6 +313,7 @@ def export_lora(model: torch.nn.Module, rank: int, path: str | os.PathLike,
                           if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
     plain.r = rank
     plain.lora_alpha = cfg.lora_alpha
+    plain.use_rslora = cfg.rank_scaling == "alpha/sqrt(b)"
     plain.alpha_pattern = dict(cfg.alpha_pattern or {})
     plain.inference_mode = True
     with atomic_dir(path) as tmp:

@@ -24,6 +24,7 @@ from dylora.training import (
     DyLoraCallback,
     DyLoraTrainer,
     Recipe,
+    RecipeCallback,
     TrainingGuard,
     distill_kl,
     dylora_loss,
@@ -375,6 +376,27 @@ def test_sandwich_distill_with_gradient_accumulation_equals_one_big_batch(tmp_pa
     assert seen_small == [b for ranks in steps for _ in range(2) for b in ranks]
     assert [e[RANKS_KEY] for e in trainer.state.log_history if RANKS_KEY in e] == steps
     assert dylora.get_rank(trainer.model) == r_max
+
+
+def test_dylora_loss_in_a_trainer_of_your_own_matches_dylora_trainer(tmp_path):
+    """The standalone hook (one summed loss) trains as DyLoraTrainer (one backward per pass) does."""
+    recipe = Recipe(RankSampler(1, 8, seed=2), "sandwich", distill=True)
+
+    class MyTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = dylora_loss(model, inputs, self.state.global_step, recipe)
+            return (loss, outputs) if return_outputs else loss
+
+    models = [bert_model() for _ in range(2)]
+    MyTrainer(model=models[0], args=targs(tmp_path, 3, 4, 1), train_dataset=toy_dataset(),
+              callbacks=[RecipeCallback(recipe)]).train()
+    DyLoraTrainer(model=models[1], args=targs(tmp_path, 3, 4, 1), train_dataset=toy_dataset(), recipe=recipe).train()
+    mine, theirs = trained(models[0]), trained(models[1])
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], atol=2e-6, rtol=1e-4, msg=name)
+    assert dylora.get_rank(models[0]) == 8
 
 
 @pytest.mark.parametrize("recipe", ["rowwise", "nested"])

@@ -17,7 +17,8 @@ def test_to_dict_is_plain_lora_and_sidecar_holds_dylora_fields():
     c = DyLoraConfig(r=8, r_min=2, frozen=True, target_modules=["query"])
     assert "r_min" not in c.to_dict() and "frozen" not in c.to_dict()
     assert c.dylora_dict() == {"r_min": 2, "rank_distribution": "uniform", "geometric_p": 0.15,
-                               "frozen": True, "seed": 0}
+                               "frozen": True, "seed": 0, "recipe": "paper", "sandwich_k": 1, "distill": False,
+                               "distill_weight": 0.5, "rank_scaling": "alpha/b"}
 
 
 @pytest.mark.parametrize(

@@ -15,11 +15,12 @@ _EXPORTS = {
     "DyLoraConfig": "config",
     "RankSampler": "sampler",
     "rank_scale": "functional",
-    **{name: "model" for name in ("add_dylora_adapter", "at_rank", "dylora_adapters", "export_lora", "get_dylora_model",
-                                  "get_layer_ranks", "get_rank", "load", "merge", "rank", "save", "set_layer_ranks",
-                                  "set_rank")},
+    **{name: "model" for name in ("add_dylora_adapter", "at_rank", "dylora_adapters", "example_ranks", "export_lora",
+                                  "get_dylora_model", "get_layer_ranks", "get_rank", "load", "merge", "rank", "save",
+                                  "set_example_ranks", "set_expected_scale", "set_layer_ranks", "set_rank")},
     **{name: "allocation" for name in ("allocate", "layer_costs")},
-    **{name: "training" for name in ("DyLoraCallback", "SweepRow", "rank_parameters", "rank_sweep", "step_rank")},
+    **{name: "training" for name in ("DyLoraCallback", "DyLoraTrainer", "Recipe", "RecipeCallback", "SweepRow",
+                                     "TrainingGuard", "dylora_loss", "rank_parameters", "rank_sweep", "step_rank")},
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,8 +9,10 @@ from typing import Any
 from peft import LoraConfig
 
 from .files import write_json
+from .functional import RANK_SCALINGS
 
 DISTRIBUTIONS = ("uniform", "geometric")
+RECIPES = ("paper", "sandwich", "rowwise", "nested")
 SIDECAR_NAME = "dylora_config.json"
 
 
@@ -24,7 +26,13 @@ class DyLoraConfig(LoraConfig):
 
     The adapter saves as a plain PEFT LoRA (peft_type "LORA", the DyLoRA fields are left out of
     `adapter_config.json`) with the DyLoRA fields in a sidecar `dylora_config.json`.
-    `use_rslora` is refused: its alpha / sqrt(r) scale contradicts DyLoRA's alpha / b.
+    `use_rslora` is refused: its alpha / sqrt(r) scale contradicts DyLoRA's alpha / b; set
+    `rank_scaling="alpha/sqrt(b)"` for rsLoRA's scale at every rank b instead.
+
+    `recipe` says what each optimizer step trains (see `dylora.training`): "paper" one sampled rank,
+    "sandwich" r_max + r_min + `sandwich_k` sampled ranks with the losses summed (with `distill`, every rank
+    below r_max also learns from r_max's detached predictions, weight `distill_weight`), "rowwise" one
+    pass with a stratified rank per example, "nested" one pass at the expected scale E_b[s_b].
     """
 
     r_min: int = field(default=1, metadata={"help": "Smallest rank trained and served (b >= r_min)."})
@@ -35,6 +43,11 @@ class DyLoraConfig(LoraConfig):
     geometric_p: float = field(default=0.15, metadata={"help": "p of the geometric distribution, in (0, 1]."})
     frozen: bool = field(default=False, metadata={"help": "Train only component b at rank b (DyLoRA Frozen)."})
     seed: int = field(default=0, metadata={"help": "Seed of the rank sampler."})
+    recipe: str = field(default="paper", metadata={"help": f"Training recipe: one of {', '.join(RECIPES)}."})
+    sandwich_k: int = field(default=1, metadata={"help": "Sampled ranks per step besides r_min and r_max."})
+    distill: bool = field(default=False, metadata={"help": "Sandwich: ranks below r_max also learn from r_max."})
+    distill_weight: float = field(default=0.5, metadata={"help": "w in (1 - w) task loss + w KL(r_max || b)."})
+    rank_scaling: str = field(default="alpha/b", metadata={"help": "c(b): 'alpha/b' (paper) or 'alpha/sqrt(b)'."})
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -62,6 +75,8 @@ class DyLoraConfig(LoraConfig):
         """Rebuild from an `adapter_config.json` dict and a sidecar dict."""
         known = {f.name for f in fields(cls) if f.init}
         kwargs = {k: v for k, v in lora.items() if k in known and k != "peft_type"}
+        if kwargs.pop("use_rslora", False):  # a plain rsLoRA adapter (e.g. exported): its scale at every rank
+            kwargs["rank_scaling"] = "alpha/sqrt(b)"
         kwargs.update({k: v for k, v in dylora.items() if k in dylora_field_names()})
         return cls(**kwargs)
 
@@ -84,8 +99,23 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("rank_distribution", f"choose one of {', '.join(DISTRIBUTIONS)}")
     if not 0.0 < float(c.geometric_p) <= 1.0:
         raise bad("geometric_p", "geometric_p must lie in (0, 1]")
+    if c.recipe not in RECIPES:
+        raise bad("recipe", f"choose one of {', '.join(RECIPES)}")
+    if isinstance(c.sandwich_k, bool) or not isinstance(c.sandwich_k, int) or c.sandwich_k < 0:
+        raise bad("sandwich_k", "sandwich_k must be an integer >= 0")
+    if not isinstance(c.distill, bool):
+        raise bad("distill", "distill must be true or false")
+    if c.distill and c.recipe != "sandwich":
+        raise bad("distill", "distillation is implemented for recipe sandwich only")
+    if not 0.0 <= float(c.distill_weight) <= 1.0:
+        raise bad("distill_weight", "distill_weight must lie in [0, 1]")
+    if c.rank_scaling not in RANK_SCALINGS:
+        raise bad("rank_scaling", f"choose one of {', '.join(RANK_SCALINGS)}")
+    if c.frozen and c.recipe in ("rowwise", "nested"):
+        raise bad("frozen", f"recipe {c.recipe} trains in full mode; frozen=True works with paper, sandwich")
     if c.use_rslora:
-        raise bad("use_rslora", "DyLoRA scales by lora_alpha / b; rsLoRA's lora_alpha / sqrt(r) is not supported")
+        raise bad("use_rslora", "DyLoRA scales by lora_alpha / b; for lora_alpha / sqrt(b) set "
+                                "rank_scaling='alpha/sqrt(b)'")
     if c.use_dora:
         raise bad("use_dora", "DoRA is not supported with DyLoRA")
     if c.lora_bias:

@@ -3,23 +3,41 @@
 A LoRA block on a frozen weight W0 holds A (r x d) and B (m x r). DyLoRA trains it over every rank b in
 [r_min, r] and, at rank b, computes
 
-    h = W0 x + (lora_alpha / b) * B[:, :b] @ A[:b, :] @ x
+    h = W0 x + c(b) * B[:, :b] @ A[:b, :] @ x,    c(b) = lora_alpha / b  (the paper; `rank_scaling="alpha/b"`)
+                                                  c(b) = lora_alpha / sqrt(b)  (rsLoRA's; "alpha/sqrt(b)")
 
 Instead of slicing the weights (which recompiles ``torch.compile`` per rank and breaks FSDP, where a
 weight is unsharded only inside its own module's forward), the rank dimension of the activation is
 masked with the *rank scale* vector
 
-    s_b[i] = lora_alpha / b   if i < b   else 0          (i = 0 .. r-1)
+    s_b[i] = c(b)   if i < b   else 0          (i = 0 .. r-1)
 
 so ``B @ (s_b * (A @ x))`` is exactly the formula above, with one graph for all ranks. In full mode
 rows/columns 1..b of A/B get gradient and the rest get exactly zero (their activations are zero).
 In frozen mode ("DyLoRA (Frozen)") only row b of A and column b of B learn: rows/columns 1..b-1 are
 used in the forward but their gradient is cut by the *gradient mask* g_b[i] = 1 if i == b-1 else 0.
+
+Per-example ranks: with a rank b_j for each row j of a batch, the scale is a (batch, r) matrix S whose row
+j is s_{b_j}; row j of the output is row j at rank b_j alone, still without slicing a weight.
+
+Expected scale (the "nested" recipe, one pass a step): the layer output f_b(x) = W0 x + B diag(s_b) A x is
+affine in s_b, so for b ~ P over [r_min, r]
+
+    E_b[f_b(x)] = W0 x + B diag(E_b[s_b]) A x,    E_b[s_b][i] = sum_{b > i} P(b) c(b),
+
+and every component i < r gets gradient every step (E[s_b][i] > 0 wherever some b > i has P(b) > 0).
+For one layer this trains the P-average of the rank-b outputs in a single forward; through a deep network
+it trains that one "expected" adapter, an approximation of the average of the per-rank losses (the
+paper's Table-7 summed loss, which needs one pass per rank).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+RANK_SCALINGS = ("alpha/b", "alpha/sqrt(b)")
 
 
 def check_rank(rank: int, r_min: int, r: int) -> int:
@@ -29,13 +47,49 @@ def check_rank(rank: int, r_min: int, r: int) -> int:
     return rank
 
 
-def rank_scale(rank: int, r: int, lora_alpha: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The vector s_b: lora_alpha / b on the first b components, 0 on the rest (written into ``out``)."""
+def rank_coefficient(rank: int, lora_alpha: float, scaling: str = "alpha/b") -> float:
+    """c(b): lora_alpha / b, or lora_alpha / sqrt(b) (exactly PEFT's rsLoRA scale at r = b)."""
+    if scaling == "alpha/b":
+        return lora_alpha / rank
+    if scaling == "alpha/sqrt(b)":
+        return lora_alpha / math.sqrt(rank)
+    raise ValueError(f"rank_scaling must be one of {', '.join(RANK_SCALINGS)}, got {scaling!r}")
+
+
+def rank_scale(rank: int, r: int, lora_alpha: float, *, scaling: str = "alpha/b",
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The vector s_b: c(b) on the first b components, 0 on the rest (written into ``out``)."""
     s = torch.zeros(r) if out is None else out
     with torch.no_grad():
         s.zero_()
-        s[:rank] = lora_alpha / rank
+        s[:rank] = rank_coefficient(rank, lora_alpha, scaling)
     return s
+
+
+def scale_table(r: int, lora_alpha: float, scaling: str = "alpha/b") -> torch.Tensor:
+    """The (r, r) matrix whose row b-1 is s_b, for b = 1 .. r."""
+    return torch.stack([rank_scale(b, r, lora_alpha, scaling=scaling) for b in range(1, r + 1)])
+
+
+def example_scale(ranks: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The (batch, r) per-example scale: row j is s_{b_j}, looked up in ``scale_table``."""
+    return table[ranks.long().cpu() - 1]
+
+
+def expected_scale(pmf: torch.Tensor, r_min: int, table: torch.Tensor) -> torch.Tensor:
+    """E_b[s_b] = sum_b P(b) s_b, with ``pmf`` over b = r_min .. r (so component i gets sum_{b>i} P(b) c(b))."""
+    pmf = torch.as_tensor(pmf, dtype=torch.float64)
+    return (pmf @ table[r_min - 1:].double()).to(table.dtype)
+
+
+def broadcast_scale(scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``scale`` shaped to multiply the rank activation h (..., r): a (r,) vector as is, and a per-example
+    (batch, r) matrix as (batch, 1, ..., 1, r)."""
+    if scale.dim() == 1:
+        return scale
+    if scale.shape[0] != h.shape[0]:
+        raise ValueError(f"per-example ranks were set for {scale.shape[0]} rows, but the batch has {h.shape[0]}")
+    return scale.view(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])
 
 
 def grad_mask(rank: int, r: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,5 +111,7 @@ def keep_grad(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def rank_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The weight update at rank b, (lora_alpha / b) B_b A_b = B diag(s_b) A, shaped like B @ A."""
+    """The weight update at rank b, c(b) B_b A_b = B diag(s_b) A, shaped like B @ A."""
+    if scale.dim() != 1:
+        raise ValueError("per-example ranks are set: choose one rank (dylora.set_rank) before merging")
     return (lora_B * scale.to(lora_B.dtype)) @ lora_A

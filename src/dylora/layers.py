@@ -4,6 +4,10 @@ PEFT's `Linear` (which also wraps GPT-2's `Conv1D` through `fan_in_fan_out`) and
 `lora_variant[adapter].forward/merge/unmerge` when an adapter has a variant. Attaching a
 `DyLoraLinearVariant` or `DyLoraEmbeddingVariant` to an adapter is all DyLoRA adds: injection, saving,
 adapter switching and disabling stay PEFT's. All the math comes from `dylora.functional`.
+
+The scale buffer is a (r,) vector for one rank (or the expected scale), or a (batch, r) matrix for one rank
+per example. Setting a rank puts fresh tensors in the buffers rather than writing in place, so the graph of
+an earlier pass of the same step (a sandwich recipe) keeps the scale it saved for its backward.
 """
 
 from __future__ import annotations
@@ -15,7 +19,18 @@ from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 
-from .functional import check_rank, grad_mask, keep_grad, rank_delta_weight, rank_scale
+from .functional import (
+    broadcast_scale,
+    check_rank,
+    example_scale,
+    expected_scale,
+    grad_mask,
+    keep_grad,
+    rank_coefficient,
+    rank_delta_weight,
+    rank_scale,
+    scale_table,
+)
 
 SCALE_BUFFERS = "dylora_rank_scale"
 GRAD_BUFFERS = "dylora_grad_mask"
@@ -24,10 +39,12 @@ GRAD_BUFFERS = "dylora_grad_mask"
 class _DyLoraVariant(LoraVariant):
     """Per (layer, adapter) DyLoRA state: the current rank, frozen mode and the rank merged in, if any."""
 
-    def __init__(self, r: int, r_min: int, lora_alpha: float, frozen: bool) -> None:
+    def __init__(self, r: int, r_min: int, lora_alpha: float, frozen: bool, rank_scaling: str = "alpha/b") -> None:
         self.r, self.r_min, self.lora_alpha, self.frozen = r, r_min, lora_alpha, frozen
+        self.rank_scaling = rank_scaling
         self.rank = r
         self.merged_scale: torch.Tensor | None = None
+        self.table = scale_table(r, lora_alpha, rank_scaling)  # row b-1 is s_b
 
     def supports_lora_conversion(self) -> bool:
         return False
@@ -43,11 +60,28 @@ class _DyLoraVariant(LoraVariant):
 
     def set_rank(self, module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
         check_rank(rank, self.r_min, self.r)
-        rank_scale(rank, self.r, self.lora_alpha, out=getattr(module, SCALE_BUFFERS)[adapter])
-        grad_mask(rank, self.r, out=getattr(module, GRAD_BUFFERS)[adapter])
+        scale = rank_scale(rank, self.r, self.lora_alpha, scaling=self.rank_scaling)
+        self._put(module, adapter, scale, grad_mask(rank, self.r))
         self.rank = rank
         # PEFT code paths that bypass variants (e.g. mixed-adapter batches of embeddings) read `scaling`
-        module.scaling[adapter] = self.lora_alpha / rank
+        module.scaling[adapter] = rank_coefficient(rank, self.lora_alpha, self.rank_scaling)
+
+    def set_example_ranks(self, module: lora_layer.LoraLayer, adapter: str, ranks: torch.Tensor) -> None:
+        """Row j of the next batches at rank ranks[j] (checked by the caller), until the next `set_rank`."""
+        self._put(module, adapter, example_scale(ranks, self.table))
+
+    def set_expected_scale(self, module: lora_layer.LoraLayer, adapter: str, pmf: torch.Tensor) -> None:
+        """The scale E_b[s_b] for b ~ pmf over [r_min, r] (the nested recipe), until the next `set_rank`."""
+        self._put(module, adapter, expected_scale(pmf, self.r_min, self.table))
+
+    @staticmethod
+    def _put(module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor,
+             gmask: torch.Tensor | None = None) -> None:
+        old = getattr(module, SCALE_BUFFERS)[adapter]
+        getattr(module, SCALE_BUFFERS)[adapter] = scale.to(device=old.device, dtype=old.dtype)
+        if gmask is not None:
+            old = getattr(module, GRAD_BUFFERS)[adapter]
+            getattr(module, GRAD_BUFFERS)[adapter] = gmask.to(device=old.device, dtype=old.dtype)
 
     @staticmethod
     def buffers(module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,12 +123,12 @@ class DyLoraLinearVariant(_DyLoraVariant):
         scale, gmask = self.buffers(module, active_adapter)
         x = module.lora_dropout[active_adapter](x)
         if not self.frozen:
-            h = lora_A(x) * scale.to(x.dtype)
-            return result + lora_B(h)
+            h = lora_A(x)
+            return result + lora_B(h * broadcast_scale(scale, h).to(x.dtype))
         A = keep_grad(lora_A.weight, gmask[:, None])
         B = keep_grad(lora_B.weight, gmask[None, :])
-        h = F.linear(x, A) * scale.to(x.dtype)
-        return result + F.linear(h, B)
+        h = F.linear(x, A)
+        return result + F.linear(h * broadcast_scale(scale, h).to(x.dtype), B)
 
 
 class DyLoraEmbeddingVariant(_DyLoraVariant):
@@ -112,7 +146,8 @@ class DyLoraEmbeddingVariant(_DyLoraVariant):
         if self.frozen:
             A = keep_grad(A, gmask[:, None])
             B = keep_grad(B, gmask[None, :])
-        after_A = module._embed(x, A.T) * scale.to(A.dtype)
+        after_A = module._embed(x, A.T)
+        after_A = after_A * broadcast_scale(scale, after_A).to(A.dtype)
         out = after_A @ B.T
         embed_scale = module._get_embed_scale()
         if embed_scale is not None:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from .config import SIDECAR_NAME, DyLoraConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights
-from .functional import check_rank
+from .functional import check_rank, rank_coefficient
 from .layers import set_layer_rank, variant_for
 
 PREFIX = "base_model.model."  # a PeftModel's module names are its base model's, under this prefix
@@ -49,7 +49,7 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
             )
         alpha = module.lora_alpha[adapter]
         device = next(p.device for p in module.parameters())
-        cls(config.r, config.r_min, alpha, config.frozen).attach(module, adapter, device)
+        cls(config.r, config.r_min, alpha, config.frozen, config.rank_scaling).attach(module, adapter, device)
         count += 1
     if count == 0:
         raise ValueError(f"adapter {adapter!r} adapted no layer")
@@ -188,6 +188,52 @@ def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> con
     return at_rank(model, b, adapter_name)
 
 
+def set_example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
+                      adapter_name: str | None = None) -> None:
+    """Row j of each batch uses rank ranks[j] (len(ranks) must be the batch size), until the next `set_rank`.
+
+    Row j of the output then equals the model at rank ranks[j] on row j alone, at training and inference.
+    Frozen adapters are refused while the model trains (their gradient mask is per rank, not per example).
+    """
+    picked = select_adapters(model, adapter_name)
+    ranks = torch.as_tensor(ranks)
+    if ranks.dim() != 1 or ranks.numel() == 0 or ranks.is_floating_point():
+        raise ValueError(f"ranks must be a non-empty 1-D list of integers, one per row; got shape {tuple(ranks.shape)}")
+    ranks = ranks.long().cpu()
+    for cfg in picked.values():
+        for b in sorted(set(ranks.tolist())):
+            check_rank(b, cfg.r_min, cfg.r)
+        if cfg.frozen and unwrap(model).training:
+            raise ValueError("per-example ranks train in full mode only; this adapter has frozen=True")
+    for name in picked:
+        for module in _layers(model, name):
+            module.lora_variant[name].set_example_ranks(module, name, ranks)
+
+
+@contextlib.contextmanager
+def example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
+                  adapter_name: str | None = None) -> Iterator[None]:
+    """Row j uses rank ranks[j] inside the block, then the previous rank is restored."""
+    previous = get_rank(model, adapter_name)
+    set_example_ranks(model, ranks, adapter_name)
+    try:
+        yield
+    finally:
+        set_rank(model, previous, adapter_name)
+
+
+def set_expected_scale(model: torch.nn.Module, pmf: list[float] | torch.Tensor,
+                       adapter_name: str | None = None) -> None:
+    """Scale every layer by E_b[s_b] for b ~ pmf over [r_min, r] (the nested recipe), until the next `set_rank`."""
+    picked = select_adapters(model, adapter_name)
+    pmf = torch.as_tensor(pmf, dtype=torch.float64)
+    for name, cfg in picked.items():
+        if pmf.shape != (cfg.r - cfg.r_min + 1,):
+            raise ValueError(f"pmf must have r - r_min + 1 = {cfg.r - cfg.r_min + 1} entries, got {tuple(pmf.shape)}")
+        for module in _layers(model, name):
+            module.lora_variant[name].set_expected_scale(module, name, pmf)
+
+
 def read_adapter_config(path: str | os.PathLike) -> DyLoraConfig:
     """The DyLoraConfig of a saved adapter directory (plain LoRA settings plus the sidecar)."""
     path = Path(path)
@@ -264,6 +310,7 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     current rank): r = max b_l and `rank_pattern` gives every other layer its b_l, so PEFT's scale
     alpha_l / b_l is again DyLoRA's. `bake_scale=True` folds alpha_l / b_l into B and writes
     lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for consumers that ignore `alpha_pattern`.
+    With rank_scaling "alpha/sqrt(b)" it writes use_rslora=True: PEFT's alpha / sqrt(b_l) is then DyLoRA's c(b_l).
     """
     peft_model = unwrap(model)
     name, cfg = _one(peft_model, adapter_name)
@@ -284,7 +331,8 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
             t = t[:b_of[module]]
         elif part in ("B.weight", "embedding_B"):
             b = b_of[module]
-            t = t[:, :b] * (layers[module].lora_variant[name].lora_alpha / b) if bake_scale else t[:, :b]
+            variant = layers[module].lora_variant[name]
+            t = t[:, :b] * rank_coefficient(b, variant.lora_alpha, variant.rank_scaling) if bake_scale else t[:, :b]
         sliced[key] = t.detach().contiguous().clone()
     plain = LoraConfig(**{k: v for k, v in cfg.to_dict().items()
                           if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
@@ -292,6 +340,7 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     plain.rank_pattern = {pattern_key(module): b for module, b in b_of.items() if b != plain.r}
     plain.lora_alpha = plain.r if bake_scale else cfg.lora_alpha
     plain.alpha_pattern = dict(plain.rank_pattern) if bake_scale else dict(cfg.alpha_pattern or {})
+    plain.use_rslora = cfg.rank_scaling == "alpha/sqrt(b)" and not bake_scale
     plain.inference_mode = True
     with atomic_dir(path, overwrite=overwrite) as tmp:
         plain.save_pretrained(str(tmp))

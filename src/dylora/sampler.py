@@ -1,4 +1,4 @@
-"""RankSampler: the rank b of each training step, a pure function of (seed, step)."""
+"""RankSampler: the rank(s) of each training step, a pure function of (seed, step)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from .config import DISTRIBUTIONS
 
 
 class RankSampler:
-    """Draws the DyLoRA rank of an optimizer step.
+    """Draws the DyLoRA rank(s) of an optimizer step.
 
-    `sample(step)` depends on (seed, step) alone, so every process of a distributed run and every resumed
+    `sample(step)` (one rank), `sandwich_ranks(step, k)` and `example_ranks(n, step)` depend on (seed, step)
+    alone, so every process of a distributed run and every resumed
     run draws the same rank for the same step without any communication.
 
     The pmf over b in [r_min, r_max]:
@@ -52,6 +53,27 @@ class RankSampler:
         u = np.random.default_rng([self.seed, int(step)]).random()
         i = int(np.searchsorted(self._cdf, u, side="right"))
         return self.r_min + min(i, self.r_max - self.r_min)
+
+    def sandwich_ranks(self, step: int, k: int = 1) -> list[int]:
+        """The ranks of a sandwich step: r_max, r_min, then k ranks drawn (with replacement) from the pmf
+        restricted to r_min < b < r_max. r_max comes first: it is the teacher of distillation."""
+        ranks = [self.r_max] + ([self.r_min] if self.r_min < self.r_max else [])
+        inner = self.pmf()[1:-1]
+        if k > 0 and inner.size:
+            draws = np.random.default_rng([self.seed, int(step)]).choice(inner.size, size=k, p=inner / inner.sum())
+            ranks += [self.r_min + 1 + int(i) for i in draws]
+        return ranks
+
+    def example_ranks(self, n: int, step: int) -> np.ndarray:
+        """A rank for each of n rows, stratified: systematic sampling of the pmf, u_j = (j + u) / n with one
+        u ~ U[0, 1), then shuffled. Each rank b gets n P(b) rows rounded up or down, so with the uniform pmf
+        and n >= r_max - r_min + 1 every rank appears, as evenly as possible."""
+        rng = np.random.default_rng([self.seed, int(step)])
+        u = (np.arange(n) + rng.random()) / n
+        i = np.minimum(np.searchsorted(self._cdf, u, side="right"), self.r_max - self.r_min)
+        ranks = self.r_min + i
+        rng.shuffle(ranks)
+        return ranks
 
     def __repr__(self) -> str:
         return (f"RankSampler(r_min={self.r_min}, r_max={self.r_max}, distribution={self.distribution!r}, "

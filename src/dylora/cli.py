@@ -118,6 +118,13 @@ def _common_train_options(method: str):
         rank_distribution: Annotated[str, typer.Option("--rank-distribution", "--distribution",
                                                        help="Rank distribution: uniform or geometric.")] = "uniform",
         geometric_p: Annotated[float, typer.Option(help="p of the geometric distribution.")] = 0.15,
+        recipe: Annotated[str, typer.Option(help="How each step uses ranks: paper (one sampled rank, the paper's), "
+                                            "sandwich, rowwise or nested.")] = "paper",
+        sandwich_k: Annotated[int, typer.Option(help="Sandwich: sampled ranks per step besides r_min and r.")] = 1,
+        distill: Annotated[bool, typer.Option("--distill", help="Sandwich: smaller ranks also learn from r's "
+                                              "predictions (in-place distillation).")] = False,
+        distill_weight: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.5,
+        rank_scaling: Annotated[str, typer.Option(help="Scale at rank b: alpha/b or alpha/sqrt(b).")] = "alpha/b",
         lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
         target_modules: Annotated[str | None, typer.Option(help="Comma-separated module names to adapt.")] = None,
         epochs: Annotated[float, typer.Option(help="Training epochs.")] = 3.0,
@@ -144,13 +151,17 @@ def _common_train_options(method: str):
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest complete checkpoint.")] = False,
         keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep checkpoints.")] = False,
+        no_guard: Annotated[bool, typer.Option("--no-guard", help="Do not stop a run whose loss is not finite or "
+                                               "stays at chance.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     ) -> None:
         kw = dict(locals())
+        kw["guard"] = not kw.pop("no_guard")
         for key in ("out", "overwrite", "resume", "quiet", "keep_checkpoints", "method"):
             kw.pop(key)
         if method == "lora":
-            for key in ("r_min", "frozen", "rank_distribution", "geometric_p", "ranks"):
+            for key in ("r_min", "frozen", "rank_distribution", "geometric_p", "ranks", "recipe", "sandwich_k",
+                        "distill", "distill_weight", "rank_scaling"):
                 kw.pop(key)
         _train(method, out, overwrite, resume, quiet, keep_checkpoints, **kw)
 
@@ -267,7 +278,8 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: bad input is one line on stderr and exit code 2, never a traceback."""
+    """Entry point: bad input is one line on stderr and exit code 2 (a run the guard stopped: 3), never a
+    traceback."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -280,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     except click_exc.ClickException as e:
         print(f"dylora: error: {' '.join(e.format_message().split())}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingStopped":  # dylora.run.TrainingStopped, without importing torch here
+            raise
+        print(f"dylora: {e}", file=sys.stderr)
+        return 3
     except (UsageFailure, ValueError, FileNotFoundError, FileExistsError) as e:  # DataError, ModelError too
         if os.environ.get("DYLORA_DEBUG"):
             raise

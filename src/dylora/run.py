@@ -39,9 +39,8 @@ from .functional import check_rank
 from .generation import GenerationTask
 from .model import dylora_adapters, get_dylora_model, load, read_adapter_config, save
 from .report import pick_ranks, sweep_payload, write_sweep
-from .sampler import RankSampler
 from .settings import Settings
-from .training import RANK_KEY, DyLoraCallback, SweepRow, rank_parameters, rank_sweep
+from .training import RANK_KEY, RANKS_KEY, DyLoraTrainer, SweepRow, TrainingGuard, rank_parameters, rank_sweep
 
 Task = ClassificationTask | GenerationTask
 
@@ -130,7 +129,7 @@ def training_arguments(s: Settings, output_dir: Path, quiet: bool) -> Any:
         train_sampling_strategy="group_by_length", label_smoothing_factor=s.label_smoothing,
         eval_strategy="no", save_strategy="steps" if s.save_steps else "no",
         save_steps=s.save_steps or 500, save_total_limit=None,
-        report_to=[], disable_tqdm=quiet, use_cpu=not torch.cuda.is_available(),
+        report_to=[], disable_tqdm=quiet, logging_nan_inf_filter=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, remove_unused_columns=True, log_level="error",
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         # every LoRA weight takes part in every forward (the rank is a mask), so DDP need not search for unused ones
@@ -144,24 +143,28 @@ class _BarOnly(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is not None and logs and "loss" in logs:
             post = {"loss": f"{float(logs['loss']):.3f}"}
-            if RANK_KEY in (state.log_history[-1] if state.log_history else {}):
-                post["rank"] = state.log_history[-1][RANK_KEY]
+            last = state.log_history[-1] if state.log_history else {}
+            if RANK_KEY in last or RANKS_KEY in last:
+                post["rank"] = last.get(RANK_KEY, last.get(RANKS_KEY))
             self.training_bar.set_postfix(post, refresh=False)
 
 
+class TrainingStopped(RuntimeError):
+    """The guard stopped a run that could not be learning; nothing was published (one-line message)."""
+
+
 def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator: Any, partial: Path, quiet: bool,
-                resume: bool) -> tuple[Any, list[tuple[int, int]]]:
-    """Train with the HF Trainer: one sampled rank per step (DyLoRA), sealed checkpoints, and with `resume`
-    the newest intact checkpoint. Returns the trainer and the (step, rank) history."""
+                resume: bool, num_classes: int | None = None) -> tuple[Any, list[tuple[int, int]]]:
+    """Train with the HF Trainer (DyLoRA: `DyLoraTrainer` with the config's recipe), sealed checkpoints, the
+    guard, and with `resume` the newest intact checkpoint. Returns the trainer and the (step, rank) history."""
     from transformers import Trainer
 
-    dy_callback = None
-    if s.method == "dylora":
-        dy_callback = DyLoraCallback(RankSampler.from_config(dylora_adapters(model)["default"]))
-    keeper = CompleteCheckpointCallback(dy_callback)
-    callbacks = [c for c in (dy_callback, keeper, trace_from_env()) if c is not None]
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      callbacks=callbacks)
+    guard = TrainingGuard(num_classes) if s.guard else None
+    keeper = CompleteCheckpointCallback()
+    callbacks = [c for c in (keeper, guard, trace_from_env()) if c is not None]
+    kind = DyLoraTrainer if s.method == "dylora" else Trainer
+    trainer = kind(model=model, args=args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks)
+    keeper.rank_callback = getattr(trainer, "recipe_callback", None)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if not quiet:
@@ -170,7 +173,9 @@ def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator
     if resume_from:
         keeper.restore(resume_from)  # the rank history of the steps before the checkpoint
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    return trainer, (list(dy_callback.history) if dy_callback else [])
+    if guard is not None and guard.reason:
+        raise TrainingStopped(f"training stopped: {guard.reason}; nothing was published (--no-guard to go on)")
+    return trainer, (list(keeper.rank_callback.history) if keeper.rank_callback else [])
 
 
 def sweep(s: Settings, model: Any, task: Task, split: str, ranks: list[int] | None, progress: bool) -> list[SweepRow]:
@@ -211,7 +216,13 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
     model = build_model(s, base, task.task_type)
     encoded = task.encode(s.max_length)
 
-    trainer, rank_history = train_model(s, model, args, encoded["train"], task.collator(), partial, quiet, resume)
+    try:
+        trainer, rank_history = train_model(s, model, args, encoded["train"], task.collator(), partial, quiet, resume,
+                                            getattr(task, "num_labels", None))
+    except TrainingStopped:
+        if args.process_index == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     t_train = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
         return None

@@ -26,6 +26,11 @@ class Settings:
     frozen: bool = False
     rank_distribution: str = "uniform"
     geometric_p: float = 0.15
+    recipe: str = "paper"  # how each step uses ranks: paper | sandwich | rowwise | nested
+    sandwich_k: int = 1
+    distill: bool = False
+    distill_weight: float = 0.5
+    rank_scaling: str = "alpha/b"
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
     epochs: float = 3.0
@@ -49,6 +54,7 @@ class Settings:
     max_eval: int | None = None  # cap the validation and test splits (quick runs and tests)
     label_smoothing: float = 0.0  # label_smoothing_factor of the Trainer
     ranks: list[int] | None = None  # the ranks the sweep evaluates (default: every b in [r_min, r])
+    guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Settings:
@@ -90,7 +96,9 @@ class Settings:
                       target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
         if self.method == "dylora":
             return DyLoraConfig(r_min=self.r_min, frozen=self.frozen, rank_distribution=self.rank_distribution,
-                                geometric_p=self.geometric_p, seed=self.seed, **common)
+                                geometric_p=self.geometric_p, seed=self.seed, recipe=self.recipe,
+                                sandwich_k=self.sandwich_k, distill=self.distill, distill_weight=self.distill_weight,
+                                rank_scaling=self.rank_scaling, **common)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"--r must be an integer >= 1, got {self.r}")
         return LoraConfig(**common)

@@ -209,3 +209,22 @@ def test_the_guard_stops_a_diverging_run_and_publishes_nothing(tiny, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "training stopped" in lines[0] and "--lr" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists() and not out.with_name("diverged.partial").exists()
+
+
+def test_allocate_per_layer_ranks_of_a_run(trained, tmp_path):
+    out, _ = trained
+    for method in ("norm", "greedy"):
+        proc = cli("allocate", out, "--budget", "2", "--method", method, "--calibration", "32", "--quiet",
+                   "--export", tmp_path / method)
+        assert "per layer" in proc.stdout and "uniform b=2" in proc.stdout
+        record = json.loads((out / "allocation.json").read_text())
+        assert record["method"] == method and record["uniform"]["rank"] == 2
+        assert record["params"] <= record["uniform"]["params"]  # never over the budget
+        assert all(1 <= b <= 4 for b in record["ranks"].values())
+        assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        exported = json.loads((tmp_path / method / "adapter_config.json").read_text())
+        assert exported["r"] == max(record["ranks"].values())
+    for args, message in ((["--budget", "2", "--params", "100"], "one budget"), (["--budget", "9"], "budget"),
+                          (["--budget", "2", "--method", "svd"], "norm, greedy")):
+        proc = cli("allocate", out, *args, check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr

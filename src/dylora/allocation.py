@@ -75,10 +75,10 @@ def truncation_errors(module: LoraLayer, adapter: str) -> list[float]:
     variant = module.lora_variant[adapter]
     A, B = (t.detach().float() for t in _lora_AB(module, adapter))
     gram = ((B.T @ B) * (A @ A.T)).double().cpu()
-    full = rank_scale(variant.r, variant.r, variant.lora_alpha).double()
+    full = rank_scale(variant.r, variant.r, variant.lora_alpha, scaling=variant.rank_scaling).double()
     errors = [0.0] * (variant.r + 1)
     for b in range(variant.r_min, variant.r + 1):
-        d = rank_scale(b, variant.r, variant.lora_alpha).double() - full
+        d = rank_scale(b, variant.r, variant.lora_alpha, scaling=variant.rank_scaling).double() - full
         errors[b] = float(d @ gram @ d)
     return errors
 

@@ -115,6 +115,15 @@ class ClassificationTask:
         model.train(was_training)
         return data_mod.compute_metrics(self.metrics, preds.numpy(), labels.numpy())
 
+    @torch.no_grad()
+    def calibration_loss(self, model: Any, n_rows: int) -> float:
+        """Mean cross-entropy on the first `n_rows` validation rows, at the model's current ranks."""
+        rows = self.encoded["validation"].select(range(min(n_rows, len(self.encoded["validation"]))))
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in self.collator()(rows.to_list()).items()}
+        labels = batch.pop("labels")
+        return float(torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels))
+
     def plot(self, path: Path, validation: list, test: list, title: str) -> None:
         metric = self.metrics[0]
         report.plot_sweep(path, validation, test, [([metric], metric.replace("_", " ") + " (%)")], title)

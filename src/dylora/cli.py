@@ -248,6 +248,59 @@ def export(
         typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} to {out}")
 
 
+@app.command(help="Choose a rank per layer within a budget, after training; score it beside uniform truncation.")
+def allocate(
+    run_or_adapter: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.")],
+    budget: Annotated[float | None, typer.Option(help="Average rank per layer, in [r_min, r].")] = None,
+    params: Annotated[int | None, typer.Option(help="Or: the number of adapter parameters.")] = None,
+    method: Annotated[str, typer.Option(help="norm (data-free, fast) or greedy (calibration loss).")] = "norm",
+    calibration: Annotated[int, typer.Option(help="Greedy: validation rows of the calibration loss.")] = 128,
+    step: Annotated[int, typer.Option(help="Greedy: components a round adds to one layer.")] = 1,
+    export: Annotated[Path | None, typer.Option(help="Also write the allocation as a plain PEFT LoRA here.")] = None,
+    bake_scale: Annotated[bool, typer.Option("--bake-scale", help="Export: fold each layer's scale into B "
+                                             "(for tools that ignore alpha_pattern).")] = False,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the run's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --export directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet")] = False,
+) -> None:
+    from . import files
+    from .allocation import METHODS
+    from .model import export_lora
+    from .report import plot_allocation
+    from .run import allocate_run
+
+    _hush(quiet)
+    if (budget is None) == (params is None):
+        raise UsageFailure("give one budget: --budget (an average rank) or --params (adapter parameters)")
+    if method not in METHODS:
+        raise UsageFailure(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if export is not None and export.exists() and not overwrite:
+        raise UsageFailure(f"{export} exists; pass --overwrite to replace it")
+    kind, value = ("rank", budget) if budget is not None else ("params", params)
+    record = allocate_run(run_or_adapter, value, budget_kind=kind, method=method, calibration=calibration,
+                          step=step, model=model, progress=not quiet)
+    peft_model = record.pop("model")
+    from rich.table import Table
+
+    metric, uniform = record["metric"], record["uniform"]
+    table = Table(title=f"{run_or_adapter}: {method} allocation, budget {value:g} ({kind})")
+    for column in ("ranks", "params", f"val {metric}", f"test {metric}"):
+        table.add_column(column, justify="right")
+    mean_rank = sum(record["ranks"].values()) / len(record["ranks"])
+    table.add_row(f"per layer (mean {mean_rank:.2f})", f"{record['params']:,}",
+                  *(f"{record['allocated'][s][metric]:.2f}" for s in ("validation", "test")))
+    table.add_row(f"uniform b={uniform['rank']}", f"{uniform['params']:,}",
+                  *(f"{uniform[s][metric]:.2f}" for s in ("validation", "test")))
+    _console().print(table)
+    out = run_or_adapter
+    files.write_json(out / "allocation.json", record)
+    plot_allocation(out / "allocation.png", record["ranks"], record["r"], f"{method}, budget {value:g} ({kind})")
+    typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {out / 'allocation.json'} and {out / 'allocation.png'}")
+    if export is not None:
+        export_lora(peft_model, ranks=record["ranks"], path=export, bake_scale=bake_scale)
+        typer.echo(f"wrote a plain PEFT LoRA with these ranks to {export}")
+
+
 @app.command(help="Generate text (a headline for each paragraph) from a causal-LM run at rank b.")
 def generate(
     run: Annotated[Path, typer.Argument(help="A causal-LM run directory (or adapter directory).")],

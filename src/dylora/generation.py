@@ -19,6 +19,7 @@ is cut so prompt + target fits; in generation the paragraph is cut so the prompt
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,11 @@ class GenerationTask:
         scores["perplexity"] = perplexity(model, self.encoded[split], self.tokenizer.pad_token_id,
                                           self.s.eval_batch_size)
         return scores
+
+    def calibration_loss(self, model: Any, n_rows: int) -> float:
+        """Mean target-token NLL on the first `n_rows` validation pairs, at the model's current ranks."""
+        rows = self.encoded["validation"].select(range(min(n_rows, len(self.encoded["validation"]))))
+        return math.log(perplexity(model, rows, self.tokenizer.pad_token_id, self.s.eval_batch_size))
 
     def plot(self, path: Path, validation: list, test: list, title: str) -> None:
         report.plot_sweep(path, validation, test, [(["bleu", "rougeL"], "score (0-100)"),

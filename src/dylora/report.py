@@ -40,15 +40,57 @@ def write_sweep(directory: Path, payload: dict[str, Any]) -> None:
     files.write_text(directory / "sweep.csv", text.getvalue())
 
 
-def plot_sweep(path: str | os.PathLike, validation: list[SweepRow], test: list[SweepRow],
-               panels: list[tuple[list[str], str]], title: str = "", params: bool = True) -> Path:
-    """Metrics vs rank, validation and test, one subplot per (metric names, y label) panel; with `params`
-    the trainable parameters at each rank as bars on a second axis."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    _pyplot().close(fig)
+    return Path(path)
+
+
+def plot_allocation(path: str | os.PathLike, ranks: dict[str, int], r: int, title: str = "") -> Path:
+    """A heat map of per-layer ranks: one row per layer (the first index in a module's name), one column per
+    module name (its last part)."""
+    plt = _pyplot()
+
+    def where(name: str) -> tuple[str, str]:
+        parts = name.split(".")
+        layer = next((p for p in parts if p.isdigit()), "-")
+        return layer, parts[-1]
+
+    cells = {where(name): b for name, b in ranks.items()}
+    layers = sorted({k[0] for k in cells}, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0))
+    modules = sorted({k[1] for k in cells})
+    grid = [[cells.get((layer, m), float("nan")) for m in modules] for layer in layers]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(modules), 1.0 + 0.35 * len(layers)), dpi=120)
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=r, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, b in enumerate(row):
+            if b == b:
+                ax.text(j, i, str(b), ha="center", va="center", color="white" if b < r / 2 else "black")
+    ax.set_xticks(range(len(modules)), modules)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="rank b")
+    return _save(fig, path)
+
+
+def plot_sweep(path: str | os.PathLike, validation: list[SweepRow], test: list[SweepRow],
+               panels: list[tuple[list[str], str]], title: str = "", params: bool = True) -> Path:
+    """Metrics vs rank, validation and test, one subplot per (metric names, y label) panel; with `params`
+    the trainable parameters at each rank as bars on a second axis."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 if len(panels) == 1 else 9.6, 4.0), dpi=120,
                              squeeze=False)
     ranks = [row.rank for row in validation]
@@ -69,8 +111,4 @@ def plot_sweep(path: str | os.PathLike, validation: list[SweepRow], test: list[S
             ax.patch.set_visible(False)
         ax.legend(loc="lower right" if params else "best")
     fig.suptitle(title) if len(panels) > 1 else axes[0][0].set_title(title)
-    fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

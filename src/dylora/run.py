@@ -314,3 +314,38 @@ def sweep_run(path: str | os.PathLike, ranks: list[int] | None = None, split: st
     task.encode(token_budget(s, task, peft_model.config))
     return rank_sweep(peft_model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress), s, task.metrics
 
+
+
+def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "rank", method: str = "norm",
+                 calibration: int = 128, step: int = 1, model: str | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Per-layer ranks of a saved run within a budget (`dylora.allocate`; greedy on the task's loss over the
+    first `calibration` validation rows), scored on validation and test beside uniform truncation with no
+    more parameters. Returns the allocation record (written as allocation.json by the caller)."""
+    from .allocation import allocate, layer_costs
+    from .model import at_rank, get_layer_ranks, set_layer_ranks
+
+    saved = read_run(path, model)
+    cfg = read_adapter_config(saved.adapter)
+    if budget_kind == "rank" and not cfg.r_min <= budget <= cfg.r:  # before loading anything
+        raise ValueError(f"budget {budget:g} (an average rank) is outside the feasible range [r_min, r] = "
+                         f"[{cfg.r_min}, {cfg.r}]")
+    peft_model, _, saved, task = load_run(saved, with_data=True)
+    task.encode(token_budget(saved.settings, task, peft_model.config))
+    t0 = time.perf_counter()
+    ranks = allocate(peft_model, budget, method, budget_kind=budget_kind, step=step, progress=progress,
+                     loss_fn=lambda m: task.calibration_loss(m, calibration))
+    seconds = time.perf_counter() - t0
+    costs = layer_costs(peft_model)
+    params = sum(b * costs[name] for name, b in ranks.items())
+    uniform = max(cfg.r_min, min(cfg.r, params // sum(costs.values())))
+    previous = get_layer_ranks(peft_model)
+    set_layer_ranks(peft_model, ranks)
+    allocated = {split: task.evaluate(peft_model, split) for split in ("validation", "test")}
+    set_layer_ranks(peft_model, previous)
+    with at_rank(peft_model, uniform):
+        truncated = {split: task.evaluate(peft_model, split) for split in ("validation", "test")}
+    return {"method": method, "budget": budget, "budget_kind": budget_kind, "ranks": ranks, "params": params,
+            "seconds": round(seconds, 3), "metric": task.metrics[0], "r": cfg.r, "allocated": allocated,
+            "uniform": {"rank": uniform, "params": uniform * sum(costs.values()), **truncated},
+            "model": peft_model}

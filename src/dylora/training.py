@@ -394,8 +394,8 @@ def rank_parameters(model: torch.nn.Module, b: int) -> int:
         if isinstance(module, LoraLayer):
             for name, r in module.r.items():
                 k = b if name in module.lora_variant else r  # a plain LoRA adapter has its own fixed rank
-                if name in module.lora_A:
-                    lora += k * (module.lora_A[name].in_features + module.lora_B[name].out_features)
+                if name in module.lora_A:  # A is (r, in, *kernel), B is (out, r, *1): per rank, in*kernel + out
+                    lora += k * (module.lora_A[name].weight[0].numel() + module.lora_B[name].weight[:, 0].numel())
                 elif name in module.lora_embedding_A:
                     lora += k * (module.lora_embedding_A[name].shape[1] + module.lora_embedding_B[name].shape[0])
     others = sum(p.numel() for n, p in peft_model.named_parameters()

@@ -84,6 +84,19 @@ def get_dylora_model(base: torch.nn.Module, config: DyLoraConfig, adapter_name: 
     return model
 
 
+def attach_dylora_layers(model: torch.nn.Module) -> list[str]:
+    """Give the DyLoRA variant to the layers of every DyLoRA adapter that has none yet, and return their names.
+
+    For a model PEFT built from a DyLoraConfig by itself (`get_peft_model`, a trainer's `peft_config=`): its
+    LoRA layers are plain until then, and would train as a LoRA at r_max.
+    """
+    inner = unwrap(model)
+    bare = [name for name in dylora_adapters(inner) if next(_layers(inner, name), None) is None]
+    for name in bare:
+        _attach(inner, name, dylora_adapters(inner)[name])
+    return bare
+
+
 def add_dylora_adapter(model: PeftModel, adapter_name: str, config: DyLoraConfig) -> None:
     """Add a second DyLoRA adapter to a PeftModel (PEFT's `add_adapter`, plus the DyLoRA variant)."""
     model.add_adapter(adapter_name, config)
@@ -113,8 +126,14 @@ def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None)
     for cfg in picked.values():
         check_rank(rank, cfg.r_min, cfg.r)
     for name in picked:
+        count = 0
         for module in _layers(model, name):
             module.lora_variant[name].set_rank(module, name, rank)
+            count += 1
+        if count == 0:
+            raise ValueError(f"DyLoRA adapter {name!r} has plain LoRA layers (PEFT built it from the DyLoraConfig "
+                             "alone): build the model with dylora.get_dylora_model, or call "
+                             "dylora.model.attach_dylora_layers(model)")
 
 
 def _one(model: torch.nn.Module, adapter_name: str | None) -> tuple[str, DyLoraConfig]:

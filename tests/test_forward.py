@@ -175,8 +175,8 @@ def test_target_modules_that_match_nothing():
 
 
 def test_unsupported_layer_is_refused():
-    base = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match="Conv2d"):
+    base = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="Conv2d with groups=2"):
         dylora.get_dylora_model(base, DyLoraConfig(r=2, target_modules=["0"]))
 
 

@@ -19,8 +19,11 @@ _EXPORTS = {
                                   "get_dylora_model", "get_layer_ranks", "get_rank", "load", "merge", "rank", "save",
                                   "set_example_ranks", "set_expected_scale", "set_layer_ranks", "set_rank")},
     **{name: "allocation" for name in ("allocate", "layer_costs")},
-    **{name: "training" for name in ("DyLoraCallback", "DyLoraTrainer", "Recipe", "RecipeCallback", "SweepRow",
-                                     "TrainingGuard", "dylora_loss", "rank_parameters", "rank_sweep", "step_rank")},
+    **{name: "training" for name in ("DyLoraCallback", "DyLoraTrainer", "DyLoraTrainerMixin", "Recipe",
+                                     "RecipeCallback", "SweepRow", "TrainingGuard", "dylora_loss", "rank_parameters",
+                                     "rank_sweep", "step_rank")},
+    "export_kohya": "kohya",
+    "DyLoraSFTTrainer": "trl",  # needs trl (the eco extra)
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,9 +1,9 @@
 """DyLoRA as a PEFT LoRA *variant*: PEFT's own LoRA layers, with a forward and merge at rank b.
 
-PEFT's `Linear` (which also wraps GPT-2's `Conv1D` through `fan_in_fan_out`) and `Embedding` layers call
-`lora_variant[adapter].forward/merge/unmerge` when an adapter has a variant. Attaching a
-`DyLoraLinearVariant` or `DyLoraEmbeddingVariant` to an adapter is all DyLoRA adds: injection, saving,
-adapter switching and disabling stay PEFT's. All the math comes from `dylora.functional`.
+PEFT's `Linear` (which also wraps GPT-2's `Conv1D` through `fan_in_fan_out`), `Embedding` and `Conv1d/2d/3d`
+layers call `lora_variant[adapter].forward/merge/unmerge` when an adapter has a variant. Attaching a
+`DyLoraLinearVariant`, `DyLoraEmbeddingVariant` or `DyLoraConvVariant` to an adapter is all DyLoRA adds:
+injection, saving, adapter switching and disabling stay PEFT's. All the math comes from `dylora.functional`.
 
 The scale buffer is a (r,) vector for one rank (or the expected scale), or a (batch, r) matrix for one rank
 per example. Setting a rank puts fresh tensors in the buffers rather than writing in place, so the graph of
@@ -155,14 +155,47 @@ class DyLoraEmbeddingVariant(_DyLoraVariant):
         return result + out
 
 
+class DyLoraConvVariant(_DyLoraVariant):
+    """DyLoRA on PEFT's `lora.Conv1d/2d/3d` (groups = 1).
+
+    A is a conv with the layer's kernel, stride and padding and r out-channels, B a 1x1 conv from r channels:
+    the rank mask s_b multiplies the r channels between them, so at rank b the output is
+    conv(x, W0) + c(b) conv(conv(x, A[:b]), B[:, :b]), and the delta weight is c(b) B_b A_b over the channel
+    dims, shaped like W0 (delta[o, i, ...] = sum_{j<b} c(b) B[o, j] A[j, i, ...]).
+    """
+
+    def delta_weight(self, module, adapter, scale):
+        A = module.lora_A[adapter].weight  # (r, in, *kernel)
+        B = module.lora_B[adapter].weight  # (out, r, 1, ...)
+        return rank_delta_weight(A.float().flatten(1), B.float().flatten(1), scale).view(B.shape[0], *A.shape[1:])
+
+    def forward(self, module, active_adapter, x, result, **kwargs):
+        lora_A = module.lora_A[active_adapter]
+        lora_B = module.lora_B[active_adapter]
+        scale, gmask = self.buffers(module, active_adapter)
+        x = module.lora_dropout[active_adapter](x)
+        if self.frozen:
+            kernel = (1,) * (lora_A.weight.dim() - 2)
+            h = lora_A._conv_forward(x, keep_grad(lora_A.weight, gmask.view(-1, 1, *kernel)), None)
+        else:
+            h = lora_A(x)
+        h = h.movedim(1, -1)  # channels last, where `broadcast_scale` puts the rank dim
+        h = (h * broadcast_scale(scale, h).to(h.dtype)).movedim(-1, 1)
+        if self.frozen:
+            kernel = (1,) * (lora_B.weight.dim() - 2)
+            return result + lora_B._conv_forward(h, keep_grad(lora_B.weight, gmask.view(1, -1, *kernel)), None)
+        return result + lora_B(h)
+
+
 def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
     """The DyLoRA variant class for a PEFT LoRA layer, or None where DyLoRA has none."""
     if isinstance(module, lora_layer.Embedding):
         return DyLoraEmbeddingVariant
     if isinstance(module, lora_layer.Linear):
         return DyLoraLinearVariant
+    if isinstance(module, lora_layer._ConvNd) and module.get_base_layer().groups == 1:
+        return DyLoraConvVariant
     return None
-
 
 
 def set_layer_rank(module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:

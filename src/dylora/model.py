@@ -17,6 +17,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from .cards import write_card
 from .config import SIDECAR_NAME, DyLoraConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights
 from .functional import check_rank, rank_coefficient
@@ -44,8 +45,8 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
         cls = variant_for(module)
         if cls is None:
             raise ValueError(
-                f"DyLoRA supports nn.Linear, GPT-2 Conv1D and nn.Embedding targets; {name!r} is a "
-                f"{type(module.get_base_layer()).__name__}"
+                f"DyLoRA supports nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d (groups=1) targets; "
+                f"{name!r} is a {_describe(module.get_base_layer())}"
             )
         alpha = module.lora_alpha[adapter]
         device = next(p.device for p in module.parameters())
@@ -55,9 +56,15 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
         raise ValueError(f"adapter {adapter!r} adapted no layer")
 
 
+def _describe(layer: torch.nn.Module) -> str:
+    groups = getattr(layer, "groups", 1)
+    return type(layer).__name__ + (f" with groups={groups}" if groups != 1 else "")
+
+
 def _target_error(base: torch.nn.Module, config: LoraConfig) -> ValueError:
     names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
-                    if isinstance(m, torch.nn.Linear | torch.nn.Embedding) or type(m).__name__ == "Conv1D"})
+                    if isinstance(m, torch.nn.Linear | torch.nn.Embedding | torch.nn.modules.conv._ConvNd)
+                    or type(m).__name__ == "Conv1D"})
     shown = ", ".join(names[:15]) + (", ..." if len(names) > 15 else "")
     return ValueError(f"target_modules {sorted(config.target_modules or [])} match no module of "
                       f"{type(base).__name__}; some that exist: {shown}")
@@ -75,6 +82,19 @@ def get_dylora_model(base: torch.nn.Module, config: DyLoraConfig, adapter_name: 
         raise
     _attach(model, adapter_name, config)
     return model
+
+
+def attach_dylora_layers(model: torch.nn.Module) -> list[str]:
+    """Give the DyLoRA variant to the layers of every DyLoRA adapter that has none yet, and return their names.
+
+    For a model PEFT built from a DyLoraConfig by itself (`get_peft_model`, a trainer's `peft_config=`): its
+    LoRA layers are plain until then, and would train as a LoRA at r_max.
+    """
+    inner = unwrap(model)
+    bare = [name for name in dylora_adapters(inner) if next(_layers(inner, name), None) is None]
+    for name in bare:
+        _attach(inner, name, dylora_adapters(inner)[name])
+    return bare
 
 
 def add_dylora_adapter(model: PeftModel, adapter_name: str, config: DyLoraConfig) -> None:
@@ -106,8 +126,14 @@ def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None)
     for cfg in picked.values():
         check_rank(rank, cfg.r_min, cfg.r)
     for name in picked:
+        count = 0
         for module in _layers(model, name):
             module.lora_variant[name].set_rank(module, name, rank)
+            count += 1
+        if count == 0:
+            raise ValueError(f"DyLoRA adapter {name!r} has plain LoRA layers (PEFT built it from the DyLoraConfig "
+                             "alone): build the model with dylora.get_dylora_model, or call "
+                             "dylora.model.attach_dylora_layers(model)")
 
 
 def _one(model: torch.nn.Module, adapter_name: str | None) -> tuple[str, DyLoraConfig]:
@@ -278,10 +304,16 @@ def _check_shapes(model: PeftModel, weights: dict[str, torch.Tensor], adapter: s
         raise ValueError(f"{path / ADAPTER_WEIGHTS}: missing key {missing[0]} ({len(missing)} missing)")
 
 
-def save(model: PeftModel, path: str | os.PathLike, **kwargs) -> Path:
-    """`model.save_pretrained(path)`, written to a temporary directory and renamed into place."""
+def save(model: PeftModel, path: str | os.PathLike, *, card: bool = True, **kwargs) -> Path:
+    """`model.save_pretrained(path)`, written to a temporary directory and renamed into place.
+
+    With `card`, PEFT's README.md becomes a DyLoRA model card (`dylora.cards.write_card`).
+    """
     with atomic_dir(path) as tmp:
         unwrap(model).save_pretrained(str(tmp), **kwargs)
+        if card and dylora_adapters(model):
+            _, cfg = _one(model, None)
+            write_card(tmp, cfg)
     return Path(path)
 
 
@@ -302,7 +334,7 @@ def pattern_key(module_name: str) -> str:
 
 def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.PathLike | None = None,
                 adapter_name: str | None = None, *, ranks: Mapping[str, int] | None = None,
-                bake_scale: bool = False, overwrite: bool = True) -> Path:
+                bake_scale: bool = False, overwrite: bool = True, card: bool = True) -> Path:
     """Write a DyLoRA adapter cut to rank b (or to rank b_l in each layer) as a plain PEFT LoRA.
 
     Keeps A[:b_l], B[:, :b_l] of each layer. With one rank: r = b, lora_alpha = alpha, so vanilla PEFT's
@@ -311,6 +343,8 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     alpha_l / b_l is again DyLoRA's. `bake_scale=True` folds alpha_l / b_l into B and writes
     lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for consumers that ignore `alpha_pattern`.
     With rank_scaling "alpha/sqrt(b)" it writes use_rslora=True: PEFT's alpha / sqrt(b_l) is then DyLoRA's c(b_l).
+    With `card`, a README.md model card is written beside (`dylora.cards.write_card`, which can rewrite it with
+    the sweep and the command).
     """
     peft_model = unwrap(model)
     name, cfg = _one(peft_model, adapter_name)
@@ -345,6 +379,8 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     with atomic_dir(path, overwrite=overwrite) as tmp:
         plain.save_pretrained(str(tmp))
         save_file(sliced, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if card:
+            write_card(tmp, cfg, rank=rank if ranks is None else b_of)
     return Path(path)
 
 

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 from .config import RECIPES
 from .model import (
     at_rank,
+    attach_dylora_layers,
     dylora_adapters,
     get_rank,
     select_adapters,
@@ -247,18 +248,20 @@ class RecipeCallback(TrainerCallback):
                 state.log_history[-1][RANKS_KEY] = list(self.current)
 
 
-class DyLoraTrainer(Trainer):
-    """The HF Trainer with a DyLoRA recipe (default: `Recipe.from_config` of the model's DyLoRA adapter).
+class DyLoraTrainerMixin:
+    """A DyLoRA recipe (default: `Recipe.from_config` of the model's DyLoRA adapter) for any HF Trainer class:
+    `class MyTrainer(DyLoraTrainerMixin, SomeTrainer)`, e.g. TRL's `SFTTrainer` (see `dylora.trl`).
 
     Every micro-batch of optimizer step `state.global_step` runs the step's passes (so gradient accumulation
     shares ranks and a resumed run repeats them), each with its own backward; the gradients add up into one
-    optimizer step. The task loss is the Trainer's own (`compute_loss`: label smoothing, `num_items_in_batch`).
-    With recipe "paper" it trains exactly as `Trainer` + `DyLoraCallback`. `recipe_callback.history` has
-    the (step, rank) pairs, as `DyLoraCallback.history` does.
+    optimizer step. The task loss is the wrapped Trainer's own `compute_loss` (label smoothing,
+    `num_items_in_batch`, SFTTrainer's loss types). `recipe_callback.history` has the (step, rank) pairs, as
+    `DyLoraCallback.history` does.
     """
 
     def __init__(self, *args: Any, recipe: Recipe | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        attach_dylora_layers(self.model)  # a DyLoraConfig the Trainer itself gave to get_peft_model (peft_config=)
         if recipe is None:
             recipe = Recipe.from_config(next(iter(select_adapters(self.model, None).values())))
         self.recipe = recipe
@@ -285,8 +288,12 @@ class DyLoraTrainer(Trainer):
         if p is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+        want_outputs = return_outputs or p.teacher or p.distill  # only distillation needs the logits
+
         def task_loss(m: torch.nn.Module, x: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-            return super(DyLoraTrainer, self).compute_loss(m, x, True, num_items_in_batch)
+            if want_outputs:
+                return super(DyLoraTrainerMixin, self).compute_loss(m, x, True, num_items_in_batch)
+            return super(DyLoraTrainerMixin, self).compute_loss(m, x, False, num_items_in_batch), None
 
         loss, outputs = run_pass(model, inputs, self.recipe, p, task_loss, self._teacher,
                                  self._kl_denominator(num_items_in_batch))
@@ -302,6 +309,11 @@ class DyLoraTrainer(Trainer):
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
                 self.compute_loss_func is not None
         return num_items_in_batch if scaled else None
+
+
+class DyLoraTrainer(DyLoraTrainerMixin, Trainer):
+    """The HF Trainer with a DyLoRA recipe (see `DyLoraTrainerMixin`). With recipe "paper" it trains exactly as
+    `Trainer` + `DyLoraCallback`."""
 
 
 # ---------------------------------------------------------------- guard
@@ -394,8 +406,8 @@ def rank_parameters(model: torch.nn.Module, b: int) -> int:
         if isinstance(module, LoraLayer):
             for name, r in module.r.items():
                 k = b if name in module.lora_variant else r  # a plain LoRA adapter has its own fixed rank
-                if name in module.lora_A:
-                    lora += k * (module.lora_A[name].in_features + module.lora_B[name].out_features)
+                if name in module.lora_A:  # A is (r, in, *kernel), B is (out, r, *1): per rank, in*kernel + out
+                    lora += k * (module.lora_A[name].weight[0].numel() + module.lora_B[name].weight[:, 0].numel())
                 elif name in module.lora_embedding_A:
                     lora += k * (module.lora_embedding_A[name].shape[1] + module.lora_embedding_B[name].shape[0])
     others = sum(p.numel() for n, p in peft_model.named_parameters()
@@ -421,6 +433,7 @@ def rank_sweep(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dic
     return rows
 
 
-__all__ = ["RANKS_KEY", "RANK_KEY", "DyLoraCallback", "DyLoraTrainer", "Recipe", "RecipeCallback", "RecipePass",
-           "SweepRow", "TrainingGuard", "distill_kl", "dylora_adapters", "dylora_loss", "get_rank",
-           "model_loss", "nonfinite_adapter_weights", "rank_parameters", "rank_sweep", "run_pass", "step_rank"]
+__all__ = ["RANKS_KEY", "RANK_KEY", "DyLoraCallback", "DyLoraTrainer", "DyLoraTrainerMixin", "Recipe",
+           "RecipeCallback", "RecipePass", "SweepRow", "TrainingGuard", "distill_kl", "dylora_adapters", "dylora_loss",
+           "get_rank", "model_loss", "nonfinite_adapter_weights", "rank_parameters", "rank_sweep", "run_pass",
+           "step_rank"]

@@ -228,3 +228,19 @@ def test_allocate_per_layer_ranks_of_a_run(trained, tmp_path):
                           (["--budget", "2", "--method", "svd"], "norm, greedy")):
         proc = cli("allocate", out, *args, check=False)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+
+
+def test_run_and_export_carry_model_cards(trained, tmp_path):
+    out, _ = trained
+    for card in (out / "README.md", out / "adapter" / "README.md"):
+        text = card.read_text()
+        assert text.startswith("---\n") and "library_name: peft" in text and "dylora" in text
+        assert "| rank |" in text and "--max-steps 30" in text  # the sweep table and the command that made it
+    cli("export", out, "--rank", "3", "--out", tmp_path / "r3")
+    text = (tmp_path / "r3" / "README.md").read_text()
+    assert "3 of r_max = 4" in text and "export" in text
+    proc = cli("export", out, "--rank", "2", "--format", "kohya", "--out", tmp_path / "k.safetensors", check=False)
+    assert proc.returncode == 2 and "kohya" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "k.safetensors").exists()
+    proc = cli("export", out, "--rank", "2", "--format", "onnx", check=False)
+    assert proc.returncode == 2 and "peft or kohya" in proc.stderr

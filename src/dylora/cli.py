@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -220,6 +221,8 @@ def export(
     rank: Annotated[str, typer.Option(help="b, best, or smallest-within=X (points).")] = "best",
     out: Annotated[Path | None, typer.Option(help="Output directory.")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="Fold rank b into the base model and save it.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="peft (an adapter directory) or kohya (one .safetensors file "
+                                     "for A1111 / ComfyUI / diffusers, from a UNet or text encoder).")] = "peft",
     model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or minilm).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
@@ -229,11 +232,16 @@ def export(
     from .run import load_run, read_run
 
     _hush(True)
+    if fmt not in ("peft", "kohya"):
+        raise UsageFailure(f"--format must be peft or kohya, got {fmt!r}")
+    if fmt == "kohya" and merge:
+        raise UsageFailure("--merge writes a full model; it does not go with --format kohya")
     saved = read_run(run_or_adapter, model)
     b = _choose_rank(rank, saved)
     cfg = model_api.read_adapter_config(saved.adapter)
     check_rank(b, cfg.r_min, cfg.r)  # before loading any model
-    out = out or Path(run_or_adapter) / (f"merged-r{b}" if merge else f"lora-r{b}")
+    default = f"merged-r{b}" if merge else f"kohya-r{b}.safetensors" if fmt == "kohya" else f"lora-r{b}"
+    out = out or Path(run_or_adapter) / default
     if out.exists() and not overwrite:
         raise UsageFailure(f"{out} exists; pass --overwrite to replace it")
     peft_model, tokenizer, _, _ = load_run(saved)
@@ -243,8 +251,19 @@ def export(
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         typer.echo(f"wrote the base model with rank {b} merged to {out}")
+    elif fmt == "kohya":
+        from .kohya import export_kohya
+
+        export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(sys.argv))
+        typer.echo(f"wrote a kohya LoRA file of rank {b} to {out}")
     else:
+        from .cards import write_card
+
         model_api.export_lora(peft_model, rank=b, path=out)
+        rows = [{"rank": row["rank"], "params": row["params"],
+                 "metrics": {k: v for k, v in row.items() if k not in ("rank", "params")}}
+                for row in (saved.sweep or {}).get("rows", [])]
+        write_card(out, cfg, rank=b, sweep=rows or None, command=sys.argv, base_model=saved.settings.model)
         typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} to {out}")
 
 

@@ -32,6 +32,7 @@ import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from . import files, zoo
+from .cards import write_card
 from .checkpoint import CompleteCheckpointCallback, newest_complete, trace_from_env
 from .classification import ClassificationTask
 from .data import GENERATION_DATASETS
@@ -239,6 +240,11 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
 
     if s.method != "full":
         save(model, partial / "adapter")
+        facts = {"data": s.data, "method": s.method, "recipe": s.recipe if s.method == "dylora" else None,
+                 "steps": trainer.state.global_step, "lr": s.lr, "seed": s.seed}
+        for where, name in ((partial / "adapter", "README.md"), (partial, "README.md")):
+            write_card(where, trainer.model.peft_config["default"], sweep=val, command=sys.argv, base_model=s.model,
+                       training={k: v for k, v in facts.items() if v is not None}, filename=name)
     if not keep_checkpoints:
         shutil.rmtree(partial / "checkpoints", ignore_errors=True)
     write_sweep(partial, sweep_payload(val, test, task.metrics, best, smallest))

@@ -124,7 +124,10 @@ def test_merge_unmerge_merge_at_another_rank_never_corrupts_w0(saved_base, ids):
     for first, second in [(2, 7), (8, 1), (5, 5)]:
         dylora.set_rank(model, first)
         model.merge_adapter()
-        dylora.set_rank(model, second)  # the reference code unmerged at this rank and corrupted W0
+        if second != first:  # the reference code unmerged at the new rank and corrupted W0: the change is refused
+            with pytest.raises(ValueError, match="merged"):
+                dylora.set_rank(model, second)
+        assert dylora.get_rank(model) == first
         model.unmerge_adapter()
         for n, p in model.named_parameters():
             if n in w0:

@@ -68,7 +68,10 @@ def verify(checkpoint: Path) -> str | None:
         return "incomplete (no manifest: the save was interrupted)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+        if not files:
+            return f"corrupted manifest {MANIFEST} (it lists no files)"
+        {name: (int(meta["size"]), str(meta["sha256"])) for name, meta in files.items()}  # every entry well-formed
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError):
         return f"corrupted manifest {MANIFEST}"
     for name, meta in files.items():
         path = checkpoint / name

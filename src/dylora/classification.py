@@ -62,8 +62,8 @@ class ClassificationTask:
 
         self.tokenizer = zoo.load_tokenizer(model_dir)
         set_seed(self.s.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=num_labels or self.data.num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(  # a new head: the checkpoint's may differ
+            model_dir, num_labels=num_labels or self.data.num_labels, ignore_mismatched_sizes=True)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model, self.tokenizer

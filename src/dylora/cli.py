@@ -198,21 +198,28 @@ def _choose_rank(spec: str, saved: Any) -> int:
     from .report import pick_ranks
     from .training import SweepRow
 
-    if spec.isdigit():
+    if spec.isascii() and spec.isdigit():
         return int(spec)
     if spec != "best" and not spec.startswith("smallest-within="):
         raise UsageFailure(f"--rank must be an integer, best, or smallest-within=X; got {spec!r}")
     if saved.sweep is None:
         raise UsageFailure(f"--rank {spec} needs a run directory with sweep.json; {saved.adapter.parent} has none")
-    if spec == "best":
-        return int(saved.sweep["best_rank"])
     try:
-        within = float(spec.split("=", 1)[1])
+        within = float(spec.split("=", 1)[1]) if spec != "best" else 0.0
     except ValueError:
         raise UsageFailure(f"--rank smallest-within=X needs a number, got {spec!r}") from None
-    metric = saved.sweep["metric"]
-    rows = [SweepRow(row["rank"], {metric: row[f"validation_{metric}"]}, row["params"]) for row in saved.sweep["rows"]]
-    return pick_ranks(rows, metric, within)[1]
+    if not 0 <= within < float("inf"):
+        raise UsageFailure(f"--rank smallest-within=X needs a finite number of points >= 0, got {spec!r}")
+    try:
+        if spec == "best":
+            return int(saved.sweep["best_rank"])
+        metric = saved.sweep["metric"]
+        rows = [SweepRow(int(row["rank"]), {metric: float(row[f"validation_{metric}"])}, int(row["params"]))
+                for row in saved.sweep["rows"]]
+        return pick_ranks(rows, metric, within)[1]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UsageFailure(f"--rank {spec}: the run's sweep.json is incomplete or corrupted ({err!r}); give "
+                           "the rank as an integer") from None
 
 
 @app.command(help="Write one rank as a plain PEFT LoRA adapter, or with --merge as a merged full model.")
@@ -259,7 +266,7 @@ def export(
     else:
         from .cards import write_card
 
-        model_api.export_lora(peft_model, rank=b, path=out)
+        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite)
         rows = [{"rank": row["rank"], "params": row["params"],
                  "metrics": {k: v for k, v in row.items() if k not in ("rank", "params")}}
                 for row in (saved.sweep or {}).get("rows", [])]
@@ -316,7 +323,7 @@ def allocate(
     plot_allocation(out / "allocation.png", record["ranks"], record["r"], f"{method}, budget {value:g} ({kind})")
     typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {out / 'allocation.json'} and {out / 'allocation.png'}")
     if export is not None:
-        export_lora(peft_model, ranks=record["ranks"], path=export, bake_scale=bake_scale)
+        export_lora(peft_model, ranks=record["ranks"], path=export, bake_scale=bake_scale, overwrite=overwrite)
         typer.echo(f"wrote a plain PEFT LoRA with these ranks to {export}")
 
 
@@ -341,7 +348,7 @@ def generate(
         raise UsageFailure(f"{saved.adapter} is not a causal-LM adapter; `dylora generate` needs a run trained "
                            f"on a generation dataset such as bbc-headlines")
     cfg = read_adapter_config(saved.adapter)
-    b = rank if rank is not None else int(saved.sweep["best_rank"]) if saved.sweep else cfg.r
+    b = rank if rank is not None else _choose_rank("best", saved) if saved.sweep else cfg.r
     check_rank(b, cfg.r_min, cfg.r)
     peft_model, tokenizer, saved, task = load_run(saved)
     length = token_budget(saved.settings, task, peft_model.config)
@@ -354,13 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     traceback."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from registry packages, never from a hub at run time
     try:
-        command.main(args=args, prog_name="dylora", standalone_mode=False)
+        rv = command.main(args=args, prog_name="dylora", standalone_mode=False)
+        if rv == 130:  # typer's answer to Ctrl-C
+            raise KeyboardInterrupt
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        print("dylora: aborted", file=sys.stderr)
-        return 1
+    except (typer.Abort, KeyboardInterrupt):
+        print("dylora: interrupted; nothing was published", file=sys.stderr)
+        return 130
     except click_exc.ClickException as e:
         print(f"dylora: error: {' '.join(e.format_message().split())}", file=sys.stderr)
         return 2
@@ -375,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"dylora: error: {message}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as e:  # a full disk, a read-only or vanished directory, no memory
+        if os.environ.get("DYLORA_DEBUG"):
+            raise
+        print(f"dylora: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
     return 0
 
 

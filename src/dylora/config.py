@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -12,6 +13,7 @@ from .files import write_json
 from .functional import RANK_SCALINGS
 
 DISTRIBUTIONS = ("uniform", "geometric")
+MAX_RANK = 4096  # far above any useful LoRA rank; larger values only exhaust memory
 RECIPES = ("paper", "sandwich", "rowwise", "nested")
 SIDECAR_NAME = "dylora_config.json"
 
@@ -95,6 +97,13 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("r_min", "r_min must be an integer >= 1")
     if c.r_min > c.r:
         raise bad("r_min", f"r_min must lie in [1, r] = [1, {c.r}]")
+    if c.r > MAX_RANK:
+        raise bad("r", f"r (= r_max) must be at most {MAX_RANK}")
+    if isinstance(c.lora_alpha, bool) or not isinstance(c.lora_alpha, int | float) or not math.isfinite(c.lora_alpha) \
+            or c.lora_alpha <= 0:
+        raise bad("lora_alpha", "lora_alpha must be a finite number > 0")
+    if not isinstance(c.lora_dropout, int | float) or not 0 <= c.lora_dropout < 1:
+        raise bad("lora_dropout", "lora_dropout must lie in [0, 1)")
     if c.rank_distribution not in DISTRIBUTIONS:
         raise bad("rank_distribution", f"choose one of {', '.join(DISTRIBUTIONS)}")
     if not 0.0 < float(c.geometric_p) <= 1.0:

@@ -292,7 +292,16 @@ def _make_task(name: str, texts: Sequence[str], labels: Sequence[int], label_nam
 
 
 def _read_table(path: Path) -> list[dict[str, Any]]:
-    """Read a .csv/.tsv/.json/.jsonl file into a list of row dicts (UTF-8 only)."""
+    """Read a .csv/.tsv/.json/.jsonl file into a list of row dicts (UTF-8 only), with one-line errors."""
+    try:
+        return _parse_table(path)
+    except RecursionError:
+        raise DataError(f"file {path} nests its JSON too deeply to be a table of records") from None
+    except csv.Error as exc:
+        raise DataError(f"file {path} is not valid CSV ({exc})") from None
+
+
+def _parse_table(path: Path) -> list[dict[str, Any]]:
     ext = path.suffix.lower()
     if ext not in FILE_EXTENSIONS:
         raise DataError(f"unsupported file extension {ext or '(none)'!r} for {path}; "
@@ -306,6 +315,7 @@ def _read_table(path: Path) -> list[dict[str, Any]]:
     if not text.strip():
         raise DataError(f"file {path} is empty; it needs a header/records with a text and a label column")
     if ext in (".csv", ".tsv"):
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # a long text field is still one field
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if ext == ".csv" else "\t")
         rows: list[dict[str, Any]] = list(reader)
         if not rows:
@@ -379,8 +389,9 @@ def _columns(path: Path, rows: list[dict[str, Any]], text_column: str, label_col
     labels: list[int | str] = []
     for i, r in enumerate(rows):
         value = r[label_column]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise DataError(f"row {i + 1} of {path} has an empty {label_column!r}; every row needs a label")
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "nan")) or \
+                (isinstance(value, float) and value != value):
+            raise DataError(f"row {i + 1} of {path} has an empty or NaN {label_column!r}; every row needs a label")
         labels.append(_label_key(value))
     return texts, labels, pairs
 

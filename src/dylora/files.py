@@ -8,6 +8,7 @@ Weights are read with safetensors only; nothing is ever unpickled.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -20,15 +21,75 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+# What marks a directory as one dylora wrote (and may replace): a run, an adapter, a merged model.
+MARKERS = ("run.json", ADAPTER_CONFIG, "config.json")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
+    except (OSError, AttributeError):
+        return False
+
+
+def recover(path: Path) -> None:
+    """Put back a directory that a kill left moved aside (`.NAME.old-PID`) in the middle of a replacement."""
+    if not path.exists():
+        old = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if old:
+            os.replace(old[-1], path)
+
+
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace a file, or a non-empty directory that dylora did not write."""
+    if path.is_file() or path.is_symlink():
+        raise FileExistsError(f"{path} is a file; dylora replaces only directories it wrote: choose another path")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in MARKERS):
+        raise FileExistsError(f"{path} holds files dylora did not write ({', '.join(MARKERS)} missing); "
+                              "choose another path")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Rename directory `src` to `dst`, replacing an existing `dst` (moved aside first, then removed)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
+    """Rename directory `src` to `dst`, replacing an existing `dst` in one atomic swap where the system has
+    one (else moved aside, renamed, removed; `recover` undoes a kill between the two renames)."""
+    recover(dst)
+    if not dst.exists():
         os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+        return
+    check_replaceable(dst)
+    if _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block (a `.NAME.lock` file beside it); refuse if another
+    process holds it."""
+    import fcntl
+
+    lock_file = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_file, "w")  # noqa: SIM115 (closed below)
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another dylora process is writing {path}; wait for it or choose another "
+                                  "path") from None
+        try:
+            yield
+        finally:
+            lock_file.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -37,9 +98,16 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False, overwrite: 
     """Yield a temporary path beside `path` to write a file (or, with `directory`, a directory) into;
     rename it into place when the block succeeds, remove it when it fails."""
     path = Path(path)
+    if directory:
+        recover(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        check_replaceable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         tmp.chmod(0o755)

@@ -7,7 +7,7 @@ import copy
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -61,7 +61,12 @@ def _describe(layer: torch.nn.Module) -> str:
     return type(layer).__name__ + (f" with groups={groups}" if groups != 1 else "")
 
 
-def _target_error(base: torch.nn.Module, config: LoraConfig) -> ValueError:
+def is_target_miss(err: Exception) -> bool:
+    """PEFT's error (in either of its wordings) for target modules that match no module."""
+    return "not found in the base model" in str(err) or "No modules were targeted" in str(err)
+
+
+def target_error(base: torch.nn.Module, config: LoraConfig) -> ValueError:
     names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules()
                     if isinstance(m, torch.nn.Linear | torch.nn.Embedding | torch.nn.modules.conv._ConvNd)
                     or type(m).__name__ == "Conv1D"})
@@ -77,8 +82,8 @@ def get_dylora_model(base: torch.nn.Module, config: DyLoraConfig, adapter_name: 
     try:
         model = get_peft_model(base, config, adapter_name=adapter_name)
     except ValueError as err:
-        if "not found in the base model" in str(err):
-            raise _target_error(base, config) from None
+        if is_target_miss(err):
+            raise target_error(base, config) from None
         raise
     _attach(model, adapter_name, config)
     return model
@@ -120,11 +125,21 @@ def select_adapters(model: torch.nn.Module, adapter_name: str | None) -> dict[st
     return {adapter_name: adapters[adapter_name]}
 
 
+def _refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | None = None) -> None:
+    """A merged adapter's output is fixed at the merged rank: refuse to change it (to `rank`, or at all)."""
+    for name in names:
+        if any(module.lora_variant[name].merged_scale is not None and module.lora_variant[name].rank != rank
+               for module in _layers(model, name)):
+            raise ValueError(f"DyLoRA adapter {name!r} is merged into the base weights, so its rank cannot change; "
+                             "call unmerge_adapter() first")
+
+
 def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None) -> None:
     """Use rank b in every layer of the DyLoRA adapter(s): W0 x + (alpha / b) B_b A_b x."""
     picked = select_adapters(model, adapter_name)
     for cfg in picked.values():
         check_rank(rank, cfg.r_min, cfg.r)
+    _refuse_if_merged(model, picked, rank)
     for name in picked:
         count = 0
         for module in _layers(model, name):
@@ -193,7 +208,11 @@ def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_na
     """
     name, _ = _one(model, adapter_name)
     layers = _named_layers(model, name)
-    for key, b in _rank_map(model, name, ranks).items():
+    wanted = _rank_map(model, name, ranks)
+    for key, b in wanted.items():
+        if layers[key].lora_variant[name].merged_scale is not None and layers[key].lora_variant[name].rank != b:
+            raise ValueError(f"{key} is merged into the base weights, so its rank cannot change; unmerge first")
+    for key, b in wanted.items():
         set_layer_rank(layers[key], name, b)
 
 
@@ -231,6 +250,7 @@ def set_example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
             check_rank(b, cfg.r_min, cfg.r)
         if cfg.frozen and unwrap(model).training:
             raise ValueError("per-example ranks train in full mode only; this adapter has frozen=True")
+    _refuse_if_merged(model, picked)
     for name in picked:
         for module in _layers(model, name):
             module.lora_variant[name].set_example_ranks(module, name, ranks)
@@ -253,6 +273,7 @@ def set_expected_scale(model: torch.nn.Module, pmf: list[float] | torch.Tensor,
     """Scale every layer by E_b[s_b] for b ~ pmf over [r_min, r] (the nested recipe), until the next `set_rank`."""
     picked = select_adapters(model, adapter_name)
     pmf = torch.as_tensor(pmf, dtype=torch.float64)
+    _refuse_if_merged(model, picked)
     for name, cfg in picked.items():
         if pmf.shape != (cfg.r - cfg.r_min + 1,):
             raise ValueError(f"pmf must have r - r_min + 1 = {cfg.r - cfg.r_min + 1} entries, got {tuple(pmf.shape)}")
@@ -264,13 +285,18 @@ def read_adapter_config(path: str | os.PathLike) -> DyLoraConfig:
     """The DyLoraConfig of a saved adapter directory (plain LoRA settings plus the sidecar)."""
     path = Path(path)
     lora = read_json(path / ADAPTER_CONFIG)
+    if not isinstance(lora, dict):
+        raise ValueError(f"corrupted adapter file {path / ADAPTER_CONFIG}: a JSON object was expected, "
+                         f"got a {type(lora).__name__}")
     if lora.get("peft_type") != "LORA":
         raise ValueError(f"{path / ADAPTER_CONFIG} is not a LoRA adapter (peft_type={lora.get('peft_type')!r})")
     sidecar = path / SIDECAR_NAME
     dy = read_json(sidecar) if sidecar.exists() else {"r_min": 1}
+    if not isinstance(dy, dict):
+        raise ValueError(f"corrupted adapter file {sidecar}: a JSON object was expected, got a {type(dy).__name__}")
     try:
         return DyLoraConfig.from_lora_config(lora, dy)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"invalid DyLoRA settings in {path}: {err}") from None
 
 
@@ -283,6 +309,10 @@ def load(base: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "de
     config = read_adapter_config(path)
     config.inference_mode = not is_trainable
     weights = read_weights(path / ADAPTER_WEIGHTS)
+    bad = [key for key, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{path / ADAPTER_WEIGHTS} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), "
+                         f"e.g. {bad[0]}: the run that wrote it diverged; retrain it with a lower lr")
     model = get_dylora_model(base, config, adapter_name=adapter_name)
     _check_shapes(model, weights, adapter_name, path)
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
@@ -334,7 +364,7 @@ def pattern_key(module_name: str) -> str:
 
 def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.PathLike | None = None,
                 adapter_name: str | None = None, *, ranks: Mapping[str, int] | None = None,
-                bake_scale: bool = False, overwrite: bool = True, card: bool = True) -> Path:
+                bake_scale: bool = False, overwrite: bool = False, card: bool = True) -> Path:
     """Write a DyLoRA adapter cut to rank b (or to rank b_l in each layer) as a plain PEFT LoRA.
 
     Keeps A[:b_l], B[:, :b_l] of each layer. With one rank: r = b, lora_alpha = alpha, so vanilla PEFT's

@@ -17,6 +17,7 @@ current rank, `plot(path, validation, test, title)`, `write_outputs(dir, best_ra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -38,7 +39,7 @@ from .classification import ClassificationTask
 from .data import GENERATION_DATASETS
 from .functional import check_rank
 from .generation import GenerationTask
-from .model import dylora_adapters, get_dylora_model, load, read_adapter_config, save
+from .model import dylora_adapters, get_dylora_model, is_target_miss, load, read_adapter_config, save, target_error
 from .report import pick_ranks, sweep_payload, write_sweep
 from .settings import Settings
 from .training import RANK_KEY, RANKS_KEY, DyLoraTrainer, SweepRow, TrainingGuard, rank_parameters, rank_sweep
@@ -102,20 +103,30 @@ def build_model(s: Settings, base: Any, task_type: str) -> Any:
         return get_dylora_model(base, config)
     from peft import get_peft_model
 
-    return get_peft_model(base, config)
+    try:
+        return get_peft_model(base, config)
+    except ValueError as err:
+        if is_target_miss(err):
+            raise target_error(base, config) from None
+        raise
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool, main_process: bool) -> Path:
     """Check the run directory and return the `.partial` directory the run writes into."""
     partial = out.with_name(out.name + ".partial")
+    files.recover(out)
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    files.check_replaceable(out)
     if resume:
         if not partial.exists():
             raise FileNotFoundError(f"nothing to resume: {partial} does not exist")
     elif main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        try:
+            partial.mkdir(parents=True)
+        except OSError as err:
+            raise ValueError(f"cannot create the run directory {partial}: {err.strerror or err}") from None
     return partial
 
 
@@ -205,25 +216,33 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
     out = Path(out)
     t0 = time.perf_counter()
     task = task_for(s)
-    model_dir = zoo.resolve_model(s.model)  # a bad model or data fail here, before anything is written
+    model_dir = zoo.resolve_model(s.model)  # bad models, data and targets fail here, before anything is written
+    zoo.check_loadable(model_dir)
     task.check_model(model_dir)
     task.load_data()
     task.progress = not quiet
-    args = training_arguments(s, out.with_name(out.name + ".partial") / "checkpoints", quiet)
-    with args.main_process_first(local=False, desc="prepare the run directory"):  # process 0 alone (re)creates it
-        partial = prepare_out(out, overwrite, resume, args.process_index == 0)
     base, _ = task.load_base(model_dir)
     s.max_length = token_budget(s, task, base.config)
     model = build_model(s, base, task.task_type)
-    encoded = task.encode(s.max_length)
+    args = training_arguments(s, out.with_name(out.name + ".partial") / "checkpoints", quiet)
+    main = args.process_index == 0
+    with files.lock(out) if main else contextlib.nullcontext():
+        with args.main_process_first(local=False, desc="prepare the run directory"):  # process 0 (re)creates it
+            partial = prepare_out(out, overwrite, resume, main)
+        try:
+            return _train_and_publish(s, out, partial, task, model, model_dir, args, t0, quiet, resume,
+                                      keep_checkpoints)
+        except BaseException:
+            if main and newest_complete(partial / "checkpoints", warn=lambda _: None) is None:
+                shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming from
+            raise
 
-    try:
-        trainer, rank_history = train_model(s, model, args, encoded["train"], task.collator(), partial, quiet, resume,
-                                            getattr(task, "num_labels", None))
-    except TrainingStopped:
-        if args.process_index == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+
+def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model: Any, model_dir: str, args: Any,
+                       t0: float, quiet: bool, resume: bool, keep_checkpoints: bool) -> RunResult | None:
+    encoded = task.encode(s.max_length)
+    trainer, rank_history = train_model(s, model, args, encoded["train"], task.collator(), partial, quiet, resume,
+                                        getattr(task, "num_labels", None))
     t_train = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
         return None
@@ -271,9 +290,14 @@ def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
     path = Path(path)
     if (path / "run.json").is_file():
         record = files.read_json(path / "run.json", "run file")
+        try:
+            settings = Settings.from_dict(record["settings"]).validate()
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"corrupted run file {path / 'run.json'}: its settings are missing or invalid "
+                             f"({' '.join(str(err).split())})") from None
         sweep_file = path / "sweep.json"
-        saved = SavedRun(Settings.from_dict(record["settings"]), path / "adapter", record,
-                         files.read_json(sweep_file, "sweep file") if sweep_file.is_file() else None)
+        sweep = files.read_json(sweep_file, "sweep file") if sweep_file.is_file() else None
+        saved = SavedRun(settings, path / "adapter", record, sweep if isinstance(sweep, dict) else None)
     elif (path / files.ADAPTER_CONFIG).is_file():
         saved = SavedRun(Settings(), path)
         if saved.task_type == "CAUSAL_LM":
@@ -294,6 +318,7 @@ def load_run(path: str | os.PathLike | SavedRun, model: str | None = None, *,
         raise FileNotFoundError(f"{saved.adapter.parent} has no adapter (a full fine-tuning run?)")
     task = task_for(saved.settings, saved.task_type)
     model_dir = zoo.resolve_model(saved.settings.model)
+    zoo.check_loadable(model_dir)
     task.check_model(model_dir)
     if with_data:
         task.load_data()

@@ -73,6 +73,10 @@ class Settings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        for name, low in (("weight_decay", 0), ("warmup_ratio", 0), ("within", 0), ("label_smoothing", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= {low}, got {value}")
         for name in ("max_length", "max_eval", "max_train"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -99,6 +103,12 @@ class Settings:
                                 geometric_p=self.geometric_p, seed=self.seed, recipe=self.recipe,
                                 sandwich_k=self.sandwich_k, distill=self.distill, distill_weight=self.distill_weight,
                                 rank_scaling=self.rank_scaling, **common)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"--r must be an integer >= 1, got {self.r}")
+        from .config import MAX_RANK
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_RANK:
+            raise ValueError(f"--r must be an integer in [1, {MAX_RANK}], got {self.r}")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
         return LoraConfig(**common)

@@ -358,6 +358,8 @@ class TrainingGuard(TrainerCallback):
         self._losses = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "train_loss" in logs and not math.isfinite(float(logs["train_loss"])):
+            self._stop(control, args, f"the mean training loss is {float(logs['train_loss'])}")
         if not logs or "loss" not in logs:
             return
         loss = float(logs["loss"])

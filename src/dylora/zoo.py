@@ -11,6 +11,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -187,6 +188,22 @@ def resolve_model(name_or_path: str) -> str:
             f"unknown model {name!r}: use one of {', '.join(SHORT_NAMES)}, a local directory or a hub id org/name"
         )
     return name
+
+
+def check_loadable(resolved: str) -> None:
+    """Refuse, before anything is written, a model that would fail late: a directory without config.json or
+    safetensors weights (dylora never unpickles), or a hub id that is not cached while the hub is offline."""
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{resolved} is not a model directory: it has no config.json")
+        if not any(path.glob("*.safetensors")):
+            found = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt*")])
+            raise ModelError(f"{resolved} has no .safetensors weights{f' (only {found[0]})' if found else ''}; dylora "
+                             "loads weights with safetensors only and never unpickles: convert it to safetensors")
+    elif os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "") and not _in_hub_cache(resolved):
+        raise ModelError(f"hub model {resolved!r} is not in the local Hugging Face cache and the hub is offline "
+                         f"(HF_HUB_OFFLINE); use one of {', '.join(SHORT_NAMES)} or a local directory")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,309 @@
+"""Hostile input and faults: every bad value, file, signal and race is one line with its exit code, no
+traceback, nothing half-written, nothing deleted that dylora did not write.
+
+Each case runs the real CLI entry point in-process (`dylora.cli.main`) on a tiny random BERT and a 200-row
+two-class CSV, both built once; the few that need a signal run `python -m dylora` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_tiny_model
+
+import dylora
+from dylora import files
+from dylora.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    tiny = make_tiny_model("bert", root / "tiny")
+    rows = ["text,label"] + [f"a fine film number {i},pos" if i % 2 else f"an awful film {i},neg" for i in range(200)]
+    (root / "tiny.csv").write_text("\n".join(rows) + "\n")
+    return root, str(tiny), str(root / "tiny.csv")
+
+
+def T(world, *extra: str, out: Path | None = None) -> list[str]:
+    """`dylora train --model TINY --data tiny.csv --r 4 --max-steps 3 --quiet` plus `extra`."""
+    root, tiny, csv = world
+    return ["train", "--model", tiny, "--data", csv, "--r", "4", "--max-steps", "3", "--max-eval", "20", "--quiet",
+            "--out", str(out or root / "out"), *extra]
+
+
+def refused(args: list[str], capsys, code: int = 2, needle: str = "") -> str:
+    """Run the CLI; check the exit code, one line on stderr naming `needle`, and no traceback."""
+    capsys.readouterr()
+    assert main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle.lower() in err.lower(), err
+    return err
+
+
+def nothing_left(out: Path) -> None:
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.fixture(scope="module")
+def run(world):
+    root, _, _ = world
+    out = root / "run"
+    assert main(T(world, out=out)) == 0
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ---------------------------------------------------------------- 1, 3, 4: bad values, refused before any side effect
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--r", "1000000000000"], "4096"),
+    (["--r", "99999999999999999999999"], "4096"),
+    (["--epochs", "inf"], "--epochs"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lora-alpha", "nan"], "lora_alpha"),
+    (["--lora-dropout", "2"], "lora_dropout"),
+    (["--within", "-1"], "--within"),
+    (["--target-modules", "nope"], "match no module"),
+    (["--warmup-ratio", "nan"], "--warmup-ratio"),
+])
+def test_bad_values_are_one_line_and_leave_nothing(world, capsys, extra, needle):
+    out = world[0] / "bad"
+    t0 = time.perf_counter()
+    refused(T(world, *extra, out=out), capsys, needle=needle)
+    nothing_left(out)
+    assert time.perf_counter() - t0 < 30  # refused up front, not after training (a loose bound: a shared machine)
+
+
+def test_lora_baseline_checks_come_first(world, capsys):
+    out = world[0] / "lora"
+    for extra, needle in ((["--r", "0"], "--r"), (["--target-modules", "nope"], "match no module"),
+                          (["--lora-dropout", "2"], "lora-dropout")):
+        args = T(world, *extra, out=out)
+        args[0] = "lora"
+        refused(args, capsys, needle=needle)
+        nothing_left(out)
+
+
+def test_a_directory_that_is_not_a_model(world, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    pickled = tmp_path / "pickled"
+    shutil.copytree(world[1], pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    for model, needle in ((tmp_path / "empty", "config.json"), (pickled, "safetensors")):
+        args = T(world, out=tmp_path / "o")
+        args[args.index("--model") + 1] = str(model)
+        refused(args, capsys, needle=needle)
+        nothing_left(tmp_path / "o")
+
+
+def test_an_uncached_hub_id_is_refused_at_once(world, capsys, tmp_path):
+    args = T(world, out=tmp_path / "o")
+    args[args.index("--model") + 1] = "no-such-org/no-such-model"
+    t0 = time.perf_counter()
+    refused(args, capsys, needle="not in the local Hugging Face cache")
+    assert time.perf_counter() - t0 < 20
+
+
+@pytest.mark.parametrize("where", ["file-parent", "sys"])
+def test_an_unwritable_out(world, capsys, tmp_path, where):
+    if where == "file-parent":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "run"
+    else:
+        out = Path("/sys/dylora-test-run")
+    refused(T(world, out=out), capsys, needle=str(out.parent))
+
+
+def test_max_length_beyond_the_models_positions_is_capped(world, tmp_path):
+    out = tmp_path / "long"
+    assert main(T(world, "--max-length", "1000", out=out)) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["max_length"] == 128
+
+
+def test_a_csv_field_of_a_megabyte_and_three_classes_on_a_two_label_head(world, tmp_path):
+    rows = ["text,label", f"{'word ' * 200_000},pos"] + [f"text {i},{('pos', 'neg', 'mid')[i % 3]}" for i in range(60)]
+    (tmp_path / "big.csv").write_text("\n".join(rows) + "\n")
+    args = T(world, out=tmp_path / "big")
+    args[args.index("--data") + 1] = str(tmp_path / "big.csv")
+    assert main(args) == 0
+    assert json.loads((tmp_path / "big" / "run.json").read_text())["label_names"] == ["mid", "neg", "pos"]
+
+
+def test_deeply_nested_json_and_nan_labels(world, capsys, tmp_path):
+    (tmp_path / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    (tmp_path / "nan.csv").write_text("text,label\n" + "".join(f"t {i},{'nan' if i == 7 else i % 2}\n"
+                                                               for i in range(40)))
+    for path, needle in ((tmp_path / "deep.json", "nests"), (tmp_path / "nan.csv", "NaN")):
+        args = T(world, out=tmp_path / "o")
+        args[args.index("--data") + 1] = str(path)
+        refused(args, capsys, needle=needle)
+        nothing_left(tmp_path / "o")
+
+
+def test_a_diverging_run_stops_and_publishes_nothing(world, capsys, tmp_path):
+    for extra in (["--lr", "1e30"],):
+        out = tmp_path / "nan"
+        refused(T(world, *extra, out=out), capsys, code=3, needle="training stopped")
+        nothing_left(out)
+
+
+# ---------------------------------------------------------------- 2: bad files
+
+
+def test_corrupted_adapter_files(run, capsys, tmp_path):
+    cases = {
+        "adapter_config.json": ("[1, 2]", "JSON object"),
+        "dylora_config.json": ("[1, 2]", "JSON object"),
+    }
+    for name, (text, needle) in cases.items():
+        bad = copy_run(run, tmp_path / name)
+        (bad / "adapter" / name).write_text(text)
+        refused(["sweep", str(bad), "--quiet"], capsys, needle=needle)
+    bad = copy_run(run, tmp_path / "alpha")
+    config = json.loads((bad / "adapter" / "adapter_config.json").read_text())
+    (bad / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "sixteen"}))
+    refused(["sweep", str(bad), "--quiet"], capsys, needle="lora_alpha")
+    bad = copy_run(run, tmp_path / "trunc")
+    weights = bad / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    refused(["export", str(bad), "--rank", "2", "--out", str(tmp_path / "e")], capsys, needle="corrupted")
+    assert not (tmp_path / "e").exists()
+
+
+def test_non_finite_weights_are_refused(run, capsys, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = copy_run(run, tmp_path)
+    path = bad / "adapter" / "adapter_model.safetensors"
+    weights = load_file(path)
+    key = next(k for k in weights if "lora_A" in k)
+    weights[key] = torch.full_like(weights[key], math.nan)
+    save_file(weights, path)
+    refused(["sweep", str(bad), "--quiet"], capsys, needle="non-finite")
+    refused(["export", str(bad), "--rank", "2", "--out", str(tmp_path / "e")], capsys, needle="non-finite")
+
+
+def test_incomplete_run_files(run, capsys, tmp_path):
+    bad = copy_run(run, tmp_path / "a")
+    sweep = json.loads((bad / "sweep.json").read_text())
+    del sweep["best_rank"]
+    (bad / "sweep.json").write_text(json.dumps(sweep))
+    refused(["export", str(bad), "--rank", "best", "--out", str(tmp_path / "e")], capsys, needle="sweep.json")
+    for change in ({"settings": None}, "drop", {"r": "four"}):
+        bad = copy_run(run, tmp_path / f"b{len(list(tmp_path.iterdir()))}")
+        record = json.loads((bad / "run.json").read_text())
+        if change == "drop":
+            del record["settings"]
+        elif "r" in change:
+            record["settings"]["r"] = "four"
+        else:
+            record.update(change)
+        (bad / "run.json").write_text(json.dumps(record))
+        refused(["sweep", str(bad), "--quiet"], capsys, needle="run.json")
+
+
+@pytest.mark.parametrize(("spec", "needle"), [("²", "best, or smallest-within"),
+                                              ("smallest-within=-5", "points >= 0"),
+                                              ("smallest-within=x", "needs a number")])
+def test_bad_rank_specs(run, capsys, tmp_path, spec, needle):
+    refused(["export", str(run), "--rank", spec, "--out", str(tmp_path / "e")], capsys, needle=needle)
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_manifest_listing_no_files_is_skipped(tmp_path):
+    from dylora.checkpoint import MANIFEST, newest_complete, verify, write_manifest
+
+    good, empty = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    for ckpt in (good, empty):
+        ckpt.mkdir()
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+    write_manifest(good)
+    (empty / MANIFEST).write_text(json.dumps({"files": []}))
+    assert "lists no files" in verify(empty)
+    assert newest_complete(tmp_path, warn=lambda _: None) == good
+
+
+# ---------------------------------------------------------------- 5: signals, races, lost data
+
+
+def test_ctrl_c_exits_130_with_a_message_and_publishes_nothing(world, tmp_path):
+    out = tmp_path / "interrupted"
+    args = T(world, out=out)
+    args[args.index("--max-steps") + 1] = "100000"
+    proc = subprocess.Popen([sys.executable, "-m", "dylora", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    deadline = time.time() + 120
+    while not out.with_name("interrupted.partial").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    nothing_left(out)
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(world, capsys, tmp_path):
+    out = tmp_path / "busy"
+    with files.lock(out):
+        refused(T(world, out=out), capsys, needle="another dylora process")
+    assert not out.exists()
+
+
+def test_a_kill_between_the_two_renames_is_recovered(world, tmp_path):
+    out = tmp_path / "swap"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    os.replace(out, tmp_path / f".swap.old-{os.getpid() + 1}")  # what a SIGKILL after the first rename leaves
+    files.recover(out)
+    assert (out / "run.json").read_text() == "{}" and not list(tmp_path.glob(".swap.old-*"))
+
+
+def test_overwrite_never_deletes_what_dylora_did_not_write(run, capsys, tmp_path):
+    from dylora.run import load_run
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    model, _, _, _ = load_run(run)
+    with pytest.raises(FileExistsError, match="exists"):
+        dylora.export_lora(model, 2, path=theirs)
+    with pytest.raises(FileExistsError, match="did not write"):
+        dylora.export_lora(model, 2, path=theirs, overwrite=True)
+    assert (theirs / "notes.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file"):
+        dylora.save(model, afile)
+    assert afile.read_text() == "mine" and not list(tmp_path.glob(".afile.old-*"))
+    refused(["export", str(run), "--rank", "2", "--out", str(theirs), "--overwrite"], capsys, needle="did not write")
+    assert (theirs / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- 6: API
+
+
+def test_config_refuses_non_finite_alpha():
+    with pytest.raises(ValueError, match="lora_alpha"):
+        dylora.DyLoraConfig(r=4, lora_alpha=math.nan, target_modules=["query"])

@@ -371,14 +371,15 @@ dist.destroy_process_group()
 '''
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP test needs a CUDA GPU (none here): not run")
-def test_fsdp_training_matches_unsharded(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CUDA run of the FSDP test needs a GPU (none here); the CPU run ran")])])
+def test_fsdp_training_matches_unsharded(tmp_path, device):
+    """FSDP2 (`fully_shard` on each LoRA layer and the model), 2 processes: gloo on CPU, NCCL on GPUs."""
     script = tmp_path / "fsdp_check.py"
     script.write_text(FSDP_SCRIPT)
-    nproc = min(2, torch.cuda.device_count())
+    nproc = 2 if device == "cpu" else min(2, torch.cuda.device_count())
     proc = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                    str(free_port()), str(script), "cuda"])
+                    str(free_port()), str(script), device])
     assert f"FSDP OK world_size={nproc}" in proc.stdout
 
 

@@ -31,7 +31,7 @@ from dylora.checkpoint import MANIFEST, RANKS, _tensor_digest, newest_complete, 
 from dylora.training import step_rank
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-RUN_FILES = {"adapter", "sweep.json", "sweep.csv", "sweep.png", "run.json"}
+RUN_FILES = {"adapter", "sweep.json", "sweep.csv", "sweep.png", "run.json", "README.md"}
 # --r-max is --r: torchrun's own parser would take `--r` as an ambiguous abbreviation of its options.
 COMMON = ["--data", "polarity", "--r-max", "4", "--max-train", "200", "--max-length", "32", "--quiet"]
 SAMPLER = RankSampler(1, 4, seed=0)  # the CLI's defaults: r_min 1, uniform, seed 0

@@ -2,7 +2,8 @@
 
 The CLI runs as a user would run it: `torchrun --nproc_per_node 2 -m dylora train ...` on CPU (gloo), and
 `python -m dylora train ...` killed with SIGKILL after a checkpoint, then `--resume`d. Every process of a run
-records the rank of each training forward under $DYLORA_RANK_TRACE (see `dylora.checkpoint.RankTraceCallback`).
+records the rank of each training forward under $DYLORA_RANK_TRACE (`tests/rank_trace.py`, plugged in with
+$DYLORA_CALLBACKS).
 Tiny random BERT, 200 polarity examples, at most 20 steps: the whole file takes a few minutes on 2 cores.
 """
 
@@ -22,15 +23,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomise_lora, tiny_bert
+from rank_trace import _tensor_digest
 from safetensors.torch import load_file
 from tiny import make_tiny_model
 
 import dylora
 from dylora import DyLoraConfig, RankSampler
-from dylora.checkpoint import MANIFEST, RANKS, _tensor_digest, newest_complete, verify
+from dylora.checkpoint import MANIFEST, RANKS, newest_complete, verify
 from dylora.training import step_rank
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+TESTS = str(Path(__file__).parent)
+TRACE = {"DYLORA_CALLBACKS": "rank_trace:RankTraceCallback",
+         "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))}
 RUN_FILES = {"adapter", "sweep.json", "sweep.csv", "sweep.png", "run.json", "README.md"}
 # --r-max is --r: torchrun's own parser would take `--r` as an ambiguous abbreviation of its options.
 COMMON = ["--data", "polarity", "--r-max", "4", "--max-train", "200", "--max-length", "32", "--quiet"]
@@ -53,7 +58,7 @@ def dylora_cmd(*args) -> list[str]:
 
 
 def run_cli(cmd: list[str], trace: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**ENV, "DYLORA_RANK_TRACE": str(trace)} if trace else ENV
+    env = {**ENV, **TRACE, "DYLORA_RANK_TRACE": str(trace)} if trace else ENV
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -190,7 +195,7 @@ def resume_runs(tiny, tmp_path_factory):
     ckpts = root / "run.partial" / "checkpoints"
     # the two first runs overlap: most of a tiny run is Python start-up
     ref_proc = subprocess.Popen(dylora_cmd("--model", tiny, *RESUME_ARGS, "--keep-checkpoints", "--out", reference),
-                                env={**ENV, "DYLORA_RANK_TRACE": str(root / "reference-trace")},
+                                env={**ENV, **TRACE, "DYLORA_RANK_TRACE": str(root / "reference-trace")},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     proc = subprocess.Popen(dylora_cmd("--model", tiny, *RESUME_ARGS, "--out", out), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -9,10 +9,6 @@ In a distributed run every process takes part in each save (each writes its own 
 the callback waits for all of them (a barrier) before process 0 writes the manifest. The DyLoRA rank
 history up to the checkpoint is saved beside it (`dylora-ranks.json`, covered by the manifest) so a resumed
 run reports the whole rank sequence, not only the steps it ran itself.
-
-`RankTraceCallback` is a debugging record for checking distributed runs: with `DYLORA_RANK_TRACE=DIR` set,
-every process writes `DIR/ranks-<RANK>.json` with the rank each training forward (micro-batch) ran at and
-a hash of each trainable tensor at the end of training. Run files are written by process 0 only.
 """
 
 from __future__ import annotations
@@ -141,51 +137,3 @@ class CompleteCheckpointCallback(TrainerCallback):
         step = int(Path(checkpoint).name[len(PREFIX):])
         saved = [(s, b) for s, b in json.loads(path.read_text())["history"] if s < step]
         self.rank_callback.history[:0] = saved
-
-
-def _tensor_digest(t: Any) -> str:
-    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
-
-
-class RankTraceCallback(TrainerCallback):
-    """Records, in this process, the rank of every training forward and the trained weights (for tests).
-
-    Writes `directory/ranks-<RANK>.json` at the end of training: `forwards` is a list of
-    [optimizer step, rank, sha256 of the micro-batch's input_ids (16 hex digits)] per micro-batch (the
-    data order), `weights` maps each trainable parameter to the sha256 of its float32 values.
-    """
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        self.forwards: list[list[Any]] = []
-        self._step = 0
-        self._handle = None
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .model import get_rank
-
-        def hook(module, args, kwargs):
-            if module.training:
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                batch = _tensor_digest(ids)[:16] if ids is not None else ""
-                self.forwards.append([self._step, get_rank(module), batch])
-
-        self._handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step = state.global_step
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self._handle is not None:
-            self._handle.remove()
-        record = {"rank": _process_index(), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                  "steps": state.global_step, "forwards": self.forwards,
-                  "weights": {n: _tensor_digest(p) for n, p in model.named_parameters() if p.requires_grad}}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_text(self.directory / f"ranks-{_process_index()}.json", json.dumps(record))
-
-
-def trace_from_env() -> RankTraceCallback | None:
-    """A `RankTraceCallback` writing under $DYLORA_RANK_TRACE, or None when it is unset."""
-    directory = os.environ.get(TRACE_ENV)
-    return RankTraceCallback(directory) if directory else None

@@ -34,7 +34,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from . import files, zoo
 from .cards import write_card
-from .checkpoint import CompleteCheckpointCallback, newest_complete, trace_from_env
+from .checkpoint import CompleteCheckpointCallback, newest_complete
 from .classification import ClassificationTask
 from .data import GENERATION_DATASETS
 from .functional import check_rank
@@ -161,6 +161,24 @@ class _BarOnly(ProgressCallback):
             self.training_bar.set_postfix(post, refresh=False)
 
 
+CALLBACKS_ENV = "DYLORA_CALLBACKS"
+
+
+def extra_callbacks() -> list[Any]:
+    """Trainer callbacks named in $DYLORA_CALLBACKS ("module:Class,..."), each built with no arguments:
+    a way to add logging or debugging records to `dylora train` without changing it."""
+    import importlib
+
+    found = []
+    for spec in filter(None, (x.strip() for x in os.environ.get(CALLBACKS_ENV, "").split(","))):
+        module, _, name = spec.partition(":")
+        try:
+            found.append(getattr(importlib.import_module(module), name)())
+        except (ImportError, AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"{CALLBACKS_ENV}: cannot build {spec!r} ({err}); give module:Class") from None
+    return found
+
+
 class TrainingStopped(RuntimeError):
     """The guard stopped a run that could not be learning; nothing was published (one-line message)."""
 
@@ -173,7 +191,7 @@ def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator
 
     guard = TrainingGuard(num_classes) if s.guard else None
     keeper = CompleteCheckpointCallback()
-    callbacks = [c for c in (keeper, guard, trace_from_env()) if c is not None]
+    callbacks = [c for c in (keeper, guard, *extra_callbacks()) if c is not None]
     kind = DyLoraTrainer if s.method == "dylora" else Trainer
     trainer = kind(model=model, args=args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks)
     keeper.rank_callback = getattr(trainer, "recipe_callback", None)

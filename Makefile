@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 demo: venv
 	$(BIN)/dylora train --overwrite --out runs/demo

@@ -358,9 +358,17 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one line on stderr and exit code 2 (a run the guard stopped: 3), never a
-    traceback."""
+    traceback. While it runs, sys.argv reads `dylora ARGS` (run.json and model cards record it)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    saved, sys.argv = sys.argv, ["dylora", *args]
+    try:
+        return _main(args)
+    finally:
+        sys.argv = saved
+
+
+def _main(args: list[str]) -> int:
     command = typer.main.get_command(app)
-    args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from registry packages, never from a hub at run time
     try:
         rv = command.main(args=args, prog_name="dylora", standalone_mode=False)

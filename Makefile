@@ -7,7 +7,7 @@ export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench clean
+.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench allocate-bench clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,9 @@ search-cost: venv
 
 generation-bench: venv
 	$(BIN)/python benchmarks/generation.py
+
+allocate-bench: venv
+	$(BIN)/python benchmarks/allocate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,7 +7,7 @@ export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench recipes clean
+.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench recipes allocate-bench clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,9 @@ generation-bench: venv
 
 recipes: venv
 	$(BIN)/python benchmarks/recipes.py
+
+allocate-bench: venv
+	$(BIN)/python benchmarks/allocate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

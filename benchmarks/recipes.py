@@ -169,18 +169,19 @@ def main() -> None:
     out = args.out / "quick" if args.quick else args.out  # never mixed with the real schedule's runs
     seeds = 1 if args.quick else args.seeds
     pool = Pool(args.jobs, args.threads)
-    summary: dict = {}
+    results = Path("benchmarks/results")
+    path = results / ("recipes-quick.json" if args.quick else "recipes.json")
+    summary: dict = json.loads(path.read_text()) if path.is_file() else {}  # other tasks' numbers are kept
     t0 = time.perf_counter()
     for task, spec in plan.items():
         summary[task] = run_task(task, spec, out, seeds, pool, lr_window=task == "bbc" and not args.no_lr_window
                                  and not args.quick)
-        summary["_wall_s"] = time.perf_counter() - t0
+        summary[task]["wall_s"] = time.perf_counter() - t0
         summary = json.loads(json.dumps(summary))  # the same (string-keyed) form as the file
-        results = Path("benchmarks/results")
         results.mkdir(parents=True, exist_ok=True)
-        (results / ("recipes-quick.json" if args.quick else "recipes.json")).write_text(json.dumps(summary, indent=2))
+        path.write_text(json.dumps(summary, indent=2))
         write_docs(summary, args.docs if not args.quick else out)
-        log(f"{task} done ({summary['_wall_s'] / 60:.1f} min so far)")
+        log(f"{task} done ({summary[task]['wall_s'] / 60:.1f} min so far)")
 
 
 if __name__ == "__main__":

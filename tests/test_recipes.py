@@ -347,6 +347,24 @@ def test_paper_recipe_trains_exactly_as_trainer_plus_callback(tmp_path):
         [RankSampler(1, 8, seed=4).sample(s) for s in range(6)]
 
 
+def test_a_sandwich_step_logs_the_mean_loss_of_its_passes(tmp_path):
+    """The gradients of the passes add up; the logged loss is their mean, so it reads like one pass's loss."""
+    model = bert_model(seed=5)
+    data = toy_dataset(n=4)
+    inputs = {"input_ids": torch.tensor(data["input_ids"]), "labels": torch.tensor(data["labels"])}
+    recipe = Recipe(RankSampler(1, 8, seed=5), "sandwich", sandwich_k=1)
+    model.train()
+    with torch.no_grad():
+        expected = []
+        for b in recipe.sampler.sandwich_ranks(0, 1):
+            dylora.set_rank(model, b)
+            expected.append(float(model(**inputs).loss))
+    trainer = DyLoraTrainer(model=model, args=targs(tmp_path, 1, 4, 1), train_dataset=data, recipe=recipe)
+    trainer.train()
+    logged = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    assert logged == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_sandwich_distill_with_gradient_accumulation_equals_one_big_batch(tmp_path, family):
     """Two micro-batches of 2 per step train the same weights as one batch of 4: every micro-batch of a step

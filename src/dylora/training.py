@@ -272,15 +272,17 @@ class DyLoraTrainerMixin:
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        total = None
+        total, passes = None, self.recipe.passes(self.state.global_step, _rows(inputs))
         try:
-            for p in self.recipe.passes(self.state.global_step, _rows(inputs)):
+            for p in passes:
                 self._pass = p
                 loss = super().training_step(model, inputs, num_items_in_batch)
                 total = loss if total is None else total + loss
         finally:
             self._pass, self._teacher = None, None
-        return total
+        # the gradients add up over the passes; the logged loss is their mean, so it reads like one pass's (and the
+        # guard's chance level ln K holds for every recipe)
+        return total / len(passes)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):

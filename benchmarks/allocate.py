@@ -32,6 +32,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from reproduce import Pool, choose_plan, final_loss, log
+
 BUDGETS = (1, 2, 4)
 R, ALPHA = 8, 16
 LR = {"bbc": 3e-3, "polarity": 3e-3}  # the lr the reproduction chose for every arm (docs/results.md, Setting)
@@ -51,19 +53,8 @@ METHODS = {  # key: label in the tables
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def load_avg() -> float:
     return round(os.getloadavg()[0], 2)
-
-
-def final_loss(history: list[dict]) -> float:
-    """Mean training loss over the last fifth of the logged steps."""
-    losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
-    tail = losses[-max(1, len(losses) // 5):]
-    return statistics.fmean(tail)
 
 
 # ---------------------------------------------------------------- jobs (each runs in a worker process)
@@ -271,38 +262,6 @@ def adalora_job(path: Path, s, budget: int, n_cal: int) -> dict:
 
 def _job(kind: str, *args) -> dict:
     return {"train": train_job, "allocate": allocate_job, "adalora": adalora_job}[kind](*args)
-
-
-def _init_worker(threads: int) -> None:
-    import warnings
-
-    import datasets
-    import torch
-    import transformers
-
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-
-
-class Pool:
-    """`jobs` worker processes of `threads` threads each; one job per worker at a time, in submission order."""
-
-    def __init__(self, jobs: int, threads: int):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # spawned workers start with it
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.ex = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(threads,))
-
-    def map(self, jobs: dict) -> dict:
-        """Run {key: (kind, *args)} and return {key: result}, failing on the first error."""
-        futures = {key: self.ex.submit(_job, *job) for key, job in jobs.items()}
-        return {key: f.result() for key, f in futures.items()}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -517,14 +476,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="jobs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="threads per job (default: cores / jobs)")
     args = parser.parse_args()
-    plan = QUICK if args.quick else PLAN
-    if args.tasks:
-        unknown = set(args.tasks.split(",")) - set(PLAN)
-        if unknown:
-            parser.error(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(PLAN)}")
-        plan = {t: (QUICK.get(t) if args.quick else None) or PLAN[t] for t in args.tasks.split(",")}
-    if args.seeds is not None:
-        plan = {t: {**spec, "seeds": args.seeds} for t, spec in plan.items()}
+    plan = choose_plan(parser, args, PLAN, QUICK)
     out = Path(args.out) / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -532,7 +484,7 @@ def main() -> int:
     log(f"{args.jobs} job(s) at a time, {threads} thread(s) each; load average {load_avg()}")
     ledger = out / "wall.json"  # the wall time of every invocation over this output directory
     invocations = json.loads(ledger.read_text()) if ledger.is_file() else []
-    summary = run(plan, QUICK_BUDGETS if args.quick else BUDGETS, out, Pool(args.jobs, threads))
+    summary = run(plan, QUICK_BUDGETS if args.quick else BUDGETS, out, Pool(args.jobs, threads, job=_job))
     invocations.append(summary["_wall_s"])
     ledger.write_text(json.dumps(invocations))
     summary.update(_jobs=args.jobs, _threads=threads, _invocations_s=invocations, _cpus=os.cpu_count())

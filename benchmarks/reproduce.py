@@ -65,12 +65,15 @@ def run_once(out: Path, s: Settings) -> dict:
         log(f"done {out}")
     sweep = json.loads((out / "sweep.json").read_text())
     record = json.loads((out / "run.json").read_text())
-    history = record["log_history"]
-    losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
-    tail = losses[-max(1, len(losses) // 5):]  # the last fifth of training
     return {"rows": sweep["rows"], "metric": sweep["metric"], "timings": record["timings"],
-            "best_rank": sweep["best_rank"], "path": str(out), "final_loss": statistics.fmean(tail),
+            "best_rank": sweep["best_rank"], "path": str(out), "final_loss": final_loss(record["log_history"]),
             "chance_loss": math.log(len(record["label_names"]))}
+
+
+def final_loss(history: list[dict]) -> float:
+    """Mean training loss over the last fifth of the logged steps."""
+    losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
+    return statistics.fmean(losses[-max(1, len(losses) // 5):])
 
 
 def stuck(res: dict) -> bool:
@@ -114,9 +117,10 @@ def _init_worker(threads: int) -> None:
 
 
 class Pool:
-    """`jobs` worker processes of `threads` threads each; one run per worker at a time."""
+    """`jobs` worker processes of `threads` threads each; one job per worker at a time. `job(kind, *args)` runs
+    one job in a worker (default: this module's runs and truncated sweeps)."""
 
-    def __init__(self, jobs: int, threads: int):
+    def __init__(self, jobs: int, threads: int, job=None):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -124,10 +128,11 @@ class Pool:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.ex = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_init_worker, initargs=(threads,))
+        self.job = job or _job
 
     def map(self, jobs: dict) -> dict:
-        """Run {key: (kind, out, arg)} and return {key: result}, failing on the first error."""
-        futures = {key: self.ex.submit(_job, *job) for key, job in jobs.items()}
+        """Run {key: (kind, *args)} and return {key: result}, failing on the first error."""
+        futures = {key: self.ex.submit(self.job, *job) for key, job in jobs.items()}
         return {key: f.result() for key, f in futures.items()}
 
 
@@ -333,6 +338,20 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
     (docs / "reproduce-tables.md").write_text("\n".join(lines) + "\n")
 
 
+def choose_plan(parser: argparse.ArgumentParser, args: argparse.Namespace, plan: dict, quick: dict) -> dict:
+    """The tasks and seeds to run: `quick` or `plan`, cut to --tasks (a quick task missing falls back to the
+    full plan's) and --seeds."""
+    chosen = quick if args.quick else plan
+    if args.tasks:
+        unknown = set(args.tasks.split(",")) - set(plan)
+        if unknown:
+            parser.error(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(plan)}")
+        chosen = {t: (quick.get(t) if args.quick else None) or plan[t] for t in args.tasks.split(",")}
+    if args.seeds is not None:
+        chosen = {t: {**spec, "seeds": args.seeds} for t, spec in chosen.items()}
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="polarity, one seed, 60 steps")
@@ -343,14 +362,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
     args = parser.parse_args()
-    plan = QUICK if args.quick else PLAN
-    if args.tasks:
-        unknown = set(args.tasks.split(",")) - set(PLAN)
-        if unknown:
-            parser.error(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(PLAN)}")
-        plan = {t: (QUICK.get(t) if args.quick else PLAN[t]) or PLAN[t] for t in args.tasks.split(",")}
-    if args.seeds is not None:
-        plan = {t: {**spec, "seeds": args.seeds} for t, spec in plan.items()}
+    plan = choose_plan(parser, args, PLAN, QUICK)
     out = Path(args.out) / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -2,6 +2,7 @@
 the SVD of each layer's update, (alpha / r) B A = U S V^T, keeping the largest singular values of all layers."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from test_files import make
 
 import dylora
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # allocate.py imports its helpers from reproduce.py
 spec = importlib.util.spec_from_file_location("allocate_bench",
                                               Path(__file__).parents[1] / "benchmarks" / "allocate.py")
 bench = importlib.util.module_from_spec(spec)

@@ -245,7 +245,7 @@ def export(
         raise UsageFailure("--merge writes a full model; it does not go with --format kohya")
     saved = read_run(run_or_adapter, model)
     b = _choose_rank(rank, saved)
-    cfg = model_api.read_adapter_config(saved.adapter)
+    cfg = saved.config
     check_rank(b, cfg.r_min, cfg.r)  # before loading any model
     default = f"merged-r{b}" if merge else f"kohya-r{b}.safetensors" if fmt == "kohya" else f"lora-r{b}"
     out = out or Path(run_or_adapter) / default
@@ -337,7 +337,6 @@ def generate(
 ) -> None:
     from .functional import check_rank
     from .generation import generate
-    from .model import read_adapter_config
     from .run import load_run, read_run, token_budget
 
     _hush(True)
@@ -347,7 +346,7 @@ def generate(
     if saved.task_type != "CAUSAL_LM":
         raise UsageFailure(f"{saved.adapter} is not a causal-LM adapter; `dylora generate` needs a run trained "
                            f"on a generation dataset such as bbc-headlines")
-    cfg = read_adapter_config(saved.adapter)
+    cfg = saved.config
     b = rank if rank is not None else _choose_rank("best", saved) if saved.sweep else cfg.r
     check_rank(b, cfg.r_min, cfg.r)
     peft_model, tokenizer, saved, task = load_run(saved)

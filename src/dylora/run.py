@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -68,10 +69,14 @@ class SavedRun:
     record: dict[str, Any] | None = None
     sweep: dict[str, Any] | None = None
 
+    @functools.cached_property
+    def config(self) -> Any:
+        """The adapter's DyLoraConfig, read once (a missing adapter_config.json raises FileNotFoundError)."""
+        return read_adapter_config(self.adapter)
+
     @property
     def task_type(self) -> str:
-        return read_adapter_config(self.adapter).task_type if (self.adapter / files.ADAPTER_CONFIG).is_file() \
-            else "SEQ_CLS"
+        return self.config.task_type if (self.adapter / files.ADAPTER_CONFIG).is_file() else "SEQ_CLS"
 
 
 def task_for(s: Settings, task_type: str | None = None) -> Task:
@@ -354,7 +359,7 @@ def sweep_run(path: str | os.PathLike, ranks: list[int] | None = None, split: st
         if saved.task_type == "CAUSAL_LM":
             raise ValueError("--data applies to classification runs; a generation run is swept on its own data")
         saved.settings.data = data
-    cfg = read_adapter_config(saved.adapter)
+    cfg = saved.config
     for b in ranks or []:
         check_rank(b, cfg.r_min, cfg.r)  # before loading anything
     peft_model, _, saved, task = load_run(saved, with_data=True)
@@ -375,7 +380,7 @@ def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "
     from .model import at_rank, get_layer_ranks, set_layer_ranks
 
     saved = read_run(path, model)
-    cfg = read_adapter_config(saved.adapter)
+    cfg = saved.config
     if budget_kind == "rank" and not cfg.r_min <= budget <= cfg.r:  # before loading anything
         raise ValueError(f"budget {budget:g} (an average rank) is outside the feasible range [r_min, r] = "
                          f"[{cfg.r_min}, {cfg.r}]")

@@ -6,7 +6,8 @@
 
 The reproduction's 1-epoch schedule (benchmarks/reproduce.py PLAN, lr 3e-3), MiniLM, r_max 8, alpha 16.
 Arms: LoRA trained at r = 1, 2, 4, 8, and one DyLoRA run per recipe (paper uniform, paper geometric,
-sandwich, sandwich + distillation, rowwise, nested), each swept at b = 1, 2, 4, 8; then the two recipes with
+sandwich, sandwich + distillation, rowwise, nested, rowwise with a distilled r_max), each swept at
+b = 1, 2, 4, 8; then the two recipes with
 the smallest worst-b gap again with rank_scaling alpha/sqrt(b); then, on bbc (one seed), the lr window of
 the paper recipe, the best recipe and LoRA r=8 over lrs 3e-4, 1e-3, 3e-3, 1e-2. Every run is a
 `dylora.run.train` run in `<out>/<task>/<arm>-s<seed>/`, reused when its sweep.json exists (resumable); two
@@ -37,6 +38,7 @@ RECIPES = {
     "sandwich-distill": dict(recipe="sandwich", distill=True),
     "rowwise": dict(recipe="rowwise"),
     "nested": dict(recipe="nested"),
+    "rowwise-distill": dict(recipe="rowwise", distill=True),
 }
 QUICK = {"bbc": dict(settings=dict(max_steps=20, max_length=64, batch_size=16, max_train=320, max_eval=60), seeds=1)}
 
@@ -172,11 +174,14 @@ def main() -> None:
     results = Path("benchmarks/results")
     path = results / ("recipes-quick.json" if args.quick else "recipes.json")
     summary: dict = json.loads(path.read_text()) if path.is_file() else {}  # other tasks' numbers are kept
+    window = {t: summary[t]["lr_window"] for t in summary if "lr_window" in summary[t]}
     t0 = time.perf_counter()
     for task, spec in plan.items():
         summary[task] = run_task(task, spec, out, seeds, pool, lr_window=task == "bbc" and not args.no_lr_window
                                  and not args.quick)
         summary[task]["wall_s"] = time.perf_counter() - t0
+        if "lr_window" not in summary[task] and task in window:  # --no-lr-window keeps the measured window
+            summary[task]["lr_window"] = window[task]
         summary = json.loads(json.dumps(summary))  # the same (string-keyed) form as the file
         results.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2))

@@ -84,6 +84,33 @@ def test_sandwich_loss_and_gradients_are_the_sum_over_its_ranks(distill):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_rowwise_distill_is_a_pass_at_r_max_then_a_rowwise_pass_that_learns_from_it():
+    """L = L_rmax + (1 - w) L_rows + w KL(p_rmax || p_rows), row j of the second pass at rank b_j."""
+    model = bert_model().train()
+    recipe = Recipe(RankSampler(1, 8, seed=3), "rowwise", distill=True, distill_weight=0.3)
+    inputs = batch(n=8)
+    loss, _ = dylora_loss(model, inputs, step=2, recipe=recipe)
+    loss.backward()
+    got = lora_grads(model)
+
+    model.zero_grad()
+    dylora.set_rank(model, 8)
+    top = model(**inputs)
+    teacher = top.logits.detach()
+    ranks = [int(b) for b in RankSampler(1, 8, seed=3).example_ranks(8, 2)]
+    assert sorted(ranks) == list(range(1, 9))  # stratified: every rank in the step
+    dylora.set_example_ranks(model, ranks)
+    rows = model(**inputs)
+    p_t, p_s = teacher.softmax(-1), rows.logits.softmax(-1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
+    want_loss = top.loss + 0.7 * rows.loss + 0.3 * kl
+    want_loss.backward()
+    torch.testing.assert_close(loss.detach(), want_loss.detach())
+    want = lora_grads(model)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_distillation_term_is_zero_when_student_and_teacher_agree():
     logits = torch.randn(5, 3)
     assert distill_kl(logits, logits).item() == pytest.approx(0.0, abs=1e-7)
@@ -280,7 +307,8 @@ def test_sqrt_scaling_forward_and_export_are_exact_in_vanilla_peft(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"recipe": "matryoshka"}, "recipe="), ({"sandwich_k": -1}, "sandwich_k="), ({"distill": 1}, "distill="),
-    ({"recipe": "paper", "distill": True}, "distill="), ({"distill_weight": 1.5}, "distill_weight="),
+    ({"recipe": "paper", "distill": True}, "distill="),
+    ({"recipe": "nested", "distill": True}, "distill="), ({"distill_weight": 1.5}, "distill_weight="),
     ({"rank_scaling": "alpha/r"}, "rank_scaling="), ({"recipe": "nested", "frozen": True}, "frozen="),
 ])
 def test_invalid_recipe_settings_name_the_field(kwargs, field):

@@ -122,7 +122,7 @@ def _common_train_options(method: str):
         recipe: Annotated[str, typer.Option(help="How each step uses ranks: paper (one sampled rank, the paper's), "
                                             "sandwich, rowwise or nested.")] = "paper",
         sandwich_k: Annotated[int, typer.Option(help="Sandwich: sampled ranks per step besides r_min and r.")] = 1,
-        distill: Annotated[bool, typer.Option("--distill", help="Sandwich: smaller ranks also learn from r's "
+        distill: Annotated[bool, typer.Option("--distill", help="Sandwich, rowwise: smaller ranks also learn from r's "
                                               "predictions (in-place distillation).")] = False,
         distill_weight: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.5,
         rank_scaling: Annotated[str, typer.Option(help="Scale at rank b: alpha/b or alpha/sqrt(b).")] = "alpha/b",

@@ -34,7 +34,8 @@ class DyLoraConfig(LoraConfig):
     `recipe` says what each optimizer step trains (see `dylora.training`): "paper" one sampled rank,
     "sandwich" r_max + r_min + `sandwich_k` sampled ranks with the losses summed (with `distill`, every rank
     below r_max also learns from r_max's detached predictions, weight `distill_weight`), "rowwise" one
-    pass with a stratified rank per example, "nested" one pass at the expected scale E_b[s_b].
+    pass with a stratified rank per example (with `distill`, a pass at r_max first, whose detached
+    predictions the rowwise pass also learns from), "nested" one pass at the expected scale E_b[s_b].
     """
 
     r_min: int = field(default=1, metadata={"help": "Smallest rank trained and served (b >= r_min)."})
@@ -47,7 +48,7 @@ class DyLoraConfig(LoraConfig):
     seed: int = field(default=0, metadata={"help": "Seed of the rank sampler."})
     recipe: str = field(default="paper", metadata={"help": f"Training recipe: one of {', '.join(RECIPES)}."})
     sandwich_k: int = field(default=1, metadata={"help": "Sampled ranks per step besides r_min and r_max."})
-    distill: bool = field(default=False, metadata={"help": "Sandwich: ranks below r_max also learn from r_max."})
+    distill: bool = field(default=False, metadata={"help": "Sandwich, rowwise: smaller ranks also learn from r_max."})
     distill_weight: float = field(default=0.5, metadata={"help": "w in (1 - w) task loss + w KL(r_max || b)."})
     rank_scaling: str = field(default="alpha/b", metadata={"help": "c(b): 'alpha/b' (paper) or 'alpha/sqrt(b)'."})
 
@@ -114,8 +115,8 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("sandwich_k", "sandwich_k must be an integer >= 0")
     if not isinstance(c.distill, bool):
         raise bad("distill", "distill must be true or false")
-    if c.distill and c.recipe != "sandwich":
-        raise bad("distill", "distillation is implemented for recipe sandwich only")
+    if c.distill and c.recipe not in ("sandwich", "rowwise"):
+        raise bad("distill", "distillation is implemented for recipes sandwich and rowwise only")
     if not 0.0 <= float(c.distill_weight) <= 1.0:
         raise bad("distill_weight", "distill_weight must lie in [0, 1]")
     if c.rank_scaling not in RANK_SCALINGS:

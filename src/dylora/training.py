@@ -7,7 +7,9 @@ forward, a loss) at ranks that are a pure function of (seed, optimizer step):
 - sandwich: passes at r_max, r_min and `sandwich_k` ranks drawn between them; the loss is their sum,
             L = sum_b L_b. With `distill`, each b < r_max has L_b = (1 - w) task_b + w KL(p_rmax || p_b),
             p_rmax being r_max's detached predictions of the same micro-batch.
-- rowwise:  one pass, row j of the batch at rank b_j (stratified: every rank in every step).
+- rowwise:  one pass, row j of the batch at rank b_j (stratified: every rank in every step). With
+            `distill`, a pass at r_max comes first (task loss) and the rowwise pass's loss is
+            (1 - w) task + w KL(p_rmax || p_rows): two passes, one of them at every rank.
 - nested:   one pass at the expected scale E_b[s_b] (see `dylora.functional`).
 
 `DyLoraTrainer` runs the recipe in the HF Trainer, one backward per pass (so memory stays that of one
@@ -116,7 +118,9 @@ class Recipe:
         if self.name == "paper":
             return [RecipePass("rank", (self.sampler.sample(step),))]
         if self.name == "rowwise":
-            return [RecipePass("rows", tuple(int(b) for b in self.sampler.example_ranks(n_rows, step)))]
+            rows = RecipePass("rows", tuple(int(b) for b in self.sampler.example_ranks(n_rows, step)),
+                              distill=self.distill)
+            return [RecipePass("rank", (self.sampler.r_max,), teacher=True), rows] if self.distill else [rows]
         if self.name == "nested":
             return [RecipePass("expected")]
         top, *rest = self.sampler.sandwich_ranks(step, self.sandwich_k)

@@ -110,6 +110,43 @@ def test_merge_at_a_rank_map_equals_the_unmerged_model(ids):
         assert (merged(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() <= 1e-5
 
 
+def test_a_layer_at_rank_0_is_switched_off_in_the_forward_the_export_and_the_merge(saved_base, tmp_path,  # noqa: F811
+                                                                                   ids):
+    """At b_l = 0 layer l computes W0 x; the export leaves it out (exclude_modules) and still loads exactly."""
+    base_dir, fresh, targets = saved_base
+    model = make(fresh(), targets, r=4)
+    ranks = spread(model, 0, 3)
+    off = [name for name, b in ranks.items() if b == 0]
+    assert off and len(off) < len(ranks)
+    dylora.set_layer_ranks(model, ranks)
+    assert dylora.get_layer_ranks(model) == ranks
+    seen = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))) for name in off]
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    for h in hooks:
+        h.remove()
+    for name, (x, out) in seen.items():
+        torch.testing.assert_close(out, model.get_submodule(name).get_base_layer()(x), msg=name)
+
+    path = dylora.export_lora(model, ranks=ranks, path=tmp_path / "plain")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert sorted(cfg["exclude_modules"]) == sorted(name.removeprefix(PREFIX) for name in off)
+    assert not any(key.rpartition(".lora_")[0] in off for key in load_file(path / "adapter_model.safetensors"))
+    (got,) = vanilla_peft_outputs(base_dir, [path], ids, tmp_path)
+    assert (got - ours).abs().max() <= 1e-5
+    merged = dylora.merge(model, ranks=ranks)
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - ours).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="every layer is at rank 0") as e:
+        dylora.export_lora(model, ranks=dict.fromkeys(ranks, 0), path=tmp_path / "none")
+    one_line(e)
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ValueError, match=r"outside \[r_min, r\] = \[1, 4\]"):
+        dylora.set_rank(model, 0)  # off is per layer only
+
+
 def calibration_loss(model, ids):
     """Mean squared distance of the logits to the model's logits now (at r_max): 0 at r everywhere."""
     with torch.no_grad():
@@ -178,6 +215,56 @@ def test_greedy_spends_the_budget_where_the_loss_drops_norm_where_the_update_is(
     assert dylora.allocate(model, 2.5, "greedy", loss_fn=loss_fn, step=2) == {a: 4, b: 1}
     dylora.set_layer_ranks(model, {a: 4, b: 1})
     assert loss_fn(model) == 0.0
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_with_min_rank_0_allocation_switches_off_the_layers_it_does_not_need(lazy):
+    """Average rank 2 on TwoPaths is 4 components: greedy (4 at a time) gives them all to a and switches b off;
+    norm gives them to b, the larger update. a alone at rank 1 (scale alpha / 1 = 4) is worse than a off."""
+    model = dylora.get_dylora_model(TwoPaths(), DyLoraConfig(r=4, lora_alpha=4, target_modules=["a", "b"])).eval()
+    with torch.no_grad():
+        for name, scale in (("a", 1.0), ("b", 10.0)):
+            layer = model.get_submodule(PREFIX + name)
+            layer.lora_A["default"].weight.copy_(torch.eye(4))
+            layer.lora_B["default"].weight.copy_(scale * torch.eye(4))
+        x = torch.cat([torch.randn(64, 4), torch.zeros(64, 4)], dim=1)
+        target = model(x)
+
+    def loss_fn(m):
+        with torch.no_grad():
+            return float(((m(x) - target) ** 2).mean())
+
+    a, b = PREFIX + "a", PREFIX + "b"
+    assert dylora.allocate(model, 2, "norm", min_rank=0) == {a: 0, b: 4}
+    assert dylora.allocate(model, 2, "greedy", loss_fn=loss_fn, min_rank=0, lazy=lazy, step=4) == {a: 4, b: 0}
+    assert dylora.allocate(model, 0.5, "greedy", loss_fn=loss_fn, min_rank=0, lazy=lazy, step=4) == {a: 0, b: 1}
+    assert dylora.allocate(model, 0, "norm", min_rank=0) == {a: 0, b: 0}
+    with pytest.raises(ValueError, match=r"min_rank must be 0 .* or r_min = 1, got 2") as e:
+        dylora.allocate(model, 2, min_rank=2)
+    one_line(e)
+    with pytest.raises(ValueError, match=r"feasible range \[min_rank, r\] = \[0, 4\]"):
+        dylora.allocate(model, -0.5, min_rank=0)
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.5, 3])
+def test_lazy_greedy_meets_the_budget_like_exact_greedy(budget, ids):
+    """Both fill the budget with no room left; on this model they pick the same ranks."""
+    model = make(tiny_bert(), ["query", "value"], r=4)
+    loss_fn = calibration_loss(model, ids)
+    costs = dylora.layer_costs(model)
+    calls = {"n": 0}
+
+    def counted(m):
+        calls["n"] += 1
+        return loss_fn(m)
+
+    lazy = dylora.allocate(model, budget, "greedy", loss_fn=counted, min_rank=0)
+    n_lazy, calls["n"] = calls["n"], 0
+    exact = dylora.allocate(model, budget, "greedy", loss_fn=counted, min_rank=0, lazy=False)
+    for ranks in (lazy, exact):
+        spent = sum(b * costs[name] for name, b in ranks.items())
+        assert spent == math.floor(budget * sum(costs.values()))
+    assert n_lazy < calls["n"]
 
 
 # ------------------------------------------------------------------ errors, one line each

@@ -3,7 +3,8 @@
 A DyLoRA adapter is ordered: in every layer its first b components were trained to stand alone, so one trained
 adapter can be cut to a different rank b_l in each layer l. At rank b a layer holds b (in_l + out_l) adapter
 parameters (b (num_embeddings + dim) for an embedding). `allocate` starts at r_min in every layer and adds
-components, always the next one of a layer (prefixes only), while they fit the budget:
+components, always the next one of a layer (prefixes only), while they fit the budget; with `min_rank=0` it
+starts at 0 (the layer switched off) and a layer comes back at r_min:
 
 - "norm" (data-free, milliseconds): keep each layer's update close to its full update. Layer l at rank b
   is off by err_l(b) = ||dW_l(b) - dW_l(r)||_F^2, with dW(b) = (alpha / b) B[:, :b] A[:b]; components go
@@ -49,25 +50,30 @@ def layer_costs(model: torch.nn.Module, adapter_name: str | None = None) -> dict
     return costs
 
 
-def _budget_params(budget: float, kind: str, per_rank: int, r_min: int, r: int) -> int:
-    """The budget in parameters, checked to lie between r_min and r in every layer."""
+def _budget_params(budget: float, kind: str, per_rank: int, low: int, r: int) -> int:
+    """The budget in parameters, checked to lie between rank `low` and r in every layer."""
     if kind not in BUDGET_KINDS:
         raise ValueError(f"budget_kind must be one of {', '.join(BUDGET_KINDS)}, got {kind!r}")
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
         raise ValueError(f"budget must be a finite number, got {budget!r}")
     if kind == "rank":
-        if not r_min <= budget <= r:
+        if not low <= budget <= r:
             raise ValueError(f"budget {budget!r} (an average rank) is outside the feasible range "
-                             f"[r_min, r] = [{r_min}, {r}]")
+                             f"[{'min_rank' if low == 0 else 'r_min'}, r] = [{low}, {r}]")
         return math.floor(budget * per_rank + 1e-6)
-    if not r_min * per_rank <= budget <= r * per_rank:
-        raise ValueError(f"budget {budget!r} parameters is outside the feasible range [{r_min * per_rank}, "
-                         f"{r * per_rank}] (rank r_min = {r_min} to r = {r} in every layer)")
+    if not low * per_rank <= budget <= r * per_rank:
+        raise ValueError(f"budget {budget!r} parameters is outside the feasible range [{low * per_rank}, "
+                         f"{r * per_rank}] (rank {low} to r = {r} in every layer)")
     return math.floor(budget)
 
 
+def _grown(b: int, k: int, r_min: int) -> int:
+    """The rank k components above b, where a layer switched off (b = 0) comes back at r_min at least."""
+    return max(b + k, r_min)
+
+
 def truncation_errors(module: LoraLayer, adapter: str) -> list[float]:
-    """err(b) = ||dW(b) - dW(r)||_F^2 for b = 0..r (entries below r_min are 0 and unused).
+    """err(b) = ||dW(b) - dW(r)||_F^2 for b = 0..r (b = 0: the layer off; entries 1..r_min-1 are 0 and unused).
 
     With d = s_b - s_r (the rank-scale vectors), dW(b) - dW(r) = B diag(d) A, whose squared norm is
     d^T G d with the r x r Gram matrix G = (B^T B) * (A A^T) (elementwise): no d_out x d_in matrix is built.
@@ -77,35 +83,37 @@ def truncation_errors(module: LoraLayer, adapter: str) -> list[float]:
     gram = ((B.T @ B) * (A @ A.T)).double().cpu()
     full = rank_scale(variant.r, variant.r, variant.lora_alpha, scaling=variant.rank_scaling).double()
     errors = [0.0] * (variant.r + 1)
-    for b in range(variant.r_min, variant.r + 1):
+    for b in [0, *range(variant.r_min, variant.r + 1)]:
         d = rank_scale(b, variant.r, variant.lora_alpha, scaling=variant.rank_scaling).double() - full
         errors[b] = float(d @ gram @ d)
     return errors
 
 
-def _best_extension(errors: list[float], b: int, r: int, cost: int, left: int) -> tuple[float, int] | None:
+def _best_extension(errors: list[float], b: int, r_min: int, r: int, cost: int,
+                    left: int) -> tuple[float, int] | None:
     """(error drop per parameter, new rank) of the best b -> b2 that fits in `left`, or None."""
     best = None
-    for b2 in range(b + 1, min(r, b + left // cost) + 1):
+    for b2 in range(_grown(b, 1, r_min), min(r, b + left // cost) + 1):
         gain = (errors[b] - errors[b2]) / ((b2 - b) * cost)
         if best is None or gain > best[0]:
             best = (gain, b2)
     return best
 
 
-def _norm(errors: dict[str, list[float]], costs: dict[str, int], r_min: int, r: int, left: int) -> dict[str, int]:
+def _norm(errors: dict[str, list[float]], costs: dict[str, int], low: int, r_min: int, r: int,
+          left: int) -> dict[str, int]:
     """Grow the layer whose error drops most per parameter until nothing fits.
 
     A layer may grow by several components at once (b -> b2, the best average drop), so a layer whose next
     component alone helps little but whose next two help a lot is not starved. A heap holds each layer's best
     step; only the grown layer's step changes, and a step that no longer fits is recomputed when popped.
     """
-    ranks = dict.fromkeys(errors, r_min)
+    ranks = dict.fromkeys(errors, low)
     order = {key: i for i, key in enumerate(errors)}
     heap: list[tuple[float, int, int, str]] = []
 
     def push(key: str) -> None:
-        best = _best_extension(errors[key], ranks[key], r, costs[key], left)
+        best = _best_extension(errors[key], ranks[key], r_min, r, costs[key], left)
         if best is not None:
             heapq.heappush(heap, (-best[0], order[key], best[1], key))
 
@@ -129,61 +137,103 @@ def _loss(loss_fn: Callable[[torch.nn.Module], float], model: torch.nn.Module) -
 
 
 def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], costs: dict[str, int],
-            r_min: int, r: int, left: int, loss_fn: Callable[[torch.nn.Module], float], step: int,
-            progress: bool) -> dict[str, int]:
-    """Each round, try `step` more components in every layer and keep the best drop in loss per parameter."""
+            low: int, r_min: int, r: int, left: int, loss_fn: Callable[[torch.nn.Module], float], step: int,
+            lazy: bool, progress: bool) -> dict[str, int]:
+    """Each round, grow the layer whose next `step` components lower the loss most per parameter.
+
+    Exact (`lazy=False`): every layer is tried in every round. Lazy: a heap keeps each layer's gain from the
+    round it was last tried; the top layer is tried again at the current ranks and taken if it still beats
+    every other layer's stale gain, else pushed back (exact where gains only shrink as others grow).
+    """
     from tqdm.auto import tqdm
 
-    ranks = dict.fromkeys(layers, r_min)
+    ranks = dict.fromkeys(layers, low)
     for module in layers.values():
-        set_layer_rank(module, adapter, r_min)
+        set_layer_rank(module, adapter, low)
     loss = _loss(loss_fn, model)
+    order = {key: i for i, key in enumerate(layers)}
+
+    def trial(key: str) -> tuple[float, int, float] | None:
+        """(loss drop per parameter, new rank, loss) of growing layer `key` now, or None if nothing fits."""
+        b2 = min(_grown(ranks[key], step, r_min), r)
+        while b2 > ranks[key] and (b2 - ranks[key]) * costs[key] > left:
+            b2 -= 1
+        if b2 <= ranks[key] or b2 < r_min:
+            return None
+        set_layer_rank(layers[key], adapter, b2)
+        value = _loss(loss_fn, model)
+        set_layer_rank(layers[key], adapter, ranks[key])
+        return (loss - value) / ((b2 - ranks[key]) * costs[key]), b2, value
+
     with tqdm(total=left, desc="greedy allocation", unit="param", disable=not progress) as bar:
-        while True:
-            best = None
-            for key, module in layers.items():
-                k = min(step, r - ranks[key], left // costs[key])
-                if k < 1:
+        heap: list[tuple[float, int, str]] = []
+        version = 0  # bumped whenever a layer grows: a gain tried at an older version is stale
+        tried: dict[str, int] = {}
+        for key in layers:
+            got = trial(key)
+            if got is not None:
+                heapq.heappush(heap, (-got[0], order[key], key))
+                tried[key] = version
+        while heap:
+            if lazy:
+                _, _, key = heapq.heappop(heap)
+                got = trial(key)
+                if got is None:
                     continue
-                set_layer_rank(module, adapter, ranks[key] + k)
-                trial = _loss(loss_fn, model)
-                set_layer_rank(module, adapter, ranks[key])
-                gain = (loss - trial) / (k * costs[key])
-                if best is None or gain > best[0]:
-                    best = (gain, key, k, trial)
-            if best is None:
-                return ranks
-            _, key, k, loss = best
-            ranks[key] += k
-            left -= k * costs[key]
-            set_layer_rank(layers[key], adapter, ranks[key])
-            bar.update(k * costs[key])
+                if tried[key] != version and heap and -heap[0][0] > got[0]:
+                    heapq.heappush(heap, (-got[0], order[key], key))
+                    tried[key] = version
+                    continue
+            else:
+                scored = [(got, key) for key in layers if (got := trial(key)) is not None]
+                if not scored:
+                    break
+                got, key = max(scored, key=lambda t: (t[0][0], -order[t[1]]))
+                heap.clear()
+            _, b2, loss = got
+            left -= (b2 - ranks[key]) * costs[key]
+            bar.update((b2 - ranks[key]) * costs[key])
+            ranks[key] = b2
+            set_layer_rank(layers[key], adapter, b2)
+            version += 1
+            if lazy:
+                again = trial(key)
+                if again is not None:
+                    heapq.heappush(heap, (-again[0], order[key], key))
+                    tried[key] = version
+            else:
+                heap.append((0.0, 0, key))  # keeps the loop going; the next round scores every layer again
+    return ranks
 
 
 def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
              loss_fn: Callable[[torch.nn.Module], float] | None = None, budget_kind: str = "rank",
-             adapter_name: str | None = None, progress: bool = False, step: int = 1) -> dict[str, int]:
+             adapter_name: str | None = None, progress: bool = False, step: int = 1, min_rank: int | None = None,
+             lazy: bool = True) -> dict[str, int]:
     """Per-layer ranks {module name: b_l} of a trained DyLoRA adapter within a parameter budget.
 
     Args:
         model: a DyLoRA model; its ranks are the same before and after the call.
-        budget: an average rank in [r_min, r] (`budget_kind="rank"`: budget * sum_l (in_l + out_l) parameters
+        budget: an average rank in [min_rank, r] (`budget_kind="rank"`: budget * sum_l (in_l + out_l) parameters
             may be spent) or a number of adapter parameters (`budget_kind="params"`). Layer l at rank b costs
             b (in_l + out_l) (see `layer_costs`). The result never exceeds the budget and is full: no layer's
             next component still fits.
         method: "norm" (data-free: keep ||dW_l(b_l) - dW_l(r)||_F^2 small, see `truncation_errors`; it accounts
             for the scale alpha / b_l rescaling every kept component, which a per-component score
             ||B[:, i]|| ||A[i]|| alpha / b could not, as b_l is not known while scoring) or "greedy"
-            (data-driven: each round tries `step` more components in every layer and keeps the one that
-            lowers `loss_fn(model)` most per added parameter, even if none lowers it, until the budget is spent).
+            (data-driven: each round grows by `step` components the layer whose growth lowers `loss_fn(model)`
+            most per added parameter, even if none lowers it, until the budget is spent).
         loss_fn: for "greedy": model -> float, a calibration loss evaluated at the model's current ranks (run
-            under `torch.no_grad`, model in eval mode). Greedy calls it n_layers times a round, and a round
+            under `torch.no_grad`, model in eval mode). Exact greedy calls it n_layers times a round, and a round
             adds `step` components: about n_layers * n_layers * (budget - r_min) / step calls for an average
-            rank budget with layers of one size.
+            rank budget with layers of one size; lazy greedy (the default) about 2-3 a round.
         budget_kind: "rank" or "params".
         adapter_name: the DyLoRA adapter (default: the active one).
         progress: show a progress bar (greedy).
         step: components a greedy round adds to a layer at once.
+        min_rank: the smallest rank a layer may get: the adapter's r_min (None, the default) or 0, which lets
+            allocation switch layers off (the budget may then be any average rank in [0, r]).
+        lazy: greedy re-tries only the most promising layer each round (see `_greedy`); False tries all.
     """
     name, cfg = _one(model, adapter_name)
     if method not in METHODS:
@@ -192,20 +242,23 @@ def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
         raise ValueError("method='greedy' needs loss_fn: a callable model -> float (a calibration loss)")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an integer >= 1, got {step!r}")
+    low = cfg.r_min if min_rank is None else min_rank
+    if low not in (0, cfg.r_min) or isinstance(low, bool):
+        raise ValueError(f"min_rank must be 0 (layers may be switched off) or r_min = {cfg.r_min}, got {min_rank!r}")
     layers = _named_layers(model, name)
     costs = layer_costs(model, name)
     per_rank = sum(costs.values())
-    left = _budget_params(budget, budget_kind, per_rank, cfg.r_min, cfg.r) - cfg.r_min * per_rank
+    left = _budget_params(budget, budget_kind, per_rank, low, cfg.r) - low * per_rank
     if method == "norm":
         errors = {key: truncation_errors(module, name) for key, module in layers.items()}
-        return _norm(errors, costs, cfg.r_min, cfg.r, left)
+        return _norm(errors, costs, low, cfg.r_min, cfg.r, left)
     if any(module.lora_variant[name].merged_scale is not None for module in layers.values()):
         raise ValueError(f"adapter {name!r} is merged, so its ranks do not change the output; unmerge it first")
     previous, training = get_layer_ranks(model, name), model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _greedy(model, name, layers, costs, cfg.r_min, cfg.r, left, loss_fn, step, progress)
+            return _greedy(model, name, layers, costs, low, cfg.r_min, cfg.r, left, loss_fn, step, lazy, progress)
     finally:
         for key, b in previous.items():
             set_layer_rank(layers[key], name, b)

@@ -55,7 +55,8 @@ def _rank_line(config: Any, rank: int | Mapping[str, int] | None) -> str:
         return f"every rank b in [r_min, r_max] = [{r_min}, {r}] (choose one with `dylora.set_rank`)"
     if isinstance(rank, Mapping):
         ranks = sorted(rank.values())
-        return f"per-layer ranks from {ranks[0]} to {ranks[-1]} (r_max = {r}; see `rank_pattern`)"
+        off = f"; {ranks.count(0)} layers off, see `exclude_modules`" if 0 in ranks else ""
+        return f"per-layer ranks from {ranks[0]} to {ranks[-1]} (r_max = {r}; see `rank_pattern`{off})"
     return f"{rank} of r_max = {r} (trained over every rank in [{r_min}, {r}])"
 
 

@@ -17,6 +17,9 @@ rows/columns 1..b of A/B get gradient and the rest get exactly zero (their activ
 In frozen mode ("DyLoRA (Frozen)") only row b of A and column b of B learn: rows/columns 1..b-1 are
 used in the forward but their gradient is cut by the *gradient mask* g_b[i] = 1 if i == b-1 else 0.
 
+Per-layer ranks (`dylora.set_layer_ranks`, allocation) may also be b = 0: s_0 = 0, the layer switched off
+(h = W0 x, and it is left out of an export).
+
 Per-example ranks: with a rank b_j for each row j of a batch, the scale is a (batch, r) matrix S whose row
 j is s_{b_j}; row j of the output is row j at rank b_j alone, still without slicing a weight.
 
@@ -40,15 +43,20 @@ import torch
 RANK_SCALINGS = ("alpha/b", "alpha/sqrt(b)")
 
 
-def check_rank(rank: int, r_min: int, r: int) -> int:
-    """Return ``rank`` if it lies in [r_min, r], else raise a ValueError naming the range."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or not r_min <= rank <= r:
-        raise ValueError(f"rank {rank!r} is outside [r_min, r] = [{r_min}, {r}]: a rank is an integer in that range")
+def check_rank(rank: int, r_min: int, r: int, *, off: bool = False) -> int:
+    """Return ``rank`` if it lies in [r_min, r] (or is 0, a layer switched off, when ``off``), else raise a
+    ValueError naming the range."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not (r_min <= rank <= r or (off and rank == 0)):
+        zero = " or 0 (the layer switched off)" if off else ""
+        raise ValueError(f"rank {rank!r} is outside [r_min, r] = [{r_min}, {r}]: a rank is an integer in that "
+                         f"range{zero}")
     return rank
 
 
 def rank_coefficient(rank: int, lora_alpha: float, scaling: str = "alpha/b") -> float:
-    """c(b): lora_alpha / b, or lora_alpha / sqrt(b) (exactly PEFT's rsLoRA scale at r = b)."""
+    """c(b): lora_alpha / b, or lora_alpha / sqrt(b) (exactly PEFT's rsLoRA scale at r = b); c(0) = 0."""
+    if rank == 0 and scaling in RANK_SCALINGS:
+        return 0.0
     if scaling == "alpha/b":
         return lora_alpha / rank
     if scaling == "alpha/sqrt(b)":
@@ -93,11 +101,12 @@ def broadcast_scale(scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def grad_mask(rank: int, r: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The vector g_b of frozen mode: 1 at component b (index b-1), 0 elsewhere."""
+    """The vector g_b of frozen mode: 1 at component b (index b-1), 0 elsewhere (all 0 at b = 0)."""
     g = torch.zeros(r) if out is None else out
     with torch.no_grad():
         g.zero_()
-        g[rank - 1] = 1.0
+        if rank > 0:
+            g[rank - 1] = 1.0
     return g
 
 

@@ -59,7 +59,7 @@ class _DyLoraVariant(LoraVariant):
         self.set_rank(module, adapter, self.r)
 
     def set_rank(self, module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
-        check_rank(rank, self.r_min, self.r)
+        check_rank(rank, self.r_min, self.r, off=True)
         scale = rank_scale(rank, self.r, self.lora_alpha, scaling=self.rank_scaling)
         self._put(module, adapter, scale, grad_mask(rank, self.r))
         self.rank = rank
@@ -199,5 +199,5 @@ def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
 
 
 def set_layer_rank(module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
-    """Use rank b in one layer (its variant checks b against [r_min, r])."""
+    """Use rank b in one layer (its variant checks b against [r_min, r]; b = 0 switches the layer off)."""
     module.lora_variant[adapter].set_rank(module, adapter, rank)

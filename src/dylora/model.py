@@ -177,7 +177,7 @@ def _named_layers(model: torch.nn.Module, adapter: str) -> dict[str, LoraLayer]:
 
 
 def _rank_map(model: torch.nn.Module, adapter: str, ranks: Mapping[str, int]) -> dict[str, int]:
-    """`ranks` checked (known layer, b in [r_min, r]) and keyed by full module name."""
+    """`ranks` checked (known layer, b in [r_min, r] or 0 = off) and keyed by full module name."""
     layers = _named_layers(model, adapter)
     out = {}
     for key, b in ranks.items():
@@ -188,7 +188,7 @@ def _rank_map(model: torch.nn.Module, adapter: str, ranks: Mapping[str, int]) ->
                              f"named like {shown} ({len(layers)} in all, see dylora.get_layer_ranks)")
         variant = layers[name].lora_variant[adapter]
         try:
-            out[name] = check_rank(b, variant.r_min, variant.r)
+            out[name] = check_rank(b, variant.r_min, variant.r, off=True)
         except ValueError as err:
             raise ValueError(f"{key}: {err}") from None
     return out
@@ -201,7 +201,8 @@ def get_layer_ranks(model: torch.nn.Module, adapter_name: str | None = None) -> 
 
 
 def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_name: str | None = None) -> None:
-    """Use rank b_l in layer l: W0 x + (alpha / b_l) B[:, :b_l] A[:b_l] x. Unlisted layers keep their rank.
+    """Use rank b_l in layer l: W0 x + (alpha / b_l) B[:, :b_l] A[:b_l] x (b_l = 0: W0 x, the layer switched
+    off). Unlisted layers keep their rank.
 
     Keys are module names as in `model.named_modules()`, with or without the `base_model.model.` prefix.
     Acts on the named adapter, or the active one; every name and rank is checked before any is set.
@@ -370,8 +371,9 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     Keeps A[:b_l], B[:, :b_l] of each layer. With one rank: r = b, lora_alpha = alpha, so vanilla PEFT's
     scale alpha / b is DyLoRA's exactly. With `ranks` ({module name: b_l}; unlisted layers keep their
     current rank): r = max b_l and `rank_pattern` gives every other layer its b_l, so PEFT's scale
-    alpha_l / b_l is again DyLoRA's. `bake_scale=True` folds alpha_l / b_l into B and writes
-    lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for consumers that ignore `alpha_pattern`.
+    alpha_l / b_l is again DyLoRA's; layers at b_l = 0 are left out (`exclude_modules`). `bake_scale=True`
+    folds alpha_l / b_l into B and writes lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for
+    consumers that ignore `alpha_pattern`.
     With rank_scaling "alpha/sqrt(b)" it writes use_rslora=True: PEFT's alpha / sqrt(b_l) is then DyLoRA's c(b_l).
     With `card`, a README.md model card is written beside (`dylora.cards.write_card`, which can rewrite it with
     the sweep and the command).
@@ -387,10 +389,15 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
         b_of = dict.fromkeys(layers, rank)
     else:
         b_of = {**get_layer_ranks(peft_model, name), **_rank_map(peft_model, name, ranks)}
+    off = sorted(module for module, b in b_of.items() if b == 0)
+    if len(off) == len(b_of):
+        raise ValueError("every layer is at rank 0 (switched off): there is no adapter to export")
     state = get_peft_model_state_dict(peft_model, adapter_name=name)
     sliced = {}
     for key, t in state.items():
         module, _, part = key.rpartition(".lora_")
+        if b_of.get(module) == 0:
+            continue
         if part in ("A.weight", "embedding_A"):
             t = t[:b_of[module]]
         elif part in ("B.weight", "embedding_B"):
@@ -401,7 +408,8 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     plain = LoraConfig(**{k: v for k, v in cfg.to_dict().items()
                           if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
     plain.r = max(b_of.values())
-    plain.rank_pattern = {pattern_key(module): b for module, b in b_of.items() if b != plain.r}
+    plain.rank_pattern = {pattern_key(module): b for module, b in b_of.items() if b not in (0, plain.r)}
+    plain.exclude_modules = [module.removeprefix(PREFIX) for module in off] or None
     plain.lora_alpha = plain.r if bake_scale else cfg.lora_alpha
     plain.alpha_pattern = dict(plain.rank_pattern) if bake_scale else dict(cfg.alpha_pattern or {})
     plain.use_rslora = cfg.rank_scaling == "alpha/sqrt(b)" and not bake_scale

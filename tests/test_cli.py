@@ -226,7 +226,16 @@ def test_allocate_per_layer_ranks_of_a_run(trained, tmp_path, capsys):
         assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         exported = json.loads((tmp_path / method / "adapter_config.json").read_text())
         assert exported["r"] == max(record["ranks"].values())
+    capsys.readouterr()
+    assert main(["allocate", str(out), "--budget", "0.5", "--allow-off", "--method", "greedy", "--calibration", "16",
+                 "--quiet", "--export", str(tmp_path / "off")]) == 0
+    record = json.loads((out / "allocation.json").read_text())
+    off = [name for name, b in record["ranks"].items() if b == 0]
+    assert off and record["params"] <= record["uniform"]["params"] // 2  # half of r_min everywhere
+    exported = json.loads((tmp_path / "off" / "adapter_config.json").read_text())
+    assert sorted(exported["exclude_modules"]) == sorted(name.removeprefix("base_model.model.") for name in off)
     for args, message in ((["--budget", "2", "--params", "100"], "one budget"), (["--budget", "9"], "budget"),
+                          (["--budget", "0.5"], "[r_min, r] = [1, 4]"),
                           (["--budget", "2", "--method", "svd"], "norm, greedy")):
         capsys.readouterr()
         assert main(["allocate", str(out), *args]) == 2

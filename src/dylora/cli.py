@@ -277,11 +277,16 @@ def export(
 @app.command(help="Choose a rank per layer within a budget, after training; score it beside uniform truncation.")
 def allocate(
     run_or_adapter: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.")],
-    budget: Annotated[float | None, typer.Option(help="Average rank per layer, in [r_min, r].")] = None,
+    budget: Annotated[float | None, typer.Option(help="Average rank per layer, in [r_min, r] (or [0, r] with "
+                                                 "--allow-off).")] = None,
     params: Annotated[int | None, typer.Option(help="Or: the number of adapter parameters.")] = None,
     method: Annotated[str, typer.Option(help="norm (data-free, fast) or greedy (calibration loss).")] = "norm",
     calibration: Annotated[int, typer.Option(help="Greedy: validation rows of the calibration loss.")] = 128,
     step: Annotated[int, typer.Option(help="Greedy: components a round adds to one layer.")] = 1,
+    allow_off: Annotated[bool, typer.Option("--allow-off", help="Let layers go to rank 0 (switched off); the "
+                                            "budget may then be any average rank in [0, r].")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Greedy: try every layer every round (slower) instead "
+                                        "of only the most promising one.")] = False,
     export: Annotated[Path | None, typer.Option(help="Also write the allocation as a plain PEFT LoRA here.")] = None,
     bake_scale: Annotated[bool, typer.Option("--bake-scale", help="Export: fold each layer's scale into B "
                                              "(for tools that ignore alpha_pattern).")] = False,
@@ -304,7 +309,8 @@ def allocate(
         raise UsageFailure(f"{export} exists; pass --overwrite to replace it")
     kind, value = ("rank", budget) if budget is not None else ("params", params)
     record = allocate_run(run_or_adapter, value, budget_kind=kind, method=method, calibration=calibration,
-                          step=step, model=model, progress=not quiet)
+                          step=step, model=model, min_rank=0 if allow_off else None, lazy=not exact,
+                          progress=not quiet)
     peft_model = record.pop("model")
     from rich.table import Table
 

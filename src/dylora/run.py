@@ -371,24 +371,26 @@ def sweep_run(path: str | os.PathLike, ranks: list[int] | None = None, split: st
 
 
 def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "rank", method: str = "norm",
-                 calibration: int = 128, step: int = 1, model: str | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 calibration: int = 128, step: int = 1, model: str | None = None, min_rank: int | None = None,
+                 lazy: bool = True, progress: bool = True) -> dict[str, Any]:
     """Per-layer ranks of a saved run within a budget (`dylora.allocate`; greedy on the task's loss over the
     first `calibration` validation rows), scored on validation and test beside uniform truncation with no
-    more parameters. Returns the allocation record (written as allocation.json by the caller)."""
+    more parameters (r_min where even r_min everywhere costs more). `min_rank=0` lets it switch layers off.
+    Returns the allocation record (written as allocation.json by the caller)."""
     from .allocation import allocate, layer_costs
     from .model import at_rank, get_layer_ranks, set_layer_ranks
 
     saved = read_run(path, model)
     cfg = saved.config
-    if budget_kind == "rank" and not cfg.r_min <= budget <= cfg.r:  # before loading anything
-        raise ValueError(f"budget {budget:g} (an average rank) is outside the feasible range [r_min, r] = "
-                         f"[{cfg.r_min}, {cfg.r}]")
+    low = cfg.r_min if min_rank is None else min_rank
+    if budget_kind == "rank" and not low <= budget <= cfg.r:  # before loading anything
+        raise ValueError(f"budget {budget:g} (an average rank) is outside the feasible range "
+                         f"[{'min_rank' if low == 0 else 'r_min'}, r] = [{low}, {cfg.r}]")
     peft_model, _, saved, task = load_run(saved, with_data=True)
     task.encode(token_budget(saved.settings, task, peft_model.config))
     t0 = time.perf_counter()
     ranks = allocate(peft_model, budget, method, budget_kind=budget_kind, step=step, progress=progress,
-                     loss_fn=lambda m: task.calibration_loss(m, calibration))
+                     loss_fn=lambda m: task.calibration_loss(m, calibration), min_rank=min_rank, lazy=lazy)
     seconds = time.perf_counter() - t0
     costs = layer_costs(peft_model)
     params = sum(b * costs[name] for name, b in ranks.items())

@@ -11,7 +11,8 @@ method's count is asserted to be within the budget. The greedy method's calibrat
 cross-entropy on the first 128 rows of the validation split; nothing is chosen on the rest of validation or on
 test (validation is reported beside test).
 
-Training runs are `dylora.run.train` runs (DyLoRA r=8 and LoRA r=8, `<out>/<task>/{dylora,lora}-s<seed>/`);
+Training runs are `dylora.run.train` runs (DyLoRA r=8 with the paper's recipe, and LoRA r=8,
+`<out>/<task>/{dylora,lora}-s<seed>/`);
 AdaLoRA is trained with the HF Trainer and the same `TrainingArguments` (`<out>/<task>/adalora-b<B>-s<seed>.json`);
 each allocation writes `<out>/<task>/alloc-b<B>-s<seed>.json`. A finished file is reused, so an interrupted
 benchmark resumes. Two single-threaded jobs run at a time. All numbers go to `--results`
@@ -47,10 +48,15 @@ QUICK_BUDGETS = (1, 2)
 METHODS = {  # key: label in the tables
     "norm": "DyLoRA + allocate(norm)",
     "greedy": "DyLoRA + allocate(greedy)",
+    "norm-off": "DyLoRA + allocate(norm, layers may be off)",
+    "greedy-off": "DyLoRA + allocate(greedy, layers may be off)",
     "uniform": "DyLoRA, uniform truncation (b = B)",
     "svd": "LoRA r=8 + SVD allocation",
     "adalora": "AdaLoRA (init_r 8, target_r B)",
 }
+
+
+ALLOCATED = ("norm", "greedy", "norm-off", "greedy-off")  # dylora.allocate (lazy greedy), min_rank r_min or 0
 
 
 def load_avg() -> float:
@@ -169,9 +175,11 @@ def allocate_job(path: Path, dylora_dir: Path, lora_dir: Path, budget: int, n_ca
         return {"ranks": ranks, "params": params, "alloc_s": round(seconds, 3), "calibration_loss": loss_fn(m),
                 "validation": task.evaluate(m, "validation"), "test": task.evaluate(m, "test")}
 
-    for method in ("norm", "greedy"):
+    for method in ALLOCATED:
         t0 = time.perf_counter()
-        ranks = dylora.allocate(model, budget, method, loss_fn=loss_fn if method == "greedy" else None)
+        kind = method.removesuffix("-off")
+        ranks = dylora.allocate(model, budget, kind, loss_fn=loss_fn if kind == "greedy" else None,
+                                min_rank=0 if method.endswith("-off") else None)
         seconds = time.perf_counter() - t0
         dylora.set_layer_ranks(model, ranks)
         res[method] = score(model, ranks, seconds)
@@ -273,7 +281,8 @@ def run(plan: dict, budgets: tuple, out: Path, pool: Pool) -> dict:
     t_start = time.perf_counter()
     runs = {}
     for task, spec in plan.items():
-        base = Settings(model="minilm", data=task, r=R, lora_alpha=ALPHA, lr=LR[task], **spec["settings"])
+        base = Settings(model="minilm", data=task, r=R, lora_alpha=ALPHA, lr=LR[task], recipe="paper",
+                        **spec["settings"])
         for seed in range(spec["seeds"]):
             runs[task, "dylora", seed] = ("train", out / task / f"dylora-s{seed}",
                                           replace(base, method="dylora", seed=seed, ranks=[*budgets, R]))
@@ -309,8 +318,7 @@ def run(plan: dict, budgets: tuple, out: Path, pool: Pool) -> dict:
                 row = next(r for r in dy["rows"] if r["rank"] == budget)
                 train_dy = dy["timings"]["train_s"]
                 arms = {
-                    "norm": {**a["norm"], "total_s": train_dy + a["norm"]["alloc_s"]},
-                    "greedy": {**a["greedy"], "total_s": train_dy + a["greedy"]["alloc_s"]},
+                    **{m: {**a[m], "total_s": train_dy + a[m]["alloc_s"]} for m in ALLOCATED},
                     "uniform": {"params": budget * a["per_rank"], "alloc_s": 0.0, "total_s": train_dy,
                                 "calibration_loss": a["uniform"]["calibration_loss"],
                                 "validation": {k[len("validation_"):]: v for k, v in row.items()
@@ -421,14 +429,14 @@ def targets(task: str, t: dict, metric: str) -> list[str]:
         return statistics.fmean(arms[method][str(b)][sd][key][metric] for sd in seeds)
 
     lines = ["| target | measured | met |", "|---|---|---|"]
-    for method in ("norm", "greedy"):
+    for method in ALLOCATED:
         for b in t["budgets"]:
             gap = mean(method, b) - mean("uniform", b)
             if task == "bbc" and b in (1, 2):
                 lines.append(f"| {method} >= uniform + 1 at B={b} | {gap:+.1f} | {'yes' if gap >= 1 else 'no'} |")
             gap = mean(method, b) - mean("adalora", b)
             lines.append(f"| {method} >= AdaLoRA at B={b} | {gap:+.1f} | {'yes' if gap >= 0 else 'no'} |")
-    for method, limit in (("norm", 60), ("greedy", 300)):
+    for method, limit in (("norm", 60), ("greedy", 300), ("norm-off", 60), ("greedy-off", 300)):
         worst = max(arms[method][str(b)][sd]["alloc_s"] for b in t["budgets"] for sd in seeds)
         lines.append(f"| {method} allocation < {limit} s (slowest budget and seed, one thread) | {worst:.1f} s "
                      f"| {'yes' if worst < limit else 'no'} |")
@@ -443,7 +451,7 @@ def plot_heatmap(path: Path, task: str, budget: str, t: dict) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    shown = ["norm", "greedy", "svd", "adalora"]
+    shown = ["norm", "greedy", "greedy-off", "svd", "adalora"]
     fig, axes = plt.subplots(1, len(shown), figsize=(2.3 * len(shown) + 1, 3.6), dpi=120, sharey=True)
     for ax, method in zip(axes, shown, strict=True):
         ranks = t["arms"][method][budget]["0"]["ranks"]
@@ -458,7 +466,8 @@ def plot_heatmap(path: Path, task: str, budget: str, t: dict) -> None:
             ax.text(j, i, str(k), ha="center", va="center", color="white" if k < R / 2 else "black", fontsize=9)
         ax.set_xticks(range(len(modules)), modules)
         ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
-        ax.set_title(METHODS[method].replace("DyLoRA + ", "").replace(" (init_r 8, target_r B)", ""), fontsize=8)
+        ax.set_title(METHODS[method].replace("DyLoRA + ", "").replace(" (init_r 8, target_r B)", "")
+                     .replace(", layers may be off", ",\nlayers may be off"), fontsize=8)
     fig.colorbar(im, ax=axes, label="rank k_l", shrink=0.8)
     fig.suptitle(f"{task}, seed 0, average rank B = {budget}: rank per layer", fontsize=10)
     fig.savefig(path, bbox_inches="tight")

@@ -189,12 +189,9 @@ class TwoPaths(torch.nn.Module):
         return self.a(x[:, :4]) + self.b(x[:, 4:])
 
 
-def test_greedy_spends_the_budget_where_the_loss_drops_norm_where_the_update_is():
-    """Layer b has the larger update (norm's pick) but sees only zeros on the calibration set (greedy's pick: a).
-
-    A = B = I in a (10 I as B in b), alpha = r = 4: ||dW(b) - dW(4)||^2 is 12, 4, 4/3, 0 for b = 1..4, a loss
-    falling with every component of a.
-    """
+def two_paths():
+    """TwoPaths with A = B = I in a (10 I as B in b), alpha = r = 4, and the squared distance of its outputs to
+    its outputs at r on data where only a matters."""
     torch.manual_seed(0)
     model = dylora.get_dylora_model(TwoPaths(), DyLoraConfig(r=4, lora_alpha=4, target_modules=["a", "b"])).eval()
     with torch.no_grad():
@@ -209,6 +206,16 @@ def test_greedy_spends_the_budget_where_the_loss_drops_norm_where_the_update_is(
         with torch.no_grad():
             return float(((m(x) - target) ** 2).mean())
 
+    return model, loss_fn
+
+
+def test_greedy_spends_the_budget_where_the_loss_drops_norm_where_the_update_is():
+    """Layer b has the larger update (norm's pick) but sees only zeros on the calibration set (greedy's pick: a).
+
+    A = B = I in a (10 I as B in b), alpha = r = 4: ||dW(b) - dW(4)||^2 is 12, 4, 4/3, 0 for b = 1..4, a loss
+    falling with every component of a.
+    """
+    model, loss_fn = two_paths()
     a, b = PREFIX + "a", PREFIX + "b"
     assert dylora.allocate(model, 2.5, "norm") == {a: 1, b: 4}  # 40 parameters: 2 components + 3 more
     assert dylora.allocate(model, 2.5, "greedy", loss_fn=loss_fn) == {a: 4, b: 1}
@@ -221,19 +228,7 @@ def test_greedy_spends_the_budget_where_the_loss_drops_norm_where_the_update_is(
 def test_with_min_rank_0_allocation_switches_off_the_layers_it_does_not_need(lazy):
     """Average rank 2 on TwoPaths is 4 components: greedy (4 at a time) gives them all to a and switches b off;
     norm gives them to b, the larger update. a alone at rank 1 (scale alpha / 1 = 4) is worse than a off."""
-    model = dylora.get_dylora_model(TwoPaths(), DyLoraConfig(r=4, lora_alpha=4, target_modules=["a", "b"])).eval()
-    with torch.no_grad():
-        for name, scale in (("a", 1.0), ("b", 10.0)):
-            layer = model.get_submodule(PREFIX + name)
-            layer.lora_A["default"].weight.copy_(torch.eye(4))
-            layer.lora_B["default"].weight.copy_(scale * torch.eye(4))
-        x = torch.cat([torch.randn(64, 4), torch.zeros(64, 4)], dim=1)
-        target = model(x)
-
-    def loss_fn(m):
-        with torch.no_grad():
-            return float(((m(x) - target) ** 2).mean())
-
+    model, loss_fn = two_paths()
     a, b = PREFIX + "a", PREFIX + "b"
     assert dylora.allocate(model, 2, "norm", min_rank=0) == {a: 0, b: 4}
     assert dylora.allocate(model, 2, "greedy", loss_fn=loss_fn, min_rank=0, lazy=lazy, step=4) == {a: 4, b: 0}

@@ -33,7 +33,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from reproduce import Pool, choose_plan, final_loss, log
+from reproduce import Pool, choose_plan, final_loss, log, stuck
 
 BUDGETS = (1, 2, 4)
 R, ALPHA = 8, 16
@@ -350,11 +350,6 @@ def seconds(xs: list[float]) -> str:
     digits = 3 if max(xs) < 1 else 1
     mean = f"{statistics.fmean(xs):.{digits}f}"
     return mean if len(xs) == 1 else f"{mean} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
-
-
-def stuck(res: dict) -> bool:
-    """A run that never left chance: its training loss over the last fifth of training is still ~ln(classes)."""
-    return res["final_loss"] >= 0.97 * res["chance_loss"]
 
 
 def write_docs(summary: dict, docs: Path, results: Path, command: str) -> None:

@@ -135,6 +135,25 @@ def test_an_unwritable_out(world, capsys, tmp_path, where):
     refused(T(world, out=out), capsys, needle=str(out.parent))
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: too small for a run's files (mounting needs root, which CI has here)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill ({proc.stderr.strip() or 'mount failed'}); needs root")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(world, capsys, full_disk):
+    out = full_disk / "run"
+    refused(T(world, out=out), capsys, code=1, needle="No space left on device")
+    nothing_left(out)
+    assert not list(full_disk.iterdir())
+
+
 def test_max_length_beyond_the_models_positions_is_capped(world, tmp_path):
     out = tmp_path / "long"
     assert main(T(world, "--max-length", "1000", out=out)) == 0

@@ -490,6 +490,30 @@ def test_guard_stops_a_run_stuck_at_chance(tmp_path):
     assert "0.97 ln 2) after warm-up; try --lr 3e-3 (a third of 1e-2)" in guard.reason
 
 
+# logged (step, loss) of two real 200-step polarity runs at lr 3e-3 (benchmarks/recipes.py, seed 1, 10-step logs)
+LEARNS_LATE = [0.694, 0.693, 0.691, 0.677, 0.626, 0.703, 0.567, 0.593, 0.525, 0.483, 0.632, 0.518, 0.514, 0.599,
+               0.533, 0.557, 0.508, 0.493, 0.555, 0.4]  # LoRA r=1: 80.2% test accuracy in the end
+STUCK = [0.694, 0.692, 0.687, 0.606, 0.719, 0.754, 0.703, 0.694, 0.694, 0.693, 0.694, 0.693, 0.7, 0.693, 0.693,
+         0.691, 0.694, 0.694, 0.694, 0.693]  # DyLoRA, paper recipe: 50.0% at every rank
+
+
+@pytest.mark.parametrize(("losses", "stop_at"), [(LEARNS_LATE, None), (STUCK, 90)])
+def test_guard_judges_the_whole_window_not_its_mean(tmp_path, losses, stop_at):
+    """A run whose loss starts to fall at step 50 is not stopped (the window's mean, 0.676, is still above
+    0.97 ln 2 = 0.672 there); a run that never leaves ln 2 is stopped once five logged losses all sit there."""
+    from transformers import TrainerControl, TrainerState
+
+    args = targs(tmp_path, 200, 16, 1, learning_rate=3e-3, warmup_steps=0.06)
+    guard, control = TrainingGuard(num_classes=2), TrainerControl()
+    stopped = None
+    for i, loss in enumerate(losses, 1):
+        guard.on_log(args, TrainerState(global_step=10 * i, max_steps=200), control, logs={"loss": loss})
+        if control.should_training_stop:
+            stopped = 10 * i
+            break
+    assert stopped == stop_at, guard.reason
+
+
 def test_guard_never_stops_a_short_run(tmp_path):
     guard = TrainingGuard(num_classes=2, window=1)
     trainer = DyLoraTrainer(model=bert_model(), args=targs(tmp_path, 3, 4, 1), train_dataset=chance_dataset(),

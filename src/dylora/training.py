@@ -339,9 +339,11 @@ class TrainingGuard(TrainerCallback):
     """Stops a run that cannot be learning, and says why in `reason` (None while all is well).
 
     Stops when a logged training loss is NaN/inf, or when, after warm-up and at least `min_steps` optimizer
-    steps, the mean of the last `window` logged losses is still >= `chance_ratio` * ln(num_classes) (chance
-    for a classifier; not judged without `num_classes`). Short runs are never judged at chance. At the end it
-    also checks the trainable weights are finite. The reason is one line naming the cause and an lr to try.
+    steps, every one of the last `window` logged losses is still >= `chance_ratio` * ln(num_classes) (chance
+    for a classifier; not judged without `num_classes`): a run whose loss has just started to fall is left
+    alone (a mean over the window would stop it while the plateau still fills the window). Short runs are
+    never judged at chance. At the end it also checks the trainable weights are finite. The reason is one
+    line naming the cause and an lr to try.
     """
 
     def __init__(self, num_classes: int | None = None, window: int = 5, min_steps: int = 50,
@@ -378,9 +380,9 @@ class TrainingGuard(TrainerCallback):
         if not self.num_classes or self.num_classes < 2 or state.global_step < self.min_steps:
             return
         if len(self._losses) >= self.window:
-            mean = sum(self._losses[-self.window:]) / self.window
-            if mean >= self.chance_ratio * math.log(self.num_classes):
-                self._stop(control, args, f"training loss stayed at chance ({mean:.2f} >= {self.chance_ratio} "
+            lowest = min(self._losses[-self.window:])
+            if lowest >= self.chance_ratio * math.log(self.num_classes):
+                self._stop(control, args, f"training loss stayed at chance ({lowest:.2f} >= {self.chance_ratio} "
                                           f"ln {self.num_classes}) after warm-up")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

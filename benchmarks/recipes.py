@@ -36,9 +36,9 @@ LR_WINDOW = [3e-4, 1e-3, 3e-3, 1e-2]
 RECIPES = {
     "paper": dict(recipe="paper"),
     "paper-geometric": dict(recipe="paper", rank_distribution="geometric", geometric_p=0.15),
-    "sandwich": dict(recipe="sandwich"),
+    "sandwich": dict(recipe="sandwich", distill=False),
     "sandwich-distill": dict(recipe="sandwich", distill=True),
-    "rowwise": dict(recipe="rowwise"),
+    "rowwise": dict(recipe="rowwise", distill=False),
     "nested": dict(recipe="nested"),
     "rowwise-distill": dict(recipe="rowwise", distill=True),
     "rowwise-distill-half": dict(recipe="rowwise", distill=True, epochs=0.5),  # two passes a step, half the steps

@@ -143,7 +143,7 @@ def lr_run(out: Path, task: str, lr: float) -> Path:
 def reproduce(plan: dict, out: Path, quick: bool, pool: Pool) -> dict:
     summary: dict = {}
     t_start = time.perf_counter()
-    bases = {task: Settings(model="minilm", data=task, r=8, lora_alpha=16, **spec["settings"])
+    bases = {task: Settings(model="minilm", data=task, r=8, lora_alpha=16, recipe="paper", **spec["settings"])
              for task, spec in plan.items()}
     # 1. the lr of each task: best validation score of plain LoRA r=8, seed 0, over LR_GRID
     lrs = {task: base.lr for task, base in bases.items()}

@@ -39,7 +39,7 @@ def main() -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     out = Path(args.out) / f"{args.task}-{args.epochs:g}ep"
     base = Settings(model="minilm", data=args.task, r=8, lora_alpha=16, epochs=args.epochs, lr=args.lr,
-                    max_length=64, batch_size=16, seed=0)
+                    max_length=64, batch_size=16, seed=0, recipe="paper")
     jobs = {"dylora": ("run", out / "dylora", base)}
     jobs.update({f"lora-r{b}": ("run", out / f"lora-r{b}", replace(base, method="lora", r=b)) for b in RANKS})
     t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """A debugging record for distributed tests, plugged into `dylora train` with DYLORA_CALLBACKS.
 
 With `DYLORA_CALLBACKS=rank_trace:RankTraceCallback`, `DYLORA_RANK_TRACE=DIR` and this folder on PYTHONPATH,
-every process writes `DIR/ranks-<process index>.json`: the step, rank and input-batch hash of each training
-forward, and a hash of each trained tensor.
+every process writes `DIR/ranks-<process index>.json`: the step, rank, input-batch hash and rank-scale hash of
+each training forward, and a hash of each trained tensor.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ class RankTraceCallback(TrainerCallback):
     """Records, in this process, the rank of every training forward and the trained weights (for tests).
 
     Writes `directory/ranks-<RANK>.json` at the end of training: `forwards` is a list of
-    [optimizer step, rank, sha256 of the micro-batch's input_ids (16 hex digits)] per micro-batch (the
-    data order), `weights` maps each trainable parameter to the sha256 of its float32 values.
+    [optimizer step, rank, sha256 of the micro-batch's input_ids, sha256 of the first DyLoRA layer's rank
+    scale (a vector, or a matrix of per-example ranks)] (16 hex digits each) per forward (the data order),
+    `weights` maps each trainable parameter to the sha256 of its float32 values.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
@@ -43,13 +44,17 @@ class RankTraceCallback(TrainerCallback):
         self._handle = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from dylora.layers import SCALE_BUFFERS
         from dylora.model import get_rank
+
+        scales = next(getattr(m, SCALE_BUFFERS) for m in model.modules() if hasattr(m, SCALE_BUFFERS))
 
         def hook(module, args, kwargs):
             if module.training:
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 batch = _tensor_digest(ids)[:16] if ids is not None else ""
-                self.forwards.append([self._step, get_rank(module), batch])
+                scale = _tensor_digest(next(iter(scales.values())))[:16]
+                self.forwards.append([self._step, get_rank(module), batch, scale])
 
         self._handle = model.register_forward_pre_hook(hook, with_kwargs=True)
 

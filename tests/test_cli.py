@@ -45,7 +45,8 @@ def test_train_writes_a_complete_run_directory(trained):
     assert all("validation_accuracy" in row and "test_accuracy" in row for row in sweep["rows"])
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["r"] == 4 and run["seed"] == 0 and run["versions"]["peft"]
-    assert len(run["rank_history"]) == run["steps"] == 30
+    assert run["settings"]["recipe"] == "rowwise" and run["settings"]["distill"] is True  # the default
+    assert run["steps"] == 30 and run["rank_history"] == []  # every rank trains in every rowwise step
     assert {"train_s", "sweep_s", "total_s"} <= set(run["timings"])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best rank" in proc.stdout and "smallest within" in proc.stdout
@@ -181,10 +182,10 @@ def test_default_demo_end_to_end_on_a_short_schedule(tmp_path):
     assert json.loads((out / "adapter" / "dylora_config.json").read_text())["r_min"] == 1
     assert "best rank" in proc.stdout
     assert all(0.0 <= row["test_accuracy"] <= 100.0 for row in sweep["rows"])
-    # the ranks trained are the sampler's, step by step (uniform over 1..8, seed 0)
-    from dylora import RankSampler
-
-    assert run["rank_history"] == [[step, RankSampler(1, 8, seed=0).sample(step)] for step in range(20)]
+    # the default recipe: a rank per example, distilled from r (docs/results.md, "Training recipes")
+    sidecar = json.loads((out / "adapter" / "dylora_config.json").read_text())
+    assert (sidecar["recipe"], sidecar["distill"]) == ("rowwise", True)
+    assert (run["settings"]["recipe"], run["settings"]["distill"]) == ("rowwise", True)
 
 
 def test_train_with_the_sandwich_recipe_records_every_pass(tiny, tmp_path):

@@ -39,6 +39,7 @@ TRACE = {"DYLORA_CALLBACKS": "rank_trace:RankTraceCallback",
 RUN_FILES = {"adapter", "sweep.json", "sweep.csv", "sweep.png", "run.json", "README.md"}
 # --r-max is --r: torchrun's own parser would take `--r` as an ambiguous abbreviation of its options.
 COMMON = ["--data", "polarity", "--r-max", "4", "--max-train", "200", "--max-length", "32", "--quiet"]
+PAPER = ["--recipe", "paper"]  # one sampled rank a step: the rank sequence these tests follow
 SAMPLER = RankSampler(1, 4, seed=0)  # the CLI's defaults: r_min 1, uniform, seed 0
 
 
@@ -72,7 +73,7 @@ def read_trace(path: Path) -> dict:
 def ranks_by_step(forwards: list[list]) -> dict[int, list[int]]:
     """{optimizer step: [rank of each micro-batch forward]}."""
     steps: dict[int, list[int]] = defaultdict(list)
-    for step, b, _ in forwards:
+    for step, b, *_ in forwards:
         steps[step].append(b)
     return dict(steps)
 
@@ -98,8 +99,8 @@ def ddp_run(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     out, trace = root / "run", root / "trace"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "--tee", "3", "-m", "dylora", "train", "--model", tiny, *COMMON, "--max-steps", "12", "--grad-accum", "2",
-           "--batch-size", "4", "--save-steps", "6", "--keep-checkpoints", "--out", str(out)]
+           "--tee", "3", "-m", "dylora", "train", "--model", tiny, *COMMON, *PAPER, "--max-steps", "12",
+           "--grad-accum", "2", "--batch-size", "4", "--save-steps", "6", "--keep-checkpoints", "--out", str(out)]
     t0 = time.perf_counter()
     proc = run_cli(cmd, trace)
     return out, trace, proc, time.perf_counter() - t0
@@ -166,6 +167,25 @@ def test_ddp_only_process_0_writes_the_run(ddp_run):
         assert verify(ckpt) is None
 
 
+@pytest.mark.parametrize("recipe", [[], ["--recipe", "sandwich"]], ids=["default-rowwise-distill", "sandwich"])
+def test_every_process_runs_the_same_passes_of_a_recipe_step(tiny, tmp_path, recipe):
+    """Each pass of a step (r then the rowwise ranks; r, r_min and a drawn rank) has the same rank scale in both
+    processes, a pure function of (seed, step), while each process trains on its own rows."""
+    out, trace = tmp_path / "run", tmp_path / "trace"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "dylora", "train", "--model", tiny, *COMMON, *recipe, "--max-steps", "4", "--batch-size", "4",
+           "--out", str(out)]
+    run_cli(cmd, trace)
+    traces = [read_trace(trace / f"ranks-{i}.json") for i in (0, 1)]
+    passes = [[(step, scale) for step, _, _, scale in t["forwards"]] for t in traces]
+    assert passes[0] == passes[1] and len(passes[0]) == 4 * (3 if recipe else 2)
+    assert len({scale for _, scale in passes[0]}) > 2  # different ranks (and rank vectors) from pass to pass
+    assert not {f[2] for f in traces[0]["forwards"]} & {f[2] for f in traces[1]["forwards"]}
+    assert traces[0]["weights"] == traces[1]["weights"]
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert (settings["recipe"], settings["distill"]) == (("sandwich", True) if recipe else ("rowwise", True))
+
+
 def test_prepare_out_only_process_0_creates_or_deletes_the_partial_dir(tmp_path):
     from dylora.run import prepare_out
 
@@ -183,7 +203,7 @@ def test_prepare_out_only_process_0_creates_or_deletes_the_partial_dir(tmp_path)
 # ---------------------------------------------------------------- 3, 4: SIGKILL, resume, broken checkpoints
 
 
-RESUME_ARGS = [*COMMON, "--max-steps", "20", "--save-steps", "5", "--batch-size", "16"]  # 13 steps an epoch
+RESUME_ARGS = [*COMMON, *PAPER, "--max-steps", "20", "--save-steps", "5", "--batch-size", "16"]  # 13 steps an epoch
 
 
 @pytest.fixture(scope="module")

@@ -119,11 +119,13 @@ def _common_train_options(method: str):
         rank_distribution: Annotated[str, typer.Option("--rank-distribution", "--distribution",
                                                        help="Rank distribution: uniform or geometric.")] = "uniform",
         geometric_p: Annotated[float, typer.Option(help="p of the geometric distribution.")] = 0.15,
-        recipe: Annotated[str, typer.Option(help="How each step uses ranks: paper (one sampled rank, the paper's), "
-                                            "sandwich, rowwise or nested.")] = "paper",
+        recipe: Annotated[str | None, typer.Option(help="How each step uses ranks: paper (one sampled rank, the "
+                                                   "paper's), sandwich, rowwise or nested (default: rowwise; paper "
+                                                   "with --frozen).")] = None,
         sandwich_k: Annotated[int, typer.Option(help="Sandwich: sampled ranks per step besides r_min and r.")] = 1,
-        distill: Annotated[bool, typer.Option("--distill", help="Sandwich, rowwise: smaller ranks also learn from r's "
-                                              "predictions (in-place distillation).")] = False,
+        distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Sandwich, rowwise: smaller "
+                                                     "ranks also learn from r's predictions (in-place distillation; "
+                                                     "default: on for those recipes).")] = None,
         distill_weight: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.5,
         rank_scaling: Annotated[str, typer.Option(help="Scale at rank b: alpha/b or alpha/sqrt(b).")] = "alpha/b",
         lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,

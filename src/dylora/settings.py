@@ -26,9 +26,9 @@ class Settings:
     frozen: bool = False
     rank_distribution: str = "uniform"
     geometric_p: float = 0.15
-    recipe: str = "paper"  # how each step uses ranks: paper | sandwich | rowwise | nested
+    recipe: str | None = None  # paper | sandwich | rowwise | nested; None: rowwise (paper with `frozen`)
     sandwich_k: int = 1
-    distill: bool = False
+    distill: bool | None = None  # None: on where the recipe has it (sandwich, rowwise)
     distill_weight: float = 0.5
     rank_scaling: str = "alpha/b"
     lora_dropout: float = 0.0
@@ -62,11 +62,14 @@ class Settings:
         values = dict(values)
         if "distribution" in values:
             values.setdefault("rank_distribution", values.pop("distribution"))
+        values.setdefault("recipe", "paper")  # runs written before recipes existed trained the paper's way
+        values.setdefault("distill", False)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def validate(self) -> Settings:
-        """Refuse a bad value with one line naming it, before any side effect."""
+        """Refuse a bad value with one line naming it, before any side effect; fill in the default recipe."""
+        self._default_recipe()
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is invalid: choose one of {', '.join(METHODS)}")
         for name in ("epochs", "lr", "batch_size", "eval_batch_size", "grad_accum"):
@@ -92,10 +95,20 @@ class Settings:
                 check_rank(b, self.r_min, self.r)
         return self
 
+    def _default_recipe(self) -> None:
+        """recipe None: rowwise (with distill None: distilled from r_max, two passes a step), the recipe closest
+        to LoRA at every rank (docs/results.md, "Training recipes"); paper with `frozen`, which trains one
+        component a step. distill None: on where the recipe has it (sandwich, rowwise)."""
+        if self.recipe is None:
+            self.recipe = "paper" if self.frozen else "rowwise"
+        if self.distill is None:
+            self.distill = self.recipe in ("sandwich", "rowwise")
+
     def peft_config(self, targets: list[str], task_type: str = "SEQ_CLS") -> Any:
         """The adapter's config: a DyLoraConfig, or a plain LoraConfig for the LoRA baseline."""
         from peft import LoraConfig
 
+        self._default_recipe()
         common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                       target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
         if self.method == "dylora":

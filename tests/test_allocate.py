@@ -34,6 +34,20 @@ def formula(module, x, b, alpha):
     return base + (alpha / b) * x @ A[:b].T @ B[:, :b].T
 
 
+def layer_io(model, names, ids):
+    """({name: (the layer's input, its output)} for the named layers, the logits) of one forward on `ids`."""
+    seen = {}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))) for name in names]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, logits
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_every_layer_at_its_own_rank_is_the_formula(family, ids):
     """nn.Linear (BERT), GPT-2 Conv1D and nn.Embedding, each layer checked on the input it really gets."""
@@ -43,14 +57,9 @@ def test_every_layer_at_its_own_rank_is_the_formula(family, ids):
     assert len(set(ranks.values())) > 1
     dylora.set_layer_ranks(model, ranks)
     assert dylora.get_layer_ranks(model) == ranks
-    seen = {}
-    hooks = [model.get_submodule(name).register_forward_hook(
-        lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))) for name in ranks]
+    seen, _ = layer_io(model, ranks, ids)
+    assert set(seen) == set(ranks)
     with torch.no_grad():
-        model(input_ids=ids)
-        for h in hooks:
-            h.remove()
-        assert set(seen) == set(ranks)
         for name, (x, out) in seen.items():
             expected = formula(model.get_submodule(name), x, ranks[name], 16)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=name)
@@ -120,13 +129,7 @@ def test_a_layer_at_rank_0_is_switched_off_in_the_forward_the_export_and_the_mer
     assert off and len(off) < len(ranks)
     dylora.set_layer_ranks(model, ranks)
     assert dylora.get_layer_ranks(model) == ranks
-    seen = {}
-    hooks = [model.get_submodule(name).register_forward_hook(
-        lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out))) for name in off]
-    with torch.no_grad():
-        ours = model(input_ids=ids).logits
-    for h in hooks:
-        h.remove()
+    seen, ours = layer_io(model, off, ids)
     for name, (x, out) in seen.items():
         torch.testing.assert_close(out, model.get_submodule(name).get_base_layer()(x), msg=name)
 

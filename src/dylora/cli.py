@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -76,7 +78,8 @@ def _train(method: str, out: Path | None, overwrite: bool, resume: bool, quiet: 
     kw["ranks"] = _parse_ranks(kw.pop("ranks", None)) if method == "dylora" else None
     s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None, **kw)
     out = out or _default_out(s.model, s.data, method)
-    result = train(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints)
+    result = train(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints,
+                   callbacks=[_stop_on_interrupt()])
     if result is None:  # not the main process of a distributed run
         return
     marks: dict[int, list[str]] = {}
@@ -91,6 +94,30 @@ def _train(method: str, out: Path | None, overwrite: bool, resume: bool, quiet: 
     order = ["adapter", "sweep.json", "sweep.csv", "sweep.png", "samples.json", "run.json", "checkpoints"]
     written = ", ".join(name for name in order if (out / name).exists())
     typer.echo(f"wrote {out}/ ({written}) in {result.timings['total_s']:.0f} s")
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C: remember it, then interrupt as Python does (a library may swallow that KeyboardInterrupt, e.g.
+    when it lands in a weakref callback during an import; `_stop_on_interrupt` raises it again)."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _stop_on_interrupt() -> Any:
+    """A Trainer callback that raises KeyboardInterrupt at the next step once Ctrl-C was pressed."""
+    from transformers import TrainerCallback
+
+    class StopOnInterrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if _INTERRUPTED.is_set():
+                raise KeyboardInterrupt
+
+        on_step_begin = on_step_end
+
+    return StopOnInterrupt()
 
 
 def _hush(quiet: bool) -> None:
@@ -368,10 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     traceback. While it runs, sys.argv reads `dylora ARGS` (run.json and model cards record it)."""
     args = sys.argv[1:] if argv is None else list(argv)
     saved, sys.argv = sys.argv, ["dylora", *args]
+    _INTERRUPTED.clear()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main else None
     try:
         return _main(args)
     finally:
         sys.argv = saved
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(args: list[str]) -> int:

@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,14 +190,15 @@ class TrainingStopped(RuntimeError):
 
 
 def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator: Any, partial: Path, quiet: bool,
-                resume: bool, num_classes: int | None = None) -> tuple[Any, list[tuple[int, int]]]:
+                resume: bool, num_classes: int | None = None,
+                callbacks: Sequence[Any] = ()) -> tuple[Any, list[tuple[int, int]]]:
     """Train with the HF Trainer (DyLoRA: `DyLoraTrainer` with the config's recipe), sealed checkpoints, the
     guard, and with `resume` the newest intact checkpoint. Returns the trainer and the (step, rank) history."""
     from transformers import Trainer
 
     guard = TrainingGuard(num_classes) if s.guard else None
     keeper = CompleteCheckpointCallback()
-    callbacks = [c for c in (keeper, guard, *extra_callbacks()) if c is not None]
+    callbacks = [c for c in (keeper, guard, *callbacks, *extra_callbacks()) if c is not None]
     kind = DyLoraTrainer if s.method == "dylora" else Trainer
     trainer = kind(model=model, args=args, train_dataset=train_dataset, data_collator=collator, callbacks=callbacks)
     keeper.rank_callback = getattr(trainer, "recipe_callback", None)
@@ -233,8 +235,9 @@ def token_budget(s: Settings, task: Task, config: Any) -> int:
 
 
 def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-          quiet: bool = False, keep_checkpoints: bool = False) -> RunResult | None:
-    """Train, sweep every rank, write the run directory. Returns None on processes other than the first."""
+          quiet: bool = False, keep_checkpoints: bool = False, callbacks: Sequence[Any] = ()) -> RunResult | None:
+    """Train, sweep every rank, write the run directory. Returns None on processes other than the first.
+    `callbacks`: more Trainer callbacks for the training."""
     s.validate()
     out = Path(out)
     t0 = time.perf_counter()
@@ -254,7 +257,7 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
             partial = prepare_out(out, overwrite, resume, main)
         try:
             return _train_and_publish(s, out, partial, task, model, model_dir, args, t0, quiet, resume,
-                                      keep_checkpoints)
+                                      keep_checkpoints, callbacks)
         except BaseException:
             if main and newest_complete(partial / "checkpoints", warn=lambda _: None) is None:
                 shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming from
@@ -262,10 +265,11 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
 
 
 def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model: Any, model_dir: str, args: Any,
-                       t0: float, quiet: bool, resume: bool, keep_checkpoints: bool) -> RunResult | None:
+                       t0: float, quiet: bool, resume: bool, keep_checkpoints: bool,
+                       callbacks: Sequence[Any] = ()) -> RunResult | None:
     encoded = task.encode(s.max_length)
     trainer, rank_history = train_model(s, model, args, encoded["train"], task.collator(), partial, quiet, resume,
-                                        getattr(task, "num_labels", None))
+                                        getattr(task, "num_labels", None), callbacks)
     t_train = time.perf_counter() - t0
     if not trainer.is_world_process_zero():
         return None

@@ -142,8 +142,9 @@ def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], 
     """Each round, grow the layer whose next `step` components lower the loss most per parameter.
 
     Exact (`lazy=False`): every layer is tried in every round. Lazy: a heap keeps each layer's gain from the
-    round it was last tried; the top layer is tried again at the current ranks and taken if it still beats
-    every other layer's stale gain, else pushed back (exact where gains only shrink as others grow).
+    round it was last tried; a popped gain from an older round is tried again at the current ranks and pushed
+    back, so a layer is taken once its current gain beats every other layer's stale gain (exact where gains
+    only shrink as others grow). Ties go to the earlier layer.
     """
     from tqdm.auto import tqdm
 
@@ -152,57 +153,37 @@ def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], 
         set_layer_rank(module, adapter, low)
     loss = _loss(loss_fn, model)
     order = {key: i for i, key in enumerate(layers)}
+    heap: list[tuple[float, int, str, int, float, int]] = []  # (-gain, order, layer, new rank, its loss, round)
+    rounds = 0  # layers grown so far: a heap entry from an earlier round is stale
 
-    def trial(key: str) -> tuple[float, int, float] | None:
-        """(loss drop per parameter, new rank, loss) of growing layer `key` now, or None if nothing fits."""
-        b2 = min(_grown(ranks[key], step, r_min), r)
-        while b2 > ranks[key] and (b2 - ranks[key]) * costs[key] > left:
-            b2 -= 1
-        if b2 <= ranks[key] or b2 < r_min:
-            return None
+    def push(key: str) -> None:
+        """Try `step` more components in layer `key` (as many as fit) and push the gain per parameter."""
+        b = ranks[key]
+        b2 = min(_grown(b, step, r_min), r, b + left // costs[key])
+        if b2 <= b or b2 < r_min:
+            return  # nothing fits any more, and `left` only shrinks
         set_layer_rank(layers[key], adapter, b2)
         value = _loss(loss_fn, model)
-        set_layer_rank(layers[key], adapter, ranks[key])
-        return (loss - value) / ((b2 - ranks[key]) * costs[key]), b2, value
+        set_layer_rank(layers[key], adapter, b)
+        heapq.heappush(heap, (-(loss - value) / ((b2 - b) * costs[key]), order[key], key, b2, value, rounds))
 
+    for key in layers:
+        push(key)
     with tqdm(total=left, desc="greedy allocation", unit="param", disable=not progress) as bar:
-        heap: list[tuple[float, int, str]] = []
-        version = 0  # bumped whenever a layer grows: a gain tried at an older version is stale
-        tried: dict[str, int] = {}
-        for key in layers:
-            got = trial(key)
-            if got is not None:
-                heapq.heappush(heap, (-got[0], order[key], key))
-                tried[key] = version
         while heap:
-            if lazy:
-                _, _, key = heapq.heappop(heap)
-                got = trial(key)
-                if got is None:
-                    continue
-                if tried[key] != version and heap and -heap[0][0] > got[0]:
-                    heapq.heappush(heap, (-got[0], order[key], key))
-                    tried[key] = version
-                    continue
-            else:
-                scored = [(got, key) for key in layers if (got := trial(key)) is not None]
-                if not scored:
-                    break
-                got, key = max(scored, key=lambda t: (t[0][0], -order[t[1]]))
-                heap.clear()
-            _, b2, loss = got
+            _, _, key, b2, value, tried = heapq.heappop(heap)
+            if tried != rounds:
+                push(key)
+                continue
             left -= (b2 - ranks[key]) * costs[key]
             bar.update((b2 - ranks[key]) * costs[key])
-            ranks[key] = b2
+            ranks[key], loss = b2, value
             set_layer_rank(layers[key], adapter, b2)
-            version += 1
-            if lazy:
-                again = trial(key)
-                if again is not None:
-                    heapq.heappush(heap, (-again[0], order[key], key))
-                    tried[key] = version
-            else:
-                heap.append((0.0, 0, key))  # keeps the loop going; the next round scores every layer again
+            rounds += 1
+            if not lazy:
+                heap.clear()
+            for other in (key,) if lazy else layers:
+                push(other)
     return ranks
 
 

@@ -33,7 +33,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from reproduce import Pool, choose_plan, final_loss, log, stuck
+from reproduce import Pool, final_loss, log, pool_options, pool_start, stuck
 
 BUDGETS = (1, 2, 4)
 R, ALPHA = 8, 16
@@ -471,20 +471,10 @@ def plot_heatmap(path: Path, task: str, budget: str, t: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="bbc, one seed, 12 steps, budgets 1 and 2")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(PLAN))
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default 3)")
-    parser.add_argument("--out", default="bench-out/allocate", help="run directories and per-job files")
-    parser.add_argument("--docs", default="docs")
+    pool_options(parser, PLAN, "bench-out/allocate", "bbc, one seed, 12 steps, budgets 1 and 2",
+                 "seeds per task (default 3)")
     parser.add_argument("--results", default="benchmarks/results/allocate.json")
-    parser.add_argument("--jobs", type=int, default=2, help="jobs at a time (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="threads per job (default: cores / jobs)")
-    args = parser.parse_args()
-    plan = choose_plan(parser, args, PLAN, QUICK)
-    out = Path(args.out) / ("quick" if args.quick else "full")
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args, plan, out, threads = pool_start(parser, PLAN, QUICK)
     log(f"{args.jobs} job(s) at a time, {threads} thread(s) each; load average {load_avg()}")
     ledger = out / "wall.json"  # the wall time of every invocation over this output directory
     invocations = json.loads(ledger.read_text()) if ledger.is_file() else []

@@ -352,21 +352,34 @@ def choose_plan(parser: argparse.ArgumentParser, args: argparse.Namespace, plan:
     return chosen
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="polarity, one seed, 60 steps")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(PLAN))
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: the plan's, 3 or 2)")
-    parser.add_argument("--out", default="bench-out/reproduce")
+def pool_options(parser: argparse.ArgumentParser, plan: dict, out: str, quick_help: str, seeds_help: str) -> None:
+    """The options of a benchmark that runs `plan` in a `Pool`: --quick, --tasks, --seeds, --out, --docs,
+    --jobs, --threads (read back by `pool_start`)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--tasks", default=None, help="comma-separated subset of " + ",".join(plan))
+    parser.add_argument("--seeds", type=int, default=None, help=seeds_help)
+    parser.add_argument("--out", default=out, help="run directories and per-job files")
     parser.add_argument("--docs", default="docs")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
-    parser.add_argument("--threads", type=int, default=None, help="threads per run (default: cores / jobs)")
+    parser.add_argument("--jobs", type=int, default=2, help="jobs at a time (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per job (default: cores / jobs)")
+
+
+def pool_start(parser: argparse.ArgumentParser, plan: dict, quick: dict) -> tuple[argparse.Namespace, dict, Path, int]:
+    """Parse `pool_options`: the arguments, the plan to run, its output directory (<out>/quick or <out>/full,
+    created) and the threads per job; models are never fetched from a hub."""
     args = parser.parse_args()
-    plan = choose_plan(parser, args, PLAN, QUICK)
+    chosen = choose_plan(parser, args, plan, quick)
     out = Path(args.out) / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    return args, chosen, out, args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    pool_options(parser, PLAN, "bench-out/reproduce", "polarity, one seed, 60 steps",
+                 "seeds per task (default: the plan's, 3 or 2)")
+    args, plan, out, threads = pool_start(parser, PLAN, QUICK)
     log(f"{args.jobs} run(s) at a time, {threads} thread(s) each")
     ledger = out / "wall.json"  # the wall time of every invocation over this output directory
     if ledger.is_file():

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
+from . import files
+
 CACHE_ENV = "DYLORA_CACHE"
 INDEX_ENV = "DYLORA_INDEX_URL"
 DEFAULT_INDEX = "https://pypi.org/simple"
@@ -121,18 +123,13 @@ def fetch(artifact: Artifact, dest_dir: Path, *, error: type[ValueError] = Fetch
     """Download `artifact` into `dest_dir` and return its path, only once its sha256 matches the pin;
     a file that fails is deleted before anything opens it. Nothing of the package is run or installed."""
     index = index_url()
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{artifact.filename}-", dir=dest_dir)
-    part = Path(name)
-    try:
-        with open(fd, "wb") as out:
-            got = _download(artifact, index, out, error, f"; {hint}" if hint else "")
+    dest = dest_dir / artifact.filename
+    with files.atomic_path(dest) as part, open(part, "wb") as out:  # renamed into place only if no error
+        got = _download(artifact, index, out, error, f"; {hint}" if hint else "")
         if got != artifact.sha256:
             raise error(f"{artifact.filename} from {index} fails its pinned sha256 (got {got}, expected "
                         f"{artifact.sha256}); deleted")
-        return part.replace(dest_dir / artifact.filename)
-    finally:
-        part.unlink(missing_ok=True)
+    return dest
 
 
 def pip(args: Sequence[str], what: str, *, error: type[ValueError] = FetchError, hint: str = "") -> None:

@@ -312,6 +312,25 @@ def test_bad_budgets_and_methods():
     assert dylora.allocate(model, 2 * per_rank, budget_kind="params") == dict.fromkeys(dylora.get_layer_ranks(model), 2)
 
 
+def test_a_merged_adapter_keeps_its_ranks_per_layer_and_in_greedy_allocation(ids):
+    """Merged, the output is fixed at the merged ranks: a per-layer change and greedy allocation are refused
+    with one line; setting a layer to the rank it was merged at is no change and is allowed."""
+    model = make(tiny_bert(), ["query", "value"], r=4)
+    query0 = PREFIX + "bert.encoder.layer.0.attention.self.query"
+    dylora.set_layer_ranks(model, {query0: 2})
+    model.merge_adapter()
+    with pytest.raises(ValueError, match=r"merged into the base weights \(.*value\).*unmerge") as e:
+        dylora.set_layer_ranks(model, {PREFIX + "bert.encoder.layer.1.attention.self.value": 3})
+    one_line(e)
+    dylora.set_layer_ranks(model, {query0: 2})
+    with pytest.raises(ValueError, match="merged into the base weights") as e:
+        dylora.allocate(model, 2, "greedy", loss_fn=calibration_loss(model, ids))
+    one_line(e)
+    model.unmerge_adapter()
+    assert dylora.get_layer_ranks(model)[query0] == 2
+    dylora.set_layer_ranks(model, {query0: 3})
+
+
 def test_a_plain_lora_model_has_no_layer_ranks():
     from peft import LoraConfig, get_peft_model
 

@@ -260,3 +260,23 @@ def test_run_and_export_carry_model_cards(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_train_and_lora_options_are_the_settings_with_their_defaults():
+    """A setting's option, help and default live in one place, `Settings`; the CLI builds its options from it."""
+    import dataclasses
+
+    import typer
+
+    from dylora.cli import app
+    from dylora.settings import Settings
+
+    commands = typer.main.get_command(app).commands
+    for command in ("train", "lora"):
+        params = {p.name: p for p in commands[command].params}
+        for f in dataclasses.fields(Settings):
+            if "help" in f.metadata:
+                option = params.pop(f.name)
+                assert (option.default, option.help) == (f.default, f.metadata["help"]), f.name
+                assert f"--{f.name.replace('_', '-')}" in option.opts or option.opts[0] in f.metadata["flags"][0]
+        assert set(params) == {"out", "overwrite", "resume", "keep_checkpoints", "no_guard", "quiet"}

@@ -71,3 +71,36 @@ def test_index_url_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert registry.index_url() == "https://mirror.example/simple/"
     monkeypatch.setenv(registry.INDEX_ENV, "http://local/simple/")
     assert registry.index_url() == "http://local/simple/"
+
+
+def test_a_cached_directory_is_built_once_and_published_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
+    builds = []
+
+    def ready(path: Path) -> bool:
+        return (path / "config.json").is_file()
+
+    def build(dest: Path) -> None:
+        builds.append(dest)
+        (dest / "sub").mkdir()
+        (dest / "sub" / "weights").write_bytes(b"w")
+        (dest / "sub" / "weights").chmod(0o600)
+        (dest / "config.json").write_text("{}")
+
+    def broken(dest: Path) -> None:
+        (dest / "half").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        registry.cached_dir("models/m", broken, ready)
+    with pytest.raises(registry.FetchError, match="incomplete cache entry") as exc:
+        registry.cached_dir("models/m", lambda dest: (dest / "half").write_text("x"), ready)
+    _one_line(exc)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # nothing half-built is left
+    path = registry.cached_dir("models/m", build, ready)
+    assert path == tmp_path / "cache" / "models" / "m" and ready(path) and len(builds) == 1
+    assert (path / "sub" / "weights").stat().st_mode & 0o777 == 0o644 and path.stat().st_mode & 0o777 == 0o755
+    assert registry.cached_dir("models/m", build, ready) == path and len(builds) == 1  # not built again
+    (path / "config.json").unlink()  # an entry that is not ready is rebuilt
+    assert ready(registry.cached_dir("models/m", build, ready)) and len(builds) == 2
+    assert [p.name for p in path.parent.iterdir()] == ["m"]

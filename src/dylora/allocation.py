@@ -27,7 +27,7 @@ from peft.tuners.lora.layer import LoraLayer
 
 from .functional import rank_scale
 from .layers import set_layer_rank
-from .model import _named_layers, _one, get_layer_ranks
+from .model import _named_layers, _one, _refuse_if_merged, get_layer_ranks
 
 METHODS = ("norm", "greedy")
 BUDGET_KINDS = ("rank", "params")
@@ -233,8 +233,7 @@ def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
     if method == "norm":
         errors = {key: truncation_errors(module, name) for key, module in layers.items()}
         return _norm(errors, costs, low, cfg.r_min, cfg.r, left)
-    if any(module.lora_variant[name].merged_scale is not None for module in layers.values()):
-        raise ValueError(f"adapter {name!r} is merged, so its ranks do not change the output; unmerge it first")
+    _refuse_if_merged(model, [name])
     previous, training = get_layer_ranks(model, name), model.training
     model.eval()
     try:

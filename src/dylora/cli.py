@@ -17,8 +17,6 @@ from typer._click import exceptions as click_exc
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="DyLoRA: train a LoRA adapter once over every rank, then use any rank.")
 
-Model = Annotated[str, typer.Option(help="Short name (minilm, mpnet, smollm2), model directory or hub id.")]
-Data = Annotated[str, typer.Option(help="polarity, tweets, bbc, bbc-headlines, or a .csv/.tsv/.json/.jsonl file.")]
 Out = Annotated[Path | None, typer.Option(help="Run directory (default runs/<model>-<data>-<method>).")]
 
 
@@ -68,15 +66,17 @@ def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None =
     return table
 
 
-def _train(method: str, out: Path | None, overwrite: bool, resume: bool, quiet: bool, keep_checkpoints: bool,
-           **kw) -> None:
+def _train(method: str, kw: dict[str, Any], out: Path | None, overwrite: bool, resume: bool, keep_checkpoints: bool,
+           no_guard: bool, quiet: bool) -> None:
     from .run import train
-    from .settings import Settings
+    from .settings import DYLORA_ONLY, Settings
 
     _hush(quiet)
-    targets = kw.pop("target_modules")
-    kw["ranks"] = _parse_ranks(kw.pop("ranks", None)) if method == "dylora" else None
-    s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None, **kw)
+    if method == "lora":  # accepted, as they always were, but a LoRA baseline has no use for them
+        kw = {k: v for k, v in kw.items() if k not in DYLORA_ONLY}
+    targets, ranks = kw.pop("target_modules"), kw.pop("ranks", None)
+    s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None,
+                 ranks=_parse_ranks(ranks), guard=not no_guard, **kw)
     out = out or _default_out(s.model, s.data, method)
     result = train(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints,
                    callbacks=[_stop_on_interrupt()])
@@ -132,76 +132,48 @@ def _hush(quiet: bool) -> None:
         datasets.disable_progress_bars()
 
 
-def _common_train_options(method: str):
-    """The options shared by `train` and `lora` (one signature, two commands)."""
+_RUN_OPTIONS: dict[str, tuple[Any, Any]] = {  # the options of `train` and `lora` that are not Settings
+    "out": (Out, None),
+    "overwrite": (Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")], False),
+    "resume": (Annotated[bool, typer.Option("--resume", help="Resume from the newest complete checkpoint.")], False),
+    "keep_checkpoints": (Annotated[bool, typer.Option("--keep-checkpoints", help="Keep checkpoints.")], False),
+    "no_guard": (Annotated[bool, typer.Option("--no-guard", help="Do not stop a run whose loss is not finite or "
+                                              "stays at chance.")], False),
+    "quiet": (Annotated[bool, typer.Option("--quiet", help="No progress bars.")], False),
+}
 
-    def command(
-        model: Model = "minilm",
-        data: Data = "polarity",
-        r: Annotated[int, typer.Option("--r", "--r-max", help="LoRA rank (r_max for DyLoRA); --r-max under torchrun, "
-                                       "whose own parser takes --r for one of its options.")] = 8,
-        r_min: Annotated[int, typer.Option(help="Smallest DyLoRA rank.")] = 1,
-        lora_alpha: Annotated[float, typer.Option(help="LoRA alpha; the scale at rank b is alpha / b.")] = 16,
-        frozen: Annotated[bool, typer.Option("--frozen", help="DyLoRA (Frozen): train only component b.")] = False,
-        rank_distribution: Annotated[str, typer.Option("--rank-distribution", "--distribution",
-                                                       help="Rank distribution: uniform or geometric.")] = "uniform",
-        geometric_p: Annotated[float, typer.Option(help="p of the geometric distribution.")] = 0.15,
-        recipe: Annotated[str | None, typer.Option(help="How each step uses ranks: paper (one sampled rank, the "
-                                                   "paper's), sandwich, rowwise or nested (default: rowwise; paper "
-                                                   "with --frozen).")] = None,
-        sandwich_k: Annotated[int, typer.Option(help="Sandwich: sampled ranks per step besides r_min and r.")] = 1,
-        distill: Annotated[bool | None, typer.Option("--distill/--no-distill", help="Sandwich, rowwise: smaller "
-                                                     "ranks also learn from r's predictions (in-place distillation; "
-                                                     "default: on for those recipes).")] = None,
-        distill_weight: Annotated[float, typer.Option(help="Weight of the distillation term.")] = 0.5,
-        rank_scaling: Annotated[str, typer.Option(help="Scale at rank b: alpha/b or alpha/sqrt(b).")] = "alpha/b",
-        lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
-        target_modules: Annotated[str | None, typer.Option(help="Comma-separated module names to adapt.")] = None,
-        epochs: Annotated[float, typer.Option(help="Training epochs.")] = 3.0,
-        max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: epochs).")] = -1,
-        lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, linear schedule).")] = 1e-3,
-        weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-        warmup_ratio: Annotated[float, typer.Option(help="Warm-up fraction of the steps.")] = 0.06,
-        batch_size: Annotated[int, typer.Option(help="Per-process batch size.")] = 16,
-        grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-        max_length: Annotated[int | None, typer.Option(help="Maximum tokens per example (default: 64 for "
-                                                       "classification, 160 for generation).")] = None,
-        max_train: Annotated[int | None, typer.Option(help="Subsample the train split (seeded).")] = None,
-        text_column: Annotated[str | None, typer.Option(help="Text column of a local file.")] = None,
-        label_column: Annotated[str | None, typer.Option(help="Label column of a local file.")] = None,
-        text_pair_column: Annotated[str | None, typer.Option(help="Second text column (pairs).")] = None,
-        seed: Annotated[int, typer.Option(help="Seed of data split, init, and rank sampler.")] = 0,
-        save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (0: none).")] = 0,
-        within: Annotated[float, typer.Option(help="'Smallest rank within' this many points of the best.")] = 0.5,
-        max_eval: Annotated[int | None, typer.Option(help="Evaluate at most this many validation/test rows.")] = None,
-        label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the training loss.")] = 0.0,
-        ranks: Annotated[str | None, typer.Option(help="Ranks the sweep evaluates, comma-separated "
-                                                  "(default: every rank from r_min to r).")] = None,
-        out: Out = None,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
-        resume: Annotated[bool, typer.Option("--resume", help="Resume from the newest complete checkpoint.")] = False,
-        keep_checkpoints: Annotated[bool, typer.Option("--keep-checkpoints", help="Keep checkpoints.")] = False,
-        no_guard: Annotated[bool, typer.Option("--no-guard", help="Do not stop a run whose loss is not finite or "
-                                               "stays at chance.")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
-    ) -> None:
-        kw = dict(locals())
-        kw["guard"] = not kw.pop("no_guard")
-        for key in ("out", "overwrite", "resume", "quiet", "keep_checkpoints", "method"):
-            kw.pop(key)
-        if method == "lora":
-            for key in ("r_min", "frozen", "rank_distribution", "geometric_p", "ranks", "recipe", "sandwich_k",
-                        "distill", "distill_weight", "rank_scaling"):
-                kw.pop(key)
-        _train(method, out, overwrite, resume, quiet, keep_checkpoints, **kw)
 
+def _train_command(method: str) -> Any:
+    """`train` or `lora`: an option per setting with help (see `Settings`; lists are comma-separated text),
+    then the run's own options."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from .settings import Settings
+
+    hints = typing.get_type_hints(Settings)
+    params = []
+    for f in dataclasses.fields(Settings):
+        if "help" in f.metadata:
+            hint = hints[f.name]
+            kind = str | None if any(typing.get_origin(t) is list for t in typing.get_args(hint)) else hint
+            option = typer.Option(*f.metadata["flags"], help=f.metadata["help"])
+            params.append((f.name, Annotated[kind, option], f.default))
+    params += [(name, kind, default) for name, (kind, default) in _RUN_OPTIONS.items()]
+
+    def command(**kw: Any) -> None:
+        _train(method, kw, **{name: kw.pop(name) for name in _RUN_OPTIONS})
+
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=k) for n, k, d in params])
     return command
 
 
 app.command("train", help="Train one DyLoRA adapter, sweep every rank on validation and test, save all.")(
-    _common_train_options("dylora"))
+    _train_command("dylora"))
 app.command("lora", help="The baseline: the same pipeline with plain LoRA at one fixed rank --r.")(
-    _common_train_options("lora"))
+    _train_command("lora"))
 
 
 @app.command(help="Evaluate a saved run or adapter at chosen ranks.")

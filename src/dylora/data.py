@@ -249,10 +249,10 @@ def _split(idx: np.ndarray, labels: np.ndarray | None, test_size: float | int, s
     return np.asarray(a), np.asarray(b)
 
 
-def _split_indices(n: int, labels: Sequence[int] | None, seed: int) -> tuple[np.ndarray, ...]:
+def _split_indices(n: int, labels: Sequence[int] | None, seed: int, where: str = "the data") -> tuple[np.ndarray, ...]:
     """Indices of a seeded 80/10/10 train/validation/test split, stratified by ``labels`` if given."""
     if n < _MIN_ROWS_TO_SPLIT:
-        raise DataError(f"only {n} rows; need at least {_MIN_ROWS_TO_SPLIT} to split 80/10/10 "
+        raise DataError(f"{where} has only {n} rows; need at least {_MIN_ROWS_TO_SPLIT} to split 80/10/10 "
                         "(or give train/validation/test files)")
     lab = None if labels is None else np.asarray(labels)
     train, rest = _split(np.arange(n), lab, _VAL_FRACTION + _TEST_FRACTION, seed)
@@ -281,16 +281,37 @@ def _classification_split(texts: Sequence[str], labels: Sequence[int], label_nam
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
-def _make_task(name: str, texts: Sequence[str], labels: Sequence[int], label_names: list[str],
-               metrics: list[str], seed: int, max_train: int | None,
-               pairs: Sequence[str] | None = None) -> TaskData:
-    """Split one pool of examples 80/10/10 (stratified) and wrap it as a :class:`TaskData`."""
-    train, val, test = _split_indices(len(texts), labels, seed)
-    lab = np.asarray(labels)
-    train = _subsample(train, lab, max_train, seed)
+Columns = tuple[list[str], list[Any], list[str] | None]  # texts, labels, text pairs (or None)
+
+
+def _pooled_task(name: str, parts: dict[str, Columns], label_names: list[str], metrics: Sequence[str], seed: int,
+                 max_train: int | None, where: str) -> TaskData:
+    """The given splits (`parts`, int labels) in one index space; a missing validation / test split is carved out
+    of train (seeded, stratified: 80/10/10 when both are), and train capped at `max_train` rows."""
+    texts: list[str] = []
+    labels: list[int] = []
+    pairs: list[str] | None = None if parts["train"][2] is None else []
+    ranges: dict[str, np.ndarray] = {}
+    for split, (t, lab, p) in parts.items():
+        ranges[split] = np.arange(len(texts), len(texts) + len(t))
+        texts += t
+        labels += lab
+        if pairs is not None:
+            pairs += p
+    lab_arr = np.asarray(labels)
+    train = ranges["train"]
+    missing = [s for s in ("validation", "test") if s not in ranges]
+    if len(missing) == 2:
+        ranges["train"], ranges["validation"], ranges["test"] = (
+            train[s] for s in _split_indices(len(train), lab_arr[train], seed, where))
+    elif missing:
+        if len(train) < 2:
+            raise DataError(f"{where} has only {len(train)} rows; need at least 2 to split off {missing[0]}")
+        frac = _VAL_FRACTION / (1 - _VAL_FRACTION - _TEST_FRACTION + _VAL_FRACTION)
+        ranges["train"], ranges[missing[0]] = _split(train, lab_arr, frac, seed)
+    ranges["train"] = _subsample(ranges["train"], lab_arr, max_train, seed)
     splits = datasets.DatasetDict({
-        split: _classification_split(texts, labels, label_names, idx, pairs)
-        for split, idx in zip(SPLITS, (train, val, test), strict=True)
+        split: _classification_split(texts, labels, label_names, ranges[split], pairs) for split in SPLITS
     })
     return TaskData(name=name, splits=splits, label_names=label_names, metrics=list(metrics))
 
@@ -325,18 +346,14 @@ def _parse_table(path: Path) -> list[dict[str, Any]]:
         if not rows:
             raise DataError(f"file {path} is empty (a header but no data rows)")
         return rows
-    if ext == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                rows.append(_json_record(path, line, lineno))
-        if not rows:
-            raise DataError(f"file {path} is empty (no JSON records)")
-        return rows
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:  # JSON Lines saved as .json
-        return _read_jsonl_text(path, text)
+    obj = None
+    if ext == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:  # JSON Lines saved as .json
+            pass
+    if obj is None:
+        obj = [_json_record(path, line, i) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}
         if len(lengths) != 1:
@@ -358,10 +375,6 @@ def _json_record(path: Path, line: str, lineno: int) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise DataError(f"line {lineno} of {path} is not a JSON object")
     return rec
-
-
-def _read_jsonl_text(path: Path, text: str) -> list[dict[str, Any]]:
-    return [_json_record(path, ln, i) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
 
 
 def _label_key(value: Any) -> int | str:
@@ -430,65 +443,19 @@ def _find_split_files(directory: Path) -> dict[str, Path]:
     return found
 
 
-def _load_local_file(path: Path, text_column: str, label_column: str, text_pair_column: str | None,
-                     seed: int, max_train: int | None) -> TaskData:
-    rows = _read_table(path)
-    texts, keys, pairs = _columns(path, rows, text_column, label_column, text_pair_column)
-    mapping, names = _label_mapping(keys, str(path), label_column)
-    labels = [mapping[k] for k in keys]
-    return _make_task(path.stem, texts, labels, names, ["accuracy", "macro_f1"], seed, max_train, pairs)
-
-
-def _load_local_dir(directory: Path, text_column: str, label_column: str, text_pair_column: str | None,
-                    seed: int, max_train: int | None) -> TaskData:
-    files = _find_split_files(directory)
-    parts = {}
-    for split, path in files.items():
-        parts[split] = _columns(path, _read_table(path), text_column, label_column, text_pair_column)
-    mapping, names = _label_mapping(parts["train"][1], str(files["train"]), label_column)
-    for split in ("validation", "test"):
-        if split in parts:
-            unseen = sorted({str(k) for k in parts[split][1] if k not in mapping})
-            if unseen:
-                raise DataError(f"labels {', '.join(unseen)} in {files[split]} do not occur in "
-                                f"{files['train']}; train labels are: {', '.join(names)}")
-
-    def joined(split: str) -> tuple[list[str], list[int], list[str] | None]:
-        t, k, p = parts[split]
-        return t, [mapping[x] for x in k], p
-
-    # Pool the given splits so one index space covers them; carve the missing ones out of train.
-    texts: list[str] = []
-    labels: list[int] = []
-    pairs: list[str] | None = None if text_pair_column is None else []
-    ranges: dict[str, np.ndarray] = {}
-    for split in parts:
-        t, lab, p = joined(split)
-        ranges[split] = np.arange(len(texts), len(texts) + len(t))
-        texts += t
-        labels += lab
-        if pairs is not None and p is not None:
-            pairs += p
-    lab_arr = np.asarray(labels)
-    train = ranges["train"]
-    missing = [s for s in ("validation", "test") if s not in ranges]
-    if len(missing) == 2:
-        if len(train) < _MIN_ROWS_TO_SPLIT:
-            raise DataError(f"{files['train']} has only {len(train)} rows; need at least "
-                            f"{_MIN_ROWS_TO_SPLIT} to split off validation and test")
-        sub = _split_indices(len(train), lab_arr[train], seed)
-        ranges["train"], ranges["validation"], ranges["test"] = (train[s] for s in sub)
-    elif missing:
-        if len(train) < 2:
-            raise DataError(f"{files['train']} has only {len(train)} rows; need at least 2 to split off "
-                            f"{missing[0]}")
-        frac = _VAL_FRACTION / (1 - _VAL_FRACTION - _TEST_FRACTION + _VAL_FRACTION)
-        ranges["train"], ranges[missing[0]] = _split(train, lab_arr, frac, seed)
-    ranges["train"] = _subsample(ranges["train"], lab_arr, max_train, seed)
-    splits = datasets.DatasetDict({
-        split: _classification_split(texts, labels, names, ranges[split], pairs) for split in SPLITS
-    })
-    return TaskData(name=directory.name, splits=splits, label_names=names, metrics=["accuracy", "macro_f1"])
+def _load_local(found: dict[str, Path], name: str, text_column: str, label_column: str,
+                text_pair_column: str | None, seed: int, max_train: int | None) -> TaskData:
+    """A task from local files by split (a single file is the train split); labels are train's, sorted."""
+    parts = {split: _columns(path, _read_table(path), text_column, label_column, text_pair_column)
+             for split, path in found.items()}
+    mapping, names = _label_mapping(parts["train"][1], str(found["train"]), label_column)
+    for split, (_, keys, _) in parts.items():
+        unseen = sorted({str(k) for k in keys if k not in mapping})
+        if unseen:
+            raise DataError(f"labels {', '.join(unseen)} in {found[split]} do not occur in "
+                            f"{found['train']}; train labels are: {', '.join(names)}")
+    parts = {split: (t, [mapping[k] for k in keys], p) for split, (t, keys, p) in parts.items()}
+    return _pooled_task(name, parts, names, ["accuracy", "macro_f1"], seed, max_train, str(found["train"]))
 
 
 def _unknown(data: str) -> DataError:
@@ -516,15 +483,14 @@ def load_task(data: str, *, text_column: str | None = None, label_column: str | 
                                 f"{data!r} has fixed columns text, label")
         texts, labels, names = _READERS[data]()
         cap = DEFAULT_MAX_TRAIN.get(data) if max_train is None else max_train
-        return _make_task(data, texts, labels, names, _REGISTRY_METRICS[data], seed, cap)
+        return _pooled_task(data, {"train": (texts, labels, None)}, names, _REGISTRY_METRICS[data], seed, cap, data)
     path = Path(data).expanduser()
     text_column = text_column or "text"
     label_column = label_column or "label"
-    if path.is_dir():
-        return _load_local_dir(path, text_column, label_column, text_pair_column, seed, max_train)
-    if path.is_file():
-        return _load_local_file(path, text_column, label_column, text_pair_column, seed, max_train)
-    raise _unknown(data)
+    if not (path.is_dir() or path.is_file()):
+        raise _unknown(data)
+    found, name = (_find_split_files(path), path.name) if path.is_dir() else ({"train": path}, path.stem)
+    return _load_local(found, name, text_column, label_column, text_pair_column, seed, max_train)
 
 
 def load_generation_task(data: str, *, seed: int = 0, max_train: int | None = None) -> GenerationData:
@@ -537,7 +503,7 @@ def load_generation_task(data: str, *, seed: int = 0, max_train: int | None = No
     records = _read_bbc_records()
     sources = [_norm_ws(r["body"].split("\n\n", 1)[0]) for r in records]
     targets = [_norm_ws(r["headline"]) for r in records]
-    train, val, test = _split_indices(len(records), None, seed)
+    train, val, test = _split_indices(len(records), None, seed, data)
     train = _subsample(train, None, max_train, seed)
     splits = datasets.DatasetDict({
         split: datasets.Dataset.from_dict({"source": [sources[i] for i in idx],

@@ -125,13 +125,16 @@ def select_adapters(model: torch.nn.Module, adapter_name: str | None) -> dict[st
     return {adapter_name: adapters[adapter_name]}
 
 
-def _refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | None = None) -> None:
-    """A merged adapter's output is fixed at the merged rank: refuse to change it (to `rank`, or at all)."""
+def _refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | Mapping[str, int] | None = None
+                      ) -> None:
+    """A merged adapter's output is fixed at the merged rank: refuse to change it (to `rank`, to per-layer
+    ranks {module name: b_l} in the layers named, or at all)."""
     for name in names:
-        if any(module.lora_variant[name].merged_scale is not None and module.lora_variant[name].rank != rank
-               for module in _layers(model, name)):
-            raise ValueError(f"DyLoRA adapter {name!r} is merged into the base weights, so its rank cannot change; "
-                             "call unmerge_adapter() first")
+        for key, module in _named_layers(model, name).items():
+            wanted = rank.get(key, module.lora_variant[name].rank) if isinstance(rank, Mapping) else rank
+            if module.lora_variant[name].merged_scale is not None and module.lora_variant[name].rank != wanted:
+                raise ValueError(f"DyLoRA adapter {name!r} is merged into the base weights ({key}), so its rank "
+                                 "cannot change; call unmerge_adapter() first")
 
 
 def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None) -> None:
@@ -210,9 +213,7 @@ def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_na
     name, _ = _one(model, adapter_name)
     layers = _named_layers(model, name)
     wanted = _rank_map(model, name, ranks)
-    for key, b in wanted.items():
-        if layers[key].lora_variant[name].merged_scale is not None and layers[key].lora_variant[name].rank != b:
-            raise ValueError(f"{key} is merged into the base weights, so its rank cannot change; unmerge first")
+    _refuse_if_merged(model, [name], wanted)
     for key, b in wanted.items():
         set_layer_rank(layers[key], name, b)
 

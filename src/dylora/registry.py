@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -162,26 +161,16 @@ def archive_members(archive: Path, wanted: Callable[[str], bool], *,
 
 
 def cached_dir(relpath: str, build: Callable[[Path], None], ready: Callable[[Path], bool]) -> Path:
-    """cache_dir()/relpath, built the first time by `build(tmp)` in a temporary directory and published
-    by rename; a half-built entry left by a crash is rebuilt, and a concurrent builder's entry is kept."""
+    """cache_dir()/relpath, built the first time by `build(tmp)` in a temporary directory and published whole
+    (`files.atomic_path`); an entry that is not `ready` (a crash of an older version) is rebuilt."""
     final = cache_dir() / relpath
     if ready(final):
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    shutil.rmtree(final, ignore_errors=True)
+    with files.atomic_path(final, directory=True) as tmp:
         build(tmp)
         if not ready(tmp):
             raise FetchError(f"preparing {relpath} produced an incomplete cache entry")
-        for item in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make private files
+        for item in tmp.rglob("*"):  # safetensors writes private files; the cache is shared data
             item.chmod(0o755 if item.is_dir() else 0o644)
-        if final.exists():
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not ready(final):
-                raise
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return final

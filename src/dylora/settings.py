@@ -1,60 +1,76 @@
-"""Settings: everything that defines a run, checked in one place before anything is loaded or written."""
+"""Settings: everything that defines a run, checked in one place before anything is loaded or written.
+
+A setting with `help` in its metadata is an option of `dylora train` and `dylora lora` (which ignores the
+DyLoRA-only ones), named `--name` unless `flags` says otherwise, with this default: the CLI builds its options
+from here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
-from .config import DyLoraConfig
-from .functional import check_rank
-
 METHODS = ("dylora", "lora", "full")
+DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", "sandwich_k", "distill",
+               "distill_weight", "rank_scaling", "ranks")
+
+
+def _option(default: Any, help: str, *flags: str) -> Any:
+    """A setting that is a command-line option: its default, its help and (if not --name) its option names."""
+    return field(default=default, metadata={"help": help, "flags": flags})
 
 
 @dataclass
 class Settings:
     """A run's settings; written to run.json so a result can be reproduced."""
 
-    model: str = "minilm"
-    data: str = "polarity"
+    model: str = _option("minilm", "Short name (minilm, mpnet, smollm2), model directory or hub id.")
+    data: str = _option("polarity", "polarity, tweets, bbc, bbc-headlines, or a .csv/.tsv/.json/.jsonl file.")
     method: str = "dylora"  # dylora | lora | full
-    r: int = 8
-    r_min: int = 1
-    lora_alpha: float = 16
-    frozen: bool = False
-    rank_distribution: str = "uniform"
-    geometric_p: float = 0.15
-    recipe: str | None = None  # paper | sandwich | rowwise | nested; None: rowwise (paper with `frozen`)
-    sandwich_k: int = 1
-    distill: bool | None = None  # None: on where the recipe has it (sandwich, rowwise)
-    distill_weight: float = 0.5
-    rank_scaling: str = "alpha/b"
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None
-    epochs: float = 3.0
-    max_steps: int = -1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    batch_size: int = 16
-    grad_accum: int = 1
+    r: int = _option(8, "LoRA rank (r_max for DyLoRA); --r-max under torchrun, whose own parser takes --r for one "
+                     "of its options.", "--r", "--r-max")
+    r_min: int = _option(1, "Smallest DyLoRA rank.")
+    lora_alpha: float = _option(16, "LoRA alpha; the scale at rank b is alpha / b.")
+    frozen: bool = _option(False, "DyLoRA (Frozen): train only component b.", "--frozen")
+    rank_distribution: str = _option("uniform", "Rank distribution: uniform or geometric.", "--rank-distribution",
+                                     "--distribution")
+    geometric_p: float = _option(0.15, "p of the geometric distribution.")
+    recipe: str | None = _option(None, "How each step uses ranks: paper (one sampled rank, the paper's), sandwich, "
+                                 "rowwise or nested (default: rowwise; paper with --frozen).")
+    sandwich_k: int = _option(1, "Sandwich: sampled ranks per step besides r_min and r.")
+    distill: bool | None = _option(None, "Sandwich, rowwise: smaller ranks also learn from r's predictions (in-place "
+                                   "distillation; default: on for those recipes).", "--distill/--no-distill")
+    distill_weight: float = _option(0.5, "Weight of the distillation term.")
+    rank_scaling: str = _option("alpha/b", "Scale at rank b: alpha/b or alpha/sqrt(b).")
+    lora_dropout: float = _option(0.0, "LoRA dropout.")
+    target_modules: list[str] | None = _option(None, "Comma-separated module names to adapt.")
+    epochs: float = _option(3.0, "Training epochs.")
+    max_steps: int = _option(-1, "Stop after this many optimizer steps (-1: epochs).")
+    lr: float = _option(1e-3, "Peak learning rate (AdamW, linear schedule).")
+    weight_decay: float = _option(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _option(0.06, "Warm-up fraction of the steps.")
+    batch_size: int = _option(16, "Per-process batch size.")
+    grad_accum: int = _option(1, "Gradient accumulation steps.")
     eval_batch_size: int = 64
-    max_length: int | None = None  # tokens per example (None: the task's default, capped by the model)
-    seed: int = 0
-    max_train: int | None = None
-    text_column: str | None = None
-    label_column: str | None = None
-    text_pair_column: str | None = None
-    save_steps: int = 0  # checkpoint every N optimizer steps (0: no checkpoints)
+    max_length: int | None = _option(None, "Maximum tokens per example (default: 64 for classification, 160 for "
+                                     "generation).")
+    seed: int = _option(0, "Seed of data split, init, and rank sampler.")
+    max_train: int | None = _option(None, "Subsample the train split (seeded).")
+    text_column: str | None = _option(None, "Text column of a local file.")
+    label_column: str | None = _option(None, "Label column of a local file.")
+    text_pair_column: str | None = _option(None, "Second text column (pairs).")
+    save_steps: int = _option(0, "Checkpoint every N steps (0: none).")
     modules_to_save: list[str] | None = None  # trained in full beside the adapter (default: the task head)
     logging_steps: int = 10
-    within: float = 0.5  # "smallest rank within this many points of the best"
-    max_eval: int | None = None  # cap the validation and test splits (quick runs and tests)
-    label_smoothing: float = 0.0  # label_smoothing_factor of the Trainer
-    ranks: list[int] | None = None  # the ranks the sweep evaluates (default: every b in [r_min, r])
-    guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard)
+    within: float = _option(0.5, "'Smallest rank within' this many points of the best.")
+    max_eval: int | None = _option(None, "Evaluate at most this many validation/test rows.")
+    label_smoothing: float = _option(0.0, "Label smoothing of the training loss.")
+    ranks: list[int] | None = _option(None, "Ranks the sweep evaluates, comma-separated (default: every rank from "
+                                      "r_min to r).")
+    guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard); CLI --no-guard
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Settings:
@@ -89,6 +105,8 @@ class Settings:
         if self.method != "full":
             self.peft_config(["x"])  # DyLoraConfig / LoraConfig name the field and the valid range
         if self.method == "dylora" and self.ranks is not None:
+            from .functional import check_rank
+
             if not self.ranks:
                 raise ValueError("--ranks is empty: give ranks like 1,2,4,8")
             for b in self.ranks:
@@ -105,23 +123,21 @@ class Settings:
             self.distill = self.recipe in ("sandwich", "rowwise")
 
     def peft_config(self, targets: list[str], task_type: str = "SEQ_CLS") -> Any:
-        """The adapter's config: a DyLoraConfig, or a plain LoraConfig for the LoRA baseline."""
+        """The adapter's config: a DyLoraConfig, or a plain LoraConfig for the LoRA baseline, whose r,
+        lora_alpha and lora_dropout pass DyLoraConfig's checks too. A bad value is named as its option."""
         from peft import LoraConfig
+
+        from .config import DyLoraConfig
 
         self._default_recipe()
         common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                       target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
-        if self.method == "dylora":
-            return DyLoraConfig(r_min=self.r_min, frozen=self.frozen, rank_distribution=self.rank_distribution,
-                                geometric_p=self.geometric_p, seed=self.seed, recipe=self.recipe,
-                                sandwich_k=self.sandwich_k, distill=self.distill, distill_weight=self.distill_weight,
-                                rank_scaling=self.rank_scaling, **common)
-        from .config import MAX_RANK
-
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 1 <= self.r <= MAX_RANK:
-            raise ValueError(f"--r must be an integer in [1, {MAX_RANK}], got {self.r}")
-        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
-        return LoraConfig(**common)
+        extra = dict(r_min=self.r_min, frozen=self.frozen, rank_distribution=self.rank_distribution,
+                     geometric_p=self.geometric_p, seed=self.seed, recipe=self.recipe, sandwich_k=self.sandwich_k,
+                     distill=self.distill, distill_weight=self.distill_weight, rank_scaling=self.rank_scaling)
+        try:
+            config = DyLoraConfig(**common, **(extra if self.method == "dylora" else {}))
+        except ValueError as err:  # "DyLoraConfig.lora_alpha=nan is invalid: ..." -> "--lora-alpha=nan is ..."
+            raise ValueError(re.sub(r"^DyLoraConfig\.(\w+)=", lambda m: f"--{m[1].replace('_', '-')}=",
+                                    str(err))) from None
+        return config if self.method == "dylora" else LoraConfig(**common)

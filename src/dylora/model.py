@@ -75,16 +75,21 @@ def target_error(base: torch.nn.Module, config: LoraConfig) -> ValueError:
                       f"{type(base).__name__}; some that exist: {shown}")
 
 
-def get_dylora_model(base: torch.nn.Module, config: DyLoraConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap `base` with a DyLoRA adapter (a `peft.PeftModel`); its rank starts at r_max."""
-    if not isinstance(config, DyLoraConfig):
-        raise ValueError(f"config must be a dylora.DyLoraConfig, got {type(config).__name__}")
+def peft_model(base: torch.nn.Module, config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """PEFT's `get_peft_model`, with target modules that match nothing refused in one line naming some that exist."""
     try:
-        model = get_peft_model(base, config, adapter_name=adapter_name)
+        return get_peft_model(base, config, adapter_name=adapter_name)
     except ValueError as err:
         if is_target_miss(err):
             raise target_error(base, config) from None
         raise
+
+
+def get_dylora_model(base: torch.nn.Module, config: DyLoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap `base` with a DyLoRA adapter (a `peft.PeftModel`); its rank starts at r_max."""
+    if not isinstance(config, DyLoraConfig):
+        raise ValueError(f"config must be a dylora.DyLoraConfig, got {type(config).__name__}")
+    model = peft_model(base, config, adapter_name)
     _attach(model, adapter_name, config)
     return model
 

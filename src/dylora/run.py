@@ -41,7 +41,7 @@ from .classification import ClassificationTask
 from .data import GENERATION_DATASETS
 from .functional import check_rank
 from .generation import GenerationTask
-from .model import dylora_adapters, get_dylora_model, is_target_miss, load, read_adapter_config, save, target_error
+from .model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config, save
 from .report import pick_ranks, sweep_payload, write_sweep
 from .settings import Settings
 from .training import RANK_KEY, RANKS_KEY, DyLoraTrainer, SweepRow, TrainingGuard, rank_parameters, rank_sweep
@@ -105,16 +105,7 @@ def build_model(s: Settings, base: Any, task_type: str) -> Any:
         return base
     s.target_modules = s.target_modules or zoo.default_target_modules(base.config)
     config = s.peft_config(s.target_modules, task_type)
-    if s.method == "dylora":
-        return get_dylora_model(base, config)
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(base, config)
-    except ValueError as err:
-        if is_target_miss(err):
-            raise target_error(base, config) from None
-        raise
+    return get_dylora_model(base, config) if s.method == "dylora" else peft_model(base, config)
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool, main_process: bool) -> Path:
@@ -366,12 +357,17 @@ def sweep_run(path: str | os.PathLike, ranks: list[int] | None = None, split: st
     cfg = saved.config
     for b in ranks or []:
         check_rank(b, cfg.r_min, cfg.r)  # before loading anything
-    peft_model, _, saved, task = load_run(saved, with_data=True)
-    s = saved.settings
-    task.progress = progress
-    task.encode(token_budget(s, task, peft_model.config))
-    return rank_sweep(peft_model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress), s, task.metrics
+    model, saved, task = _with_encoded_data(saved, progress)
+    return rank_sweep(model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress), saved.settings, \
+        task.metrics
 
+
+def _with_encoded_data(saved: SavedRun, progress: bool) -> tuple[Any, SavedRun, Task]:
+    """`load_run` with the task's data loaded and encoded."""
+    model, _, saved, task = load_run(saved, with_data=True)
+    task.progress = progress
+    task.encode(token_budget(saved.settings, task, model.config))
+    return model, saved, task
 
 
 def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "rank", method: str = "norm",
@@ -390,22 +386,21 @@ def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "
     if budget_kind == "rank" and not low <= budget <= cfg.r:  # before loading anything
         raise ValueError(f"budget {budget:g} (an average rank) is outside the feasible range "
                          f"[{'min_rank' if low == 0 else 'r_min'}, r] = [{low}, {cfg.r}]")
-    peft_model, _, saved, task = load_run(saved, with_data=True)
-    task.encode(token_budget(saved.settings, task, peft_model.config))
+    model, saved, task = _with_encoded_data(saved, progress)
     t0 = time.perf_counter()
-    ranks = allocate(peft_model, budget, method, budget_kind=budget_kind, step=step, progress=progress,
+    ranks = allocate(model, budget, method, budget_kind=budget_kind, step=step, progress=progress,
                      loss_fn=lambda m: task.calibration_loss(m, calibration), min_rank=min_rank, lazy=lazy)
     seconds = time.perf_counter() - t0
-    costs = layer_costs(peft_model)
+    costs = layer_costs(model)
     params = sum(b * costs[name] for name, b in ranks.items())
     uniform = max(cfg.r_min, min(cfg.r, params // sum(costs.values())))
-    previous = get_layer_ranks(peft_model)
-    set_layer_ranks(peft_model, ranks)
-    allocated = {split: task.evaluate(peft_model, split) for split in ("validation", "test")}
-    set_layer_ranks(peft_model, previous)
-    with at_rank(peft_model, uniform):
-        truncated = {split: task.evaluate(peft_model, split) for split in ("validation", "test")}
+    previous = get_layer_ranks(model)
+    set_layer_ranks(model, ranks)
+    allocated = {split: task.evaluate(model, split) for split in ("validation", "test")}
+    set_layer_ranks(model, previous)
+    with at_rank(model, uniform):
+        truncated = {split: task.evaluate(model, split) for split in ("validation", "test")}
     return {"method": method, "budget": budget, "budget_kind": budget_kind, "ranks": ranks, "params": params,
             "seconds": round(seconds, 3), "metric": task.metrics[0], "r": cfg.r, "allocated": allocated,
             "uniform": {"rank": uniform, "params": uniform * sum(costs.values()), **truncated},
-            "model": peft_model}
+            "model": model}

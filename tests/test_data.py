@@ -362,3 +362,13 @@ def test_local_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setup: st
     msg = _one_line(exc)
     for needle in needles:
         assert needle in msg, (needle, msg)
+
+
+def test_a_json_file_that_is_not_a_table(tmp_path: Path) -> None:
+    """Valid JSON that is neither records nor columns (null, a number) is named as such, not read as JSON Lines."""
+    for text in ("null", "3"):
+        path = tmp_path / "odd.json"
+        path.write_text(text)
+        with pytest.raises(d.DataError) as exc:
+            d.load_task(str(path))
+        assert "must hold a JSON list of records" in _one_line(exc)

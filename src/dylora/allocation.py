@@ -50,6 +50,21 @@ def layer_costs(model: torch.nn.Module, adapter_name: str | None = None) -> dict
     return costs
 
 
+def lowest_rank(min_rank: int | None, r_min: int) -> int:
+    """The smallest rank a layer may get: r_min (`min_rank` None) or 0 (layers may be switched off)."""
+    low = r_min if min_rank is None else min_rank
+    if low not in (0, r_min) or isinstance(low, bool):
+        raise ValueError(f"min_rank must be 0 (layers may be switched off) or r_min = {r_min}, got {min_rank!r}")
+    return low
+
+
+def check_average_rank(budget: float, low: int, r: int) -> None:
+    """Refuse an average-rank budget outside [low, r] (a check that needs no model)."""
+    if not low <= budget <= r:
+        raise ValueError(f"budget {budget:g} (an average rank) is outside the feasible range "
+                         f"[{'min_rank' if low == 0 else 'r_min'}, r] = [{low}, {r}]")
+
+
 def _budget_params(budget: float, kind: str, per_rank: int, low: int, r: int) -> int:
     """The budget in parameters, checked to lie between rank `low` and r in every layer."""
     if kind not in BUDGET_KINDS:
@@ -57,9 +72,7 @@ def _budget_params(budget: float, kind: str, per_rank: int, low: int, r: int) ->
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
         raise ValueError(f"budget must be a finite number, got {budget!r}")
     if kind == "rank":
-        if not low <= budget <= r:
-            raise ValueError(f"budget {budget!r} (an average rank) is outside the feasible range "
-                             f"[{'min_rank' if low == 0 else 'r_min'}, r] = [{low}, {r}]")
+        check_average_rank(budget, low, r)
         return math.floor(budget * per_rank + 1e-6)
     if not low * per_rank <= budget <= r * per_rank:
         raise ValueError(f"budget {budget!r} parameters is outside the feasible range [{low * per_rank}, "
@@ -223,9 +236,7 @@ def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
         raise ValueError("method='greedy' needs loss_fn: a callable model -> float (a calibration loss)")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an integer >= 1, got {step!r}")
-    low = cfg.r_min if min_rank is None else min_rank
-    if low not in (0, cfg.r_min) or isinstance(low, bool):
-        raise ValueError(f"min_rank must be 0 (layers may be switched off) or r_min = {cfg.r_min}, got {min_rank!r}")
+    low = lowest_rank(min_rank, cfg.r_min)
     layers = _named_layers(model, name)
     costs = layer_costs(model, name)
     per_rank = sum(costs.values())

@@ -346,13 +346,12 @@ def _parse_table(path: Path) -> list[dict[str, Any]]:
         if not rows:
             raise DataError(f"file {path} is empty (a header but no data rows)")
         return rows
-    obj = None
     if ext == ".json":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:  # JSON Lines saved as .json
-            pass
-    if obj is None:
+            ext = ".jsonl"
+    if ext == ".jsonl":
         obj = [_json_record(path, line, i) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
         lengths = {len(v) for v in obj.values()}

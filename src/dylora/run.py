@@ -377,15 +377,13 @@ def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "
     first `calibration` validation rows), scored on validation and test beside uniform truncation with no
     more parameters (r_min where even r_min everywhere costs more). `min_rank=0` lets it switch layers off.
     Returns the allocation record (written as allocation.json by the caller)."""
-    from .allocation import allocate, layer_costs
+    from .allocation import allocate, check_average_rank, layer_costs, lowest_rank
     from .model import at_rank, get_layer_ranks, set_layer_ranks
 
     saved = read_run(path, model)
     cfg = saved.config
-    low = cfg.r_min if min_rank is None else min_rank
-    if budget_kind == "rank" and not low <= budget <= cfg.r:  # before loading anything
-        raise ValueError(f"budget {budget:g} (an average rank) is outside the feasible range "
-                         f"[{'min_rank' if low == 0 else 'r_min'}, r] = [{low}, {cfg.r}]")
+    if budget_kind == "rank":  # before loading anything
+        check_average_rank(budget, lowest_rank(min_rank, cfg.r_min), cfg.r)
     model, saved, task = _with_encoded_data(saved, progress)
     t0 = time.perf_counter()
     ranks = allocate(model, budget, method, budget_kind=budget_kind, step=step, progress=progress,

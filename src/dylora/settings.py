@@ -132,9 +132,7 @@ class Settings:
         self._default_recipe()
         common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                       target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
-        extra = dict(r_min=self.r_min, frozen=self.frozen, rank_distribution=self.rank_distribution,
-                     geometric_p=self.geometric_p, seed=self.seed, recipe=self.recipe, sandwich_k=self.sandwich_k,
-                     distill=self.distill, distill_weight=self.distill_weight, rank_scaling=self.rank_scaling)
+        extra = {name: getattr(self, name) for name in DYLORA_ONLY if name != "ranks"} | {"seed": self.seed}
         try:
             config = DyLoraConfig(**common, **(extra if self.method == "dylora" else {}))
         except ValueError as err:  # "DyLoraConfig.lora_alpha=nan is invalid: ..." -> "--lora-alpha=nan is ..."

@@ -32,6 +32,16 @@ and every component i < r gets gradient every step (E[s_b][i] > 0 wherever some 
 For one layer this trains the P-average of the rank-b outputs in a single forward; through a deep network
 it trains that one "expected" adapter, an approximation of the average of the per-rank losses (the
 paper's Table-7 summed loss, which needs one pass per rank).
+
+Two bases for rank b. The *prefix* (above, the paper's) keeps the first b components as trained. The *SVD
+cut* keeps the best rank-b approximation (Eckart-Young) of the layer's full update c(r) B A = U S V^T:
+
+    dW_svd(b) = U_b S_b V_b^T = B_s[:, :b] A_s[:b],    A_s = sqrt(S) V^T,  B_s = U sqrt(S).
+
+With A^T = Q_A R_A and B = Q_B R_B (thin QR) and c(r) R_B R_A^T = U' S V'^T (an r x r SVD), A_s = M_in A and
+B_s = B M_out for the r x r matrices M_in = sqrt(S) V'^T pinv(R_A^T), M_out = pinv(R_B) U' sqrt(S), so the SVD
+cut is still a mask on the r-dimensional activation: W0 x + B M_out (m_b * (M_in A x)), m_b[i] = 1 if i < b
+else 0. It costs O((in + out) r^2) per layer, never an SVD of the (out x in) update.
 """
 
 from __future__ import annotations
@@ -124,3 +134,34 @@ def rank_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: torch.T
     if scale.dim() != 1:
         raise ValueError("per-example ranks are set: choose one rank (dylora.set_rank) before merging")
     return (lora_B * scale.to(lora_B.dtype)) @ lora_A
+
+
+def svd_mixers(lora_A: torch.Tensor, lora_B: torch.Tensor, coefficient: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M_in, M_out, S) of the SVD cut of coefficient * B A (A is r x in, B is out x r), in float64.
+
+    B M_out diag(m_b) M_in A is the best rank-b approximation of coefficient * B A, for every b; S holds its
+    singular values, largest first.
+    """
+    A, B = lora_A.detach().double(), lora_B.detach().double()
+    q_a, r_a = torch.linalg.qr(A.T)  # A = R_A^T Q_A^T
+    q_b, r_b = torch.linalg.qr(B)  # B = Q_B R_B
+    u, s, vh = torch.linalg.svd(coefficient * (r_b @ r_a.T))
+    root = s.sqrt()
+    m_in = root[:, None] * vh @ torch.linalg.pinv(r_a.T)
+    m_out = torch.linalg.pinv(r_b) @ u * root[None, :]
+    return m_in, m_out, s
+
+
+def svd_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, coefficient: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A_s, B_s, S) in float64: B_s[:, :b] A_s[:b] is the best rank-b approximation of coefficient * B A."""
+    m_in, m_out, s = svd_mixers(lora_A, lora_B, coefficient)
+    return m_in @ lora_A.detach().double(), lora_B.detach().double() @ m_out, s
+
+
+def prefix_mask(rank: int, r: int) -> torch.Tensor:
+    """The SVD basis's mask m_b: 1 on the first b components, 0 on the rest (all 0 at b = 0)."""
+    m = torch.zeros(r)
+    m[:rank] = 1.0
+    return m

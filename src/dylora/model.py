@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
@@ -47,7 +48,7 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
         if cls is None:
             raise ValueError(
                 f"DyLoRA supports nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d (groups=1) targets; "
-                f"{name!r} is a {_describe(module.get_base_layer())}"
+                f"{name!r} is {_describe(module)}"
             )
         alpha = module.lora_alpha[adapter]
         device = next(p.device for p in module.parameters())
@@ -102,9 +103,16 @@ def _add_weighted_adapter(self, adapters: list[str], weights: list[float], adapt
         _restore(states)
 
 
-def _describe(layer: torch.nn.Module) -> str:
+def _describe(module: LoraLayer) -> str:
+    """What an unsupported target is: PEFT's layer is named where it, not the base layer, lacks the variant hook."""
+    if isinstance(module, lora_layer.ParamWrapper):
+        return (f"an nn.Parameter target ({module.parameter_name!r}, target_parameters): PEFT's ParamWrapper takes "
+                "no LoRA variant")
+    if isinstance(module, lora_layer.MultiheadAttention):
+        return "an nn.MultiheadAttention: PEFT's LoRA layer for it merges its weights in each forward, with no variant"
+    layer = module.get_base_layer()
     groups = getattr(layer, "groups", 1)
-    return type(layer).__name__ + (f" with groups={groups}" if groups != 1 else "")
+    return "a " + type(layer).__name__ + (f" with groups={groups}" if groups != 1 else "")
 
 
 def is_target_miss(err: Exception) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 import dylora
 
 SRC = Path(dylora.__file__).parent
-CORE = ("functional", "layers", "config", "sampler", "model", "training")
+CORE = ("functional", "layers", "config", "sampler", "model", "training", "resizing")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -24,6 +24,7 @@ _EXPORTS = {
                                      "RecipeCallback", "SweepRow", "TrainingGuard", "dylora_loss", "rank_parameters",
                                      "rank_sweep", "step_rank")},
     "export_kohya": "kohya",
+    **{name: "resizing" for name in ("resize", "resize_state_dict")},
     "DyLoraSFTTrainer": "trl",  # needs trl (the eco extra)
 }
 

@@ -49,7 +49,7 @@ def _targets(config: Any) -> str:
     return ", ".join(f"`{t}`" for t in sorted(targets or [])) or "(none)"
 
 
-def _rank_line(config: Any, rank: int | Mapping[str, int] | None) -> str:
+def _rank_line(config: Any, rank: int | Mapping[str, int] | None, trained: bool = True) -> str:
     r, r_min = config.r, getattr(config, "r_min", 1)
     if rank is None:
         return f"every rank b in [r_min, r_max] = [{r_min}, {r}] (choose one with `dylora.set_rank`)"
@@ -57,13 +57,14 @@ def _rank_line(config: Any, rank: int | Mapping[str, int] | None) -> str:
         ranks = sorted(rank.values())
         off = f"; {ranks.count(0)} layers off, see `exclude_modules`" if 0 in ranks else ""
         return f"per-layer ranks from {ranks[0]} to {ranks[-1]} (r_max = {r}; see `rank_pattern`{off})"
-    return f"{rank} of r_max = {r} (trained over every rank in [{r_min}, {r}])"
+    return f"{rank} of r_max = {r}" + (f" (trained over every rank in [{r_min}, {r}])" if trained else "")
 
 
 def card_text(config: Any, *, rank: int | Mapping[str, int] | None = None, sweep: Sequence[Any] | None = None,
               command: str | Sequence[str] | None = None, training: Mapping[str, Any] | None = None,
-              files: Sequence[str] | None = None, kohya: bool = False) -> str:
-    """The markdown body of a DyLoRA model card (no front matter)."""
+              files: Sequence[str] | None = None, kohya: bool = False,
+              resize: Mapping[str, Any] | None = None) -> str:
+    """The markdown body of a DyLoRA model card (no front matter); with `resize`, of a `dylora resize` output."""
     from peft import __version__ as peft_version
 
     from . import __version__
@@ -73,11 +74,16 @@ def card_text(config: Any, *, rank: int | Mapping[str, int] | None = None, sweep
                                                    else "DyLoRA adapter with per-layer ranks")
     fmt = "a kohya-ss LoRA file" if kohya else ("a PEFT LoRA adapter" if rank is not None else
                                                 "a PEFT LoRA adapter at r_max, with a `dylora_config.json` sidecar")
-    lines = [f"# {title}", "",
-             f"A [DyLoRA]({PAPER}) adapter: one LoRA trained over every rank b in [r_min, r_max], so any rank can be "
-             f"cut from it without retraining. This is {fmt}.", "",
+    about = (f"A [DyLoRA]({PAPER}) adapter: one LoRA trained over every rank b in [r_min, r_max], so any rank can "
+             f"be cut from it without retraining. This is {fmt}.")
+    if resize is not None:
+        title = title.replace("DyLoRA adapter at", "LoRA adapter resized to").replace("DyLoRA", "Resized LoRA")
+        about = (f"A plain PEFT LoRA adapter made by `dylora resize` from {resize.get('source', 'a LoRA adapter')}: "
+                 "each layer holds the best rank-b_l approximation (Eckart-Young, the SVD cut) of that layer's "
+                 "update, so neither retraining nor the base model was needed.")
+    lines = [f"# {title}", "", about, "",
              "## Adapter", "",
-             f"- rank: {_rank_line(config, rank)}",
+             f"- rank: {_rank_line(config, rank, trained=resize is None)}",
              f"- lora_alpha: {config.lora_alpha}",
              f"- rank_scaling: `{scaling}` (the output at rank b is W0 x + c(b) B[:, :b] A[:b] x, "
              f"c(b) = lora_alpha / {scaling.split('/', 1)[1]})"]
@@ -102,6 +108,8 @@ def card_text(config: Any, *, rank: int | Mapping[str, int] | None = None, sweep
     how = {k: v for k, v in how.items() if v is not None}
     if how:
         lines += ["## Training", "", *(f"- {k}: {v}" for k, v in how.items()), ""]
+    if resize:
+        lines += ["## Resize", "", *(f"- {k}: {v}" for k, v in resize.items()), ""]
     if sweep:
         lines += ["## Rank sweep", "", sweep_table(sweep), ""]
     if command:
@@ -114,12 +122,14 @@ def card_text(config: Any, *, rank: int | Mapping[str, int] | None = None, sweep
 def write_card(directory: str | os.PathLike, config: Any, *, rank: int | Mapping[str, int] | None = None,
                sweep: Sequence[Any] | None = None, command: str | Sequence[str] | None = None,
                base_model: str | None = None, training: Mapping[str, Any] | None = None,
-               filename: str = "README.md", files: Sequence[str] | None = None, kohya: bool = False) -> Path:
+               filename: str = "README.md", files: Sequence[str] | None = None, kohya: bool = False,
+               resize: Mapping[str, Any] | None = None) -> Path:
     """Write (or rewrite) `directory/README.md`: a DyLoRA model card for `config` (a `DyLoraConfig`).
 
     `rank`: the rank b the files hold (an int, or {module: b_l} for per-layer ranks), None for the whole
     DyLoRA adapter. `sweep`: `SweepRow`s (or dicts with rank, metrics, params) for the table. `command`: the
     command line that made it. `training`: more facts for the Training section (steps, lr, data ...).
+    `resize`: the facts of a `dylora resize` output (source, method, ranks, kept energy), its own section.
     The front matter of an existing card (PEFT's) is kept: tags are added to, base_model and library_name set.
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -132,5 +142,6 @@ def write_card(directory: str | os.PathLike, config: Any, *, rank: int | Mapping
     tags = {t for t in data.tags or [] if not t.endswith(":")} | set(TAGS)
     tags |= {f"base_model:adapter:{base_model}"} if base_model else set()
     data.tags = sorted(tags | ({"kohya", "stable-diffusion"} if kohya else set()))
-    body = card_text(config, rank=rank, sweep=sweep, command=command, training=training, files=files, kohya=kohya)
+    body = card_text(config, rank=rank, sweep=sweep, command=command, training=training, files=files, kohya=kohya,
+                     resize=resize)
     return write_text(path, f"---\n{data.to_yaml()}\n---\n\n{body}")

@@ -351,6 +351,26 @@ def allocate(
         typer.echo(f"wrote a plain PEFT LoRA with these ranks to {export}")
 
 
+@app.command(help="Shrink any PEFT LoRA adapter by the SVD cut (no base model): one rank, or per-layer ranks.")
+def resize(
+    adapter: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory (dylora's, or trained elsewhere).")],
+    out: Annotated[Path, typer.Option(help="Output directory (a plain PEFT LoRA with a model card).")],
+    rank: Annotated[int | None, typer.Option(help="Rank b in every layer, in [1, r].")] = None,
+    sv_fro: Annotated[float | None, typer.Option(help="Per layer: the smallest rank keeping this fraction, in "
+                                                 "(0, 1], of the update's Frobenius norm.")] = None,
+    sv_ratio: Annotated[float | None, typer.Option(help="Per layer: keep singular values >= the largest / X "
+                                                   "(X >= 1).")] = None,
+    params: Annotated[int | None, typer.Option(help="Per layer, one global threshold: at most this many adapter "
+                                               "parameters.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+) -> None:
+    from .resizing import resize as resize_adapter
+
+    path = resize_adapter(adapter, out, rank=rank, sv_fro=sv_fro, sv_ratio=sv_ratio, params=params,
+                          overwrite=overwrite, command=sys.argv)
+    typer.echo(f"wrote a plain PEFT LoRA adapter cut by SVD to {path}")
+
+
 @app.command(help="Generate text (a headline for each paragraph) from a causal-LM run at rank b.")
 def generate(
     run: Annotated[Path, typer.Argument(help="A causal-LM run directory (or adapter directory).")],

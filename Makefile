@@ -34,6 +34,8 @@ lint: venv
 bench: venv
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/svd_layers.py
+	$(BIN)/python benchmarks/resize.py
 
 reproduce-quick: venv
 	$(BIN)/python benchmarks/reproduce.py --quick

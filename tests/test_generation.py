@@ -201,3 +201,40 @@ def test_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys, trained):
     assert "\n" not in err and "empty prompt" in err
     assert main(["generate", str(trained[0]), "--rank", "9", "text"]) == 2
     assert "outside" in capsys.readouterr().err
+
+
+def test_allocate_works_on_a_generation_run(trained, tmp_path, capsys):
+    """Per-layer ranks on a causal-LM run (issue #20 item 10, #21 item 7): evaluate scores them, no uniform rank."""
+    import shutil
+
+    out = tmp_path / "gen"
+    shutil.copytree(trained[0], out)
+    capsys.readouterr()
+    assert main(["allocate", str(out), "--budget", "2.5", "--method", "greedy", "--calibration", "4", "--quiet"]) == 0
+    record = json.loads((out / "allocation.json").read_text())
+    assert len(set(record["ranks"].values())) > 1  # a real per-layer allocation, scored by generating
+    assert set(record["allocated"]["test"]) == {"bleu", "rougeL", "perplexity"}
+    assert record["uniform"]["rank"] == 2 and "per layer" in capsys.readouterr().out
+
+
+def test_generate_bounds_max_new_tokens_and_reads_prompts_from_files(trained, tmp_path, capsys, monkeypatch):
+    import io
+
+    out = str(trained[0])
+    capsys.readouterr()
+    assert main(["generate", out, "--rank", "2", "--max-new-tokens", str(10**9), "text"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "max_new_tokens=1000000000" in err and "context of 128 tokens" in err
+    assert main(["generate", out, "--rank", "2", SOURCES[0], SOURCES[2]]) == 0
+    expected = capsys.readouterr().out
+    (tmp_path / "p.txt").write_text(SOURCES[0])
+    monkeypatch.setattr("sys.stdin", io.StringIO(SOURCES[2]))
+    assert main(["generate", out, "--rank", "2", "--input", str(tmp_path / "p.txt"), "--input", "-"]) == 0
+    assert capsys.readouterr().out == expected
+    (tmp_path / "long.txt").write_text("word " * 200_000)  # far beyond any command line; cut to fit the context
+    assert main(["generate", out, "--rank", "2", "--max-new-tokens", "113", "--input", str(tmp_path / "long.txt")]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) <= 1
+    for args, needle in ((["--input", str(tmp_path / "none.txt")], "cannot read --input"), ([], "no paragraph")):
+        assert main(["generate", out, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and needle in err, err

@@ -329,3 +329,110 @@ def test_overwrite_never_deletes_what_dylora_did_not_write(run, capsys, tmp_path
 def test_config_refuses_non_finite_alpha():
     with pytest.raises(ValueError, match="lora_alpha"):
         dylora.DyLoraConfig(r=4, lora_alpha=math.nan, target_modules=["query"])
+
+
+# ---------------------------------------------------------------- issue #20, items 7-13
+
+
+def test_a_resume_onto_a_checkpoint_holding_a_pickle_skips_it_in_one_line(world, capsys, tmp_path):
+    """rng_state.pth that torch.load(weights_only=True) refuses (a pickle of a class), with a manifest that
+    matches it: the checkpoint is skipped like a corrupted one and the run resumes from the previous one."""
+    from dylora.checkpoint import write_manifest
+
+    done = tmp_path / "done"
+    assert main(T(world, "--max-steps", "4", "--save-steps", "2", "--keep-checkpoints", out=done)) == 0
+    out = tmp_path / "resumed"
+    shutil.copytree(done / "checkpoints", out.with_name("resumed.partial") / "checkpoints")
+    newest = out.with_name("resumed.partial") / "checkpoints" / "checkpoint-4"
+    torch.save({"python": Path("/etc/passwd")}, newest / "rng_state.pth")
+    write_manifest(newest)
+    capsys.readouterr()
+    assert main(T(world, "--max-steps", "4", "--save-steps", "2", "--resume", out=out)) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    skipped = [line for line in err.splitlines() if line.startswith("dylora: skipping checkpoint")]
+    assert len(skipped) == 1 and "checkpoint-4: corrupted file rng_state.pth" in skipped[0], err
+    assert "weights_only" in skipped[0] and skipped[0].endswith("falling back to the previous one")
+    assert json.loads((out / "run.json").read_text())["steps"] == 4
+
+
+def test_readers_find_a_run_a_kill_left_moved_aside(run, capsys, tmp_path):
+    """A kill between the two renames of a publish (no RENAME_EXCHANGE) leaves OUT moved aside; a reader puts
+    it back when no writer holds OUT, and reads the moved-aside copy while one does."""
+    from dylora.run import read_run
+
+    out = copy_run(run, tmp_path)
+    aside = tmp_path / f".{out.name}.old-{os.getpid() + 1}"
+    os.replace(out, aside)
+    with files.lock(out):  # a live writer: nothing is moved under it
+        assert read_run(out).adapter == aside / "adapter" and not out.exists()
+    capsys.readouterr()
+    assert main(["sweep", str(out), "--ranks", "2", "--quiet"]) == 0
+    assert (out / "run.json").is_file() and not aside.exists()
+    os.replace(out, aside)
+    assert main(["export", str(out), "--rank", "2", "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "adapter_config.json").is_file() and out.is_dir() and not aside.exists()
+
+
+@pytest.mark.parametrize(("extra", "needles"), [
+    (["--lora-alpha", "1e38"], ["no update reached the adapter in 3 steps", "--lora-alpha (it is 1e+38"]),
+    (["--lr", "1e-9", "--max-steps", "60"], ["stayed at chance (0.52 >= 0.97 x 0.75 ln 2)", "lr is too small",
+                                             "--lr 1e-4 or larger"]),
+], ids=["alpha-1e38", "lr-1e-9"])
+def test_the_guard_stops_runs_that_cannot_learn(world, capsys, tmp_path, extra, needles):
+    """lora_alpha 1e38: the gradient norm overflows, clipping leaves every update 0, lora_B stays 0 (loss flat,
+    50% accuracy). lr 1e-9 for 60 steps: the rowwise+distill loss sits at 0.75 ln 2 = 0.52, never ln 2."""
+    out = tmp_path / "stuck"
+    err = refused(T(world, *extra, out=out), capsys, code=3, needle="training stopped")
+    assert all(n in err for n in needles), err
+    nothing_left(out)
+
+
+def test_the_guard_reads_the_gradient_norm_and_the_recipes_chance_level(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from dylora.sampler import RankSampler
+    from dylora.training import Recipe, TrainingGuard, chance_weight
+
+    def recipe(name: str, distill: bool) -> Recipe:
+        return Recipe(RankSampler(1, 4), name, 1, distill, 0.5)
+
+    assert chance_weight(recipe("rowwise", True)) == 0.75 and chance_weight(recipe("rowwise", False)) == 1
+    assert chance_weight(recipe("sandwich", True)) == pytest.approx(2 / 3)  # r, r_min, one between; two distilled
+    assert chance_weight(recipe("paper", False)) == 1
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[], use_cpu=True)
+    guard, control = TrainingGuard(num_classes=2), TrainerControl()
+    guard.on_log(args, TrainerState(global_step=10, max_steps=100), control, logs={"loss": 0.6, "grad_norm": 3.0})
+    assert not control.should_training_stop
+    guard.on_log(args, TrainerState(global_step=20, max_steps=100), control,
+                 logs={"loss": 0.6, "grad_norm": math.inf})
+    assert control.should_training_stop and guard.reason.startswith("the gradient norm is inf at step 20")
+
+
+def test_allocate_refusals_leave_the_run_as_it_was(run, capsys, tmp_path):
+    out = copy_run(run, tmp_path)
+    for value in ("0", "-1"):
+        t0 = time.perf_counter()
+        refused(["allocate", str(out), "--budget", "2", "--method", "greedy", "--calibration", value, "--quiet"],
+                capsys, needle="--calibration")
+        assert time.perf_counter() - t0 < 10  # before any model is loaded
+    (out / "allocation.json").write_text('{"before": true}')
+    refused(["allocate", str(out), "--budget", "0", "--allow-off", "--quiet", "--export", str(tmp_path / "e")],
+            capsys, needle="every layer is at rank 0")
+    assert json.loads((out / "allocation.json").read_text()) == {"before": True}
+    assert not (out / "allocation.png").exists() and not (tmp_path / "e").exists()
+
+
+def test_hostile_run_files_are_one_line(run, capsys, tmp_path):
+    bad = copy_run(run, tmp_path / "rows")
+    sweep = json.loads((bad / "sweep.json").read_text())
+    (bad / "sweep.json").write_text(json.dumps({**sweep, "rows": ["1", "2"]}))
+    refused(["export", str(bad), "--rank", "best", "--out", str(tmp_path / "e")], capsys, needle="row that is a str")
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, command in (("sweep.json", ["sweep"]), ("adapter/adapter_config.json", ["sweep"]),
+                          ("adapter/adapter_config.json", ["export", "--rank", "2", "--out", str(tmp_path / "e")])):
+        bad = copy_run(run, tmp_path / f"deep{len(list(tmp_path.iterdir()))}")
+        (bad / name).write_text(deep)
+        args = [command[0], str(bad), *command[1:]] + (["--quiet"] if command[0] == "sweep" else [])
+        refused(args, capsys, needle="nests too deeply")
+    assert not (tmp_path / "e").exists()

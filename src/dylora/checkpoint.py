@@ -28,6 +28,7 @@ from .files import write_text
 MANIFEST = "dylora-complete.json"
 RANKS = "dylora-ranks.json"
 PREFIX = "checkpoint-"
+TORCH_FILES = (".pt", ".pth")  # what the Trainer's resume reads with torch.load: rng_state, optimizer, scheduler
 
 
 def _process_index() -> int:
@@ -77,6 +78,28 @@ def verify(checkpoint: Path) -> str | None:
             return f"corrupted file {name} (truncated: {size} bytes, expected {meta['size']})"
         if _sha256(path) != meta["sha256"]:
             return f"corrupted file {name} (sha256 differs from the manifest)"
+        if path.suffix in TORCH_FILES and (why := _refused_by_torch_load(path)):
+            return f"corrupted file {name} ({why})"
+    return None
+
+
+def _refused_by_torch_load(path: Path) -> str | None:
+    """Why the Trainer's resume would refuse `path` (its `torch.load(weights_only=True)`, numpy allowed), or
+    None: a checkpoint that holds a pickle is then skipped like a corrupted one, not a traceback mid-resume.
+    Memory-mapped, so an optimizer state is not read twice."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 (a hostile file may raise anything; each is a refusal)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        why = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("WeightsUnpickler error:")),
+                   lines[0])
+        if "mmap can only be used" in why:  # not the zip format every torch.save since 1.6 writes
+            why = "not a file torch.save writes"
+        return f"torch.load(weights_only=True) refuses it: {why.split('. ')[0].rstrip('.')}"
     return None
 
 

@@ -342,13 +342,13 @@ def allocate(
     table.add_row(f"uniform b={uniform['rank']}", f"{uniform['params']:,}",
                   *(f"{uniform[s][metric]:.2f}" for s in ("validation", "test")))
     _console().print(table)
-    out = run_or_adapter
-    files.write_json(out / "allocation.json", record)
-    plot_allocation(out / "allocation.png", record["ranks"], record["r"], f"{method}, budget {value:g} ({kind})")
-    typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {out / 'allocation.json'} and {out / 'allocation.png'}")
-    if export is not None:
+    if export is not None:  # first: a refused export (every layer at rank 0) leaves the run's files as they were
         export_lora(peft_model, ranks=record["ranks"], path=export, bake_scale=bake_scale, overwrite=overwrite)
         typer.echo(f"wrote a plain PEFT LoRA with these ranks to {export}")
+    out = run_or_adapter
+    plot_allocation(out / "allocation.png", record["ranks"], record["r"], f"{method}, budget {value:g} ({kind})")
+    files.write_json(out / "allocation.json", record)
+    typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {out / 'allocation.json'} and {out / 'allocation.png'}")
 
 
 @app.command(help="Shrink any PEFT LoRA adapter by the SVD cut (no base model): one rank, or per-layer ranks.")
@@ -374,16 +374,23 @@ def resize(
 @app.command(help="Generate text (a headline for each paragraph) from a causal-LM run at rank b.")
 def generate(
     run: Annotated[Path, typer.Argument(help="A causal-LM run directory (or adapter directory).")],
-    text: Annotated[list[str], typer.Argument(help="Paragraph(s) to write a headline for.")],
+    text: Annotated[list[str] | None, typer.Argument(help="Paragraph(s) to write a headline for.")] = None,
+    inputs: Annotated[list[str] | None, typer.Option("--input", help="Read a paragraph from this file (- for "
+                                                     "stdin), for one too long for the command line; repeatable.")
+                      ] = None,
     rank: Annotated[int | None, typer.Option("--rank", help="DyLoRA rank b (default: the run's best).")] = None,
     model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or smollm2).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 24,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate (at most the model's context less "
+                                                "the prompt).")] = 24,
 ) -> None:
     from .functional import check_rank
     from .generation import generate
     from .run import load_run, read_run, token_budget
 
     _hush(True)
+    text = [*(text or []), *(_read_input(x) for x in inputs or [])]
+    if not text:
+        raise UsageFailure("no paragraph to generate from: give it as an argument or with --input FILE (- for stdin)")
     if any(not x.strip() for x in text):
         raise UsageFailure("empty prompt: every text to generate from must contain some words")
     saved = read_run(run, model)
@@ -397,6 +404,14 @@ def generate(
     length = token_budget(saved.settings, task, peft_model.config)
     for line in generate(peft_model, tokenizer, text, rank_b=b, max_new_tokens=max_new_tokens, max_length=length):
         typer.echo(line)
+
+
+def _read_input(name: str) -> str:
+    """The text of `--input NAME`: a UTF-8 file, or stdin for -."""
+    try:
+        return sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageFailure(f"cannot read --input {name}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,12 +34,33 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
+def _moved_aside(path: Path) -> list[Path]:
+    """The `.NAME.old-PID` copies of `path` a replacement moved aside, oldest first."""
+    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+
+
 def recover(path: Path) -> None:
     """Put back a directory that a kill left moved aside (`.NAME.old-PID`) in the middle of a replacement."""
     if not path.exists():
-        old = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        old = _moved_aside(path)
         if old:
             os.replace(old[-1], path)
+
+
+def readable(path: str | os.PathLike) -> Path:
+    """Where to read directory `path` from: itself; or, where a kill between the two renames of a replacement
+    left it moved aside, put back first (as `recover`, under `lock` so no live writer is disturbed); or, while
+    a writer holds it (or its parent is read-only), the moved-aside copy itself."""
+    path = Path(path)
+    if path.exists() or not _moved_aside(path):
+        return path
+    with contextlib.suppress(ValueError, OSError):  # a live writer (FileExistsError), a read-only parent
+        with lock(path):
+            recover(path)
+    if path.exists():
+        return path
+    old = _moved_aside(path)
+    return old[-1] if old else path
 
 
 def check_replaceable(path: Path) -> None:
@@ -158,6 +179,8 @@ def read_json(path: Path, what: str = "adapter file") -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"corrupted {what} {path}: {err}") from None
+    except RecursionError:
+        raise ValueError(f"corrupted {what} {path}: its JSON nests too deeply") from None
 
 
 def read_weights(path: Path) -> dict[str, Any]:

@@ -13,7 +13,8 @@ is exactly the same whether or not a target follows.
 
 Lengths: `Settings.max_length` bounds prompt + target (default 160, capped at the model's position limit;
 the value used is recorded in run.json). In training the target is cut to half the budget and the paragraph
-is cut so prompt + target fits; in generation the paragraph is cut so the prompt plus `max_new_tokens` fits.
+is cut so prompt + target fits; in generation the paragraph is cut so the prompt plus `max_new_tokens` fits
+(keeping at least one paragraph token: `max_new_tokens` may be at most the model's positions less that prompt).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from . import data as data_mod
 from . import files, report, zoo
-from .model import at_rank, dylora_adapters, get_rank
+from .model import at_rank, dylora_adapters, get_layer_ranks
 from .settings import Settings
 
 INSTRUCTION = "Write a short headline for this news paragraph.\nParagraph:"
@@ -138,7 +139,12 @@ def generate(model: Any, tokenizer: Any, sources: Sequence[str], *, rank_b: int 
         raise ValueError("empty prompt: every text to generate from must contain some words")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    budget = max(1, max_length - max_new_tokens)
+    floor = len(encode_prompt(tokenizer, "", 0)) + 1  # the instruction, the separator and one paragraph token
+    limit = zoo.max_positions(model.config)
+    if limit and max_new_tokens > limit - floor:  # beyond the positions the model has (or forever, with RoPE)
+        raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model: it must lie in [1, {limit - floor}] "
+                         f"(its context of {limit} tokens less the {floor} of the shortest prompt)")
+    budget = max(floor, max_length - max_new_tokens)
     prompts = [encode_prompt(tokenizer, x, budget) for x in sources]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -270,15 +276,24 @@ class GenerationTask:
 
     def evaluate(self, model: Any, split: str) -> dict[str, float]:
         """BLEU, ROUGE-L and perplexity of one split at the model's current rank (predictions kept)."""
-        b = get_rank(model) if dylora_adapters(model) else (self.s.r if self.s.method == "lora" else 0)
+        b = self._rank(model)
         preds = generate(model, self.tokenizer, self.splits[split]["source"], max_new_tokens=MAX_NEW_TOKENS,
                          max_length=self.max_length, batch_size=self.s.eval_batch_size,
-                         progress=self.progress, desc=f"{split} r={b}")
-        self.predictions[split][b] = preds
+                         progress=self.progress, desc=f"{split} r={b if b is not None else 'per layer'}")
+        if b is not None:  # samples.json shows uniform ranks; a per-layer allocation is scored, not sampled
+            self.predictions[split][b] = preds
         scores = text_scores(preds, self.splits[split]["target"])
         scores["perplexity"] = perplexity(model, self.encoded[split], self.tokenizer.pad_token_id,
                                           self.s.eval_batch_size)
         return scores
+
+    def _rank(self, model: Any) -> int | None:
+        """The one rank every layer uses (the baselines': r, or 0 for full fine-tuning); None when the layers
+        have ranks of their own (a `dylora allocate` allocation)."""
+        if not dylora_adapters(model):
+            return self.s.r if self.s.method == "lora" else 0
+        ranks = set(get_layer_ranks(model).values())
+        return ranks.pop() if len(ranks) == 1 else None
 
     def calibration_loss(self, model: Any, n_rows: int) -> float:
         """Mean target-token NLL on the first `n_rows` validation pairs, at the model's current ranks."""

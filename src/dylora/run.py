@@ -310,7 +310,7 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
 def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
     """The settings, adapter directory, run.json record and sweep.json of a run directory, or of a bare
     adapter directory (settings then default to the task's model; `model` overrides either)."""
-    path = Path(path)
+    path = files.readable(path)  # a run a kill left moved aside mid-publish is found (and put back) too
     if (path / "run.json").is_file():
         record = files.read_json(path / "run.json", "run file")
         try:
@@ -319,8 +319,8 @@ def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
             raise ValueError(f"corrupted run file {path / 'run.json'}: its settings are missing or invalid "
                              f"({' '.join(str(err).split())})") from None
         sweep_file = path / "sweep.json"
-        sweep = files.read_json(sweep_file, "sweep file") if sweep_file.is_file() else None
-        saved = SavedRun(settings, path / "adapter", record, sweep if isinstance(sweep, dict) else None)
+        sweep = _check_sweep(files.read_json(sweep_file, "sweep file"), sweep_file) if sweep_file.is_file() else None
+        saved = SavedRun(settings, path / "adapter", record, sweep)
     elif (path / files.ADAPTER_CONFIG).is_file():
         saved = SavedRun(Settings(), path)
         if saved.task_type == "CAUSAL_LM":
@@ -330,6 +330,20 @@ def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
     if model:
         saved.settings.model = model
     return saved
+
+
+def _check_sweep(sweep: Any, path: Path) -> dict[str, Any]:
+    """sweep.json as `write_sweep` writes it (an object whose "rows" is a list of objects), or one line."""
+    rows = sweep.get("rows", []) if isinstance(sweep, dict) else None
+    if not isinstance(sweep, dict):
+        got = f"a {type(sweep).__name__}"
+    elif not isinstance(rows, list):
+        got = f"rows that are a {type(rows).__name__}"
+    else:
+        got = next((f"a row that is a {type(row).__name__}" for row in rows if not isinstance(row, dict)), "")
+    if got:
+        raise ValueError(f"corrupted sweep file {path}: an object with a list of row objects was expected, got {got}")
+    return sweep
 
 
 def load_run(path: str | os.PathLike | SavedRun, model: str | None = None, *,
@@ -402,6 +416,8 @@ def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "
     from .allocation import allocate, check_average_rank, layer_costs, lowest_rank
     from .model import at_rank, get_layer_ranks, set_layer_ranks
 
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
+        raise ValueError(f"calibration (--calibration) must be a number of validation rows >= 1, got {calibration!r}")
     saved = read_run(path, model)
     cfg = saved.config
     if budget_kind == "rank":  # before loading anything

@@ -286,7 +286,7 @@ class DyLoraTrainerMixin:
         finally:
             self._pass, self._teacher = None, None
         # the gradients add up over the passes; the logged loss is their mean, so it reads like one pass's (and the
-        # guard's chance level ln K holds for every recipe)
+        # guard's chance level is ln K for every recipe, times `chance_weight` where passes are distilled)
         return total / len(passes)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -336,35 +336,72 @@ def _short(x: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def chance_weight(recipe: Recipe) -> float:
+    """The logged loss at chance as a fraction of ln K: the mean, over a step's passes, of the task loss's weight
+    (1 - distill_weight in a pass that learns from r_max, whose KL is 0 while every rank predicts alike; 1 else).
+    Rowwise with distillation (the CLI's default) logs 0.75 ln K at chance, not ln K."""
+    passes = recipe.passes(0, 1)
+    return sum(1 - recipe.distill_weight if p.distill else 1.0 for p in passes) / len(passes)
+
+
+def _zero_adapter(model: torch.nn.Module) -> bool:
+    """True when the model has LoRA B weights and every one is exactly 0: no update ever reached the adapter
+    (B starts at 0, so one step of any finite, non-zero gradient moves it)."""
+    bs = [p for n, p in unwrap(model).named_parameters() if p.requires_grad and p.numel()
+          and ("lora_B" in n or "lora_embedding_B" in n)]
+    return bool(bs) and not any(bool(p.detach().any()) for p in bs)
+
+
+MIN_MOVEMENT = 1e-4  # the guard's "lr too small": the lr summed over the steps below this moves no weight much
+
+
 class TrainingGuard(TrainerCallback):
     """Stops a run that cannot be learning, and says why in `reason` (None while all is well).
 
-    Stops when a logged training loss is NaN/inf, or when, after warm-up and at least `min_steps` optimizer
-    steps, every one of the last `window` logged losses is still >= `chance_ratio` * ln(num_classes) (chance
-    for a classifier; not judged without `num_classes`): a run whose loss has just started to fall is left
-    alone (a mean over the window would stop it while the plateau still fills the window). Short runs are
-    never judged at chance. At the end it also checks the trainable weights are finite. The reason is one
-    line naming the cause and an lr to try.
+    Stops when a logged training loss or gradient norm is NaN/inf (a gradient norm of inf clips every update to
+    nothing; not judged under fp16, whose loss scaler skips such steps), or when, after warm-up and at least
+    `min_steps` optimizer steps, every one of the last `window` logged losses is still >= `chance_ratio` *
+    `chance_weight` * ln(num_classes) (chance for a classifier, weighted for a distilled recipe; not judged without
+    `num_classes`): a run whose loss has just started to fall is left alone (a mean over the window would stop it
+    while the plateau still fills the window). Short runs are never judged at chance. At the end it also checks
+    the trainable weights are finite and, in a single process, that the adapter moved at all (some lora_B is
+    not 0). The reason is one line naming the cause and what to try.
     """
 
     def __init__(self, num_classes: int | None = None, window: int = 5, min_steps: int = 50,
                  chance_ratio: float = 0.97) -> None:
         self.num_classes, self.window, self.min_steps, self.chance_ratio = num_classes, window, min_steps, chance_ratio
         self.reason: str | None = None
+        self.weight = 1.0  # chance_weight of the model's recipe, read at the start of training
+        self.lora_alpha: float | None = None
         self._losses: list[float] = []
+        self._bad_grad: float | None = None  # the last logged gradient norm, where it was not finite
+        self._moved, self._step = 0.0, 0  # the sum of the lr over the steps so far (logged lr x steps between logs)
 
     @property
     def stopped(self) -> bool:
         return self.reason is not None
 
-    def _stop(self, control, args, cause: str) -> None:
+    def _hint(self, args, clipped: bool = False) -> str:
+        """What to try: a third of the lr; where updates were clipped to nothing, first a smaller lora_alpha."""
+        lr = args.learning_rate
+        hint = f"try --lr {_short(lr / 3)} (a third of {_short(lr)})"
+        if (clipped or self._bad_grad is not None) and self.lora_alpha is not None:
+            hint = f"try a smaller --lora-alpha (it is {self.lora_alpha:g}; the scale at rank b is alpha / b) or " \
+                   f"{hint.removeprefix('try ')}"
+        return hint
+
+    def _stop(self, control, args, cause: str, hint: str | None = None) -> None:
         if self.reason is None:
-            lr = args.learning_rate
-            self.reason = f"{cause}; try --lr {_short(lr / 3)} (a third of {_short(lr)})"
+            self.reason = f"{cause}; {hint or self._hint(args)}"
         control.should_training_stop = True
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._losses = []
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._losses, self._bad_grad, self._moved, self._step = [], None, 0.0, state.global_step
+        configs = list((getattr(unwrap(model), "peft_config", None) or {}).values()) if model is not None else []
+        self.lora_alpha = getattr(configs[0], "lora_alpha", None) if configs else None
+        adapters = dylora_adapters(model) if model is not None else {}
+        self.weight = chance_weight(Recipe.from_config(next(iter(adapters.values())))) if adapters else 1.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_loss" in logs and not math.isfinite(float(logs["train_loss"])):
@@ -372,8 +409,17 @@ class TrainingGuard(TrainerCallback):
         if not logs or "loss" not in logs:
             return
         loss = float(logs["loss"])
+        if "learning_rate" in logs:
+            self._moved += float(logs["learning_rate"]) * (state.global_step - self._step)
+            self._step = state.global_step
         if not math.isfinite(loss):
             self._stop(control, args, f"training loss is {loss} at step {state.global_step}")
+            return
+        grad = float(logs.get("grad_norm", 0.0))
+        if not math.isfinite(grad) and not args.fp16:
+            self._bad_grad = grad
+            self._stop(control, args, f"the gradient norm is {grad} at step {state.global_step}, so every update is "
+                                      "clipped to nothing")
             return
         if state.global_step <= args.get_warmup_steps(state.max_steps):
             return
@@ -382,16 +428,22 @@ class TrainingGuard(TrainerCallback):
             return
         if len(self._losses) >= self.window:
             lowest = min(self._losses[-self.window:])
-            if lowest >= self.chance_ratio * math.log(self.num_classes):
-                self._stop(control, args, f"training loss stayed at chance ({lowest:.2f} >= {self.chance_ratio} "
-                                          f"ln {self.num_classes}) after warm-up")
+            if lowest >= self.chance_ratio * self.weight * math.log(self.num_classes):
+                weighted = f"{self.chance_ratio} x {self.weight:g}" if self.weight != 1 else f"{self.chance_ratio}"
+                small = (f"the lr is too small to move the weights (AdamW moves each by at most the lr a step: "
+                         f"{self._moved:.0e} in all); try --lr 1e-4 or larger") if self._moved < MIN_MOVEMENT else None
+                self._stop(control, args, f"training loss stayed at chance ({lowest:.2f} >= {weighted} "
+                                          f"ln {self.num_classes}) after warm-up", small)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        bad = nonfinite_adapter_weights(model) if model is not None else []
-        if bad and self.reason is None:
-            lr = args.learning_rate
-            self.reason = (f"{len(bad)} trainable tensors are not finite (e.g. {bad[0]}); "
-                           f"try --lr {_short(lr / 3)} (a third of {_short(lr)})")
+        if model is None or self.reason is not None:
+            return
+        bad = nonfinite_adapter_weights(model)
+        if bad:
+            self.reason = f"{len(bad)} trainable tensors are not finite (e.g. {bad[0]}); {self._hint(args)}"
+        elif args.world_size == 1 and state.global_step > 0 and _zero_adapter(model):
+            self.reason = (f"no update reached the adapter in {state.global_step} steps (every lora_B is still 0: "
+                           f"the gradients were clipped to nothing or were 0); {self._hint(args, clipped=True)}")
 
 
 # ---------------------------------------------------------------- sweep

@@ -385,7 +385,7 @@ def generate(
 ) -> None:
     from .functional import check_rank
     from .generation import generate
-    from .run import load_run, read_run, token_budget
+    from .run import export_basis, load_run, read_run, token_budget
 
     _hush(True)
     text = [*(text or []), *(_read_input(x) for x in inputs or [])]
@@ -402,7 +402,8 @@ def generate(
     check_rank(b, cfg.r_min, cfg.r)
     peft_model, tokenizer, saved, task = load_run(saved)
     length = token_budget(saved.settings, task, peft_model.config)
-    for line in generate(peft_model, tokenizer, text, rank_b=b, max_new_tokens=max_new_tokens, max_length=length):
+    for line in generate(peft_model, tokenizer, text, rank_b=b, max_new_tokens=max_new_tokens, max_length=length,
+                         basis=export_basis(saved, b)):
         typer.echo(line)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from . import data as data_mod
 from . import files, report, zoo
-from .model import at_rank, dylora_adapters, get_layer_ranks
+from .model import at_rank, dylora_adapters, get_basis, get_layer_ranks
 from .settings import Settings
 
 INSTRUCTION = "Write a short headline for this news paragraph.\nParagraph:"
@@ -127,10 +127,10 @@ def load_causal_lm(model_dir: str, model_name: str, seed: int = 0) -> tuple[Any,
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, sources: Sequence[str], *, rank_b: int | None = None,
              max_new_tokens: int = MAX_NEW_TOKENS, max_length: int = GENERATION_MAX_LENGTH, batch_size: int = 16,
-             progress: bool = False, desc: str = "generate") -> list[str]:
+             progress: bool = False, desc: str = "generate", basis: str = "prefix") -> list[str]:
     """Greedy headlines for `sources`, batched and left-padded, with the KV cache.
 
-    With `rank_b`, the DyLoRA rank is b for the whole call (`dylora.rank`), restored afterwards.
+    With `rank_b`, the DyLoRA rank is b (in `basis`) for the whole call (`dylora.at_rank`), restored afterwards.
     """
     sources = list(sources)
     if not sources:
@@ -174,7 +174,7 @@ def generate(model: Any, tokenizer: Any, sources: Sequence[str], *, rank_b: int 
         if rank_b is None:
             run_batches()
         else:
-            with at_rank(model, rank_b):
+            with at_rank(model, rank_b, basis=basis):
                 run_batches()
     finally:
         model.train(was_training)
@@ -235,7 +235,7 @@ class GenerationTask:
         self.splits: dict[str, Any] = {}
         self.encoded: dict[str, Any] = {}
         self.tokenizer: Any = None
-        self.predictions: dict[str, dict[int, list[str]]] = {"validation": {}, "test": {}}
+        self.predictions: dict[str, dict[int | str, list[str]]] = {"validation": {}, "test": {}}
 
     @property
     def name(self) -> str:
@@ -277,11 +277,12 @@ class GenerationTask:
     def evaluate(self, model: Any, split: str) -> dict[str, float]:
         """BLEU, ROUGE-L and perplexity of one split at the model's current rank (predictions kept)."""
         b = self._rank(model)
+        basis = get_basis(model) if b and dylora_adapters(model) else "prefix"
         preds = generate(model, self.tokenizer, self.splits[split]["source"], max_new_tokens=MAX_NEW_TOKENS,
                          max_length=self.max_length, batch_size=self.s.eval_batch_size,
                          progress=self.progress, desc=f"{split} r={b if b is not None else 'per layer'}")
         if b is not None:  # samples.json shows uniform ranks; a per-layer allocation is scored, not sampled
-            self.predictions[split][b] = preds
+            self.predictions[split][b if basis == "prefix" else f"{b}-{basis}"] = preds
         scores = text_scores(preds, self.splits[split]["target"])
         scores["perplexity"] = perplexity(model, self.encoded[split], self.tokenizer.pad_token_id,
                                           self.s.eval_batch_size)
@@ -305,12 +306,12 @@ class GenerationTask:
                                                    (["perplexity"], "target perplexity")], title, params=False)
 
     def write_outputs(self, directory: Path, best_rank: int) -> None:
-        """samples.json: the first test predictions at each rank swept."""
+        """samples.json: the first test predictions at each rank swept (keys "b", or "b-svd" for the SVD cut)."""
         test = self.splits["test"]
         samples = {"best_rank": best_rank, "ranks": {
             str(b): [{"source": test[i]["source"], "reference": test[i]["target"], "prediction": preds[i]}
                      for i in range(min(N_SAMPLES, len(preds)))]
-            for b, preds in sorted(self.predictions["test"].items())}}
+            for b, preds in sorted(self.predictions["test"].items(), key=lambda kv: str(kv[0]).zfill(8))}}
         files.write_text(directory / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
 
     def record(self) -> dict[str, Any]:

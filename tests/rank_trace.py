@@ -47,6 +47,12 @@ class RankTraceCallback(TrainerCallback):
         from dylora.layers import SCALE_BUFFERS
         from dylora.model import get_rank
 
+        def uniform_rank(module):  # None while the forward uses a rank per example (rowwise) or the expected scale
+            try:
+                return get_rank(module)
+            except RuntimeError:
+                return None
+
         scales = next(getattr(m, SCALE_BUFFERS) for m in model.modules() if hasattr(m, SCALE_BUFFERS))
 
         def hook(module, args, kwargs):
@@ -54,7 +60,7 @@ class RankTraceCallback(TrainerCallback):
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 batch = _tensor_digest(ids)[:16] if ids is not None else ""
                 scale = _tensor_digest(next(iter(scales.values())))[:16]
-                self.forwards.append([self._step, get_rank(module), batch, scale])
+                self.forwards.append([self._step, uniform_rank(module), batch, scale])
 
         self._handle = model.register_forward_pre_hook(hook, with_kwargs=True)
 

@@ -65,10 +65,11 @@ def test_sweep_a_saved_run_at_chosen_ranks(trained):
     proc = cli("sweep", out, "--ranks", "1,4", "--quiet")
     assert "accuracy" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.strip().startswith("│")]
-    assert len(rows) == 2
+    assert len(rows) == 4  # ranks 1 and 4, each by its prefix and its SVD cut
     sweep = json.loads((out / "sweep.json").read_text())
-    test_acc = {row["rank"]: row["test_accuracy"] for row in sweep["rows"]}
-    assert f"{test_acc[4]:.2f}" in rows[1]  # the same numbers as the sweep made right after training
+    test_acc = {row["rank"]: row for row in sweep["rows"]}
+    for line, basis in zip(rows[2:], ("prefix", "svd"), strict=True):  # the numbers of the sweep after training
+        assert f"{test_acc[4][f'{basis}_test_accuracy']:.2f}" in line and basis in line
 
 
 def test_export_best_and_merge(trained, tmp_path):
@@ -299,7 +300,10 @@ def test_train_sweeps_both_bases_and_export_uses_the_one_picked_on_validation(tr
         assert row["test_accuracy"] == row[f"{better}_test_accuracy"]
     best = max(sweep["rows"], key=lambda row: (row["validation_accuracy"], -row["rank"]))
     assert sweep["best_rank"] == best["rank"] and sweep["best_basis"] == best["basis"]
-    assert "val accuracy prefix" in proc.stdout and "val accuracy svd" in proc.stdout and "picked" in proc.stdout
+    table = [[c.strip() for c in line.split("│")[1:-1]] for line in proc.stdout.splitlines() if line.count("│") > 2]
+    assert [(int(row[0]), row[1]) for row in table] == [(b, x) for b in (1, 2, 3, 4) for x in ("prefix", "svd")]
+    assert [row[1] for row in table if "picked" in row[-1]] == [sweep["picked"][str(b)] for b in (1, 2, 3, 4)]
+    assert "val accuracy" in proc.stdout
     picked = sweep["picked"]["1"]
     other = "svd" if picked == "prefix" else "prefix"
     weights = {}

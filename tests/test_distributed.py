@@ -147,9 +147,10 @@ def test_ddp_saved_adapter_gives_the_sweep_numbers(ddp_run):
     from dylora.run import sweep_run
 
     out, _, _, _ = ddp_run
-    rows, _, _ = sweep_run(out, [1, 4], progress=False)
-    sweep = {row["rank"]: row["test_accuracy"] for row in json.loads((out / "sweep.json").read_text())["rows"]}
-    assert [(row.rank, row.metrics["accuracy"]) for row in rows] == [(1, sweep[1]), (4, sweep[4])]
+    rows, _, _ = sweep_run(out, [1, 4], progress=False)  # both bases, as the run swept them
+    sweep = {row["rank"]: row for row in json.loads((out / "sweep.json").read_text())["rows"]}
+    assert [(row.rank, row.basis, row.metrics["accuracy"]) for row in rows] == [
+        (b, basis, sweep[b][f"{basis}_test_accuracy"]) for b in (1, 4) for basis in ("prefix", "svd")]
 
 
 def test_ddp_only_process_0_writes_the_run(ddp_run):

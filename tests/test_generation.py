@@ -158,10 +158,10 @@ def test_sweep_of_a_saved_generation_run_scores_by_generating(trained, capsys):
     assert "bleu" in table and "rougeL" in table and "perplexity" in table
     saved = {row["rank"]: row for row in json.loads((out / "sweep.json").read_text())["rows"]}
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines() if line.count("│") > 2]
-    shown = {int(row[0]): row[2:] for row in cells if row[0].isdigit()}
-    assert sorted(shown) == [2, 4]
-    for b, values in shown.items():  # the same numbers as the sweep right after training
-        assert values == [f"{saved[b][f'test_{key}']:.2f}" for key in ("bleu", "rougeL", "perplexity")]
+    shown = {(int(row[0]), row[1]): row[3:] for row in cells if row[0].isdigit()}
+    assert sorted(shown) == [(2, "prefix"), (2, "svd"), (4, "prefix"), (4, "svd")]
+    for (b, basis), values in shown.items():  # the same numbers as the sweep right after training
+        assert values == [f"{saved[b][f'{basis}_test_{key}']:.2f}" for key in ("bleu", "rougeL", "perplexity")]
     assert main(["sweep", str(out), "--ranks", "7"]) == 2
     assert "outside" in capsys.readouterr().err
 

@@ -47,29 +47,30 @@ def _console() -> Any:
 
 def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None = None, marks: dict | None = None,
                  picked: dict | None = None):
-    """One row per rank: params, each metric (validation and test when both are given) in each basis swept,
-    the basis picked on validation, and marks."""
+    """One row per rank (per rank and basis when two bases were swept): params, each metric (validation and test
+    when both are given), and marks ("picked" on the basis better on validation, best and smallest within)."""
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("rank", justify="right")
-    table.add_column("params", justify="right")
     bases = list(dict.fromkeys(row.basis for row in rows))
+    table.add_column("rank", justify="right")
+    if len(bases) > 1:
+        table.add_column("basis")
+    table.add_column("params", justify="right")
     splits = [("val ", rows), ("test ", test)] if test is not None else [("", rows)]
     for prefix, _ in splits:
         for name in metrics:
-            for basis in bases:
-                table.add_column(f"{prefix}{name}" + (f" {basis}" if len(bases) > 1 else ""), justify="right")
-    if picked is not None and len(bases) > 1:
-        table.add_column("picked")
-    if marks is not None:
+            table.add_column(f"{prefix}{name}", justify="right")
+    if marks is not None or (picked is not None and len(bases) > 1):
         table.add_column("")
     by = [{(row.rank, row.basis): row for row in split_rows} for _, split_rows in splits]
-    for b in dict.fromkeys(row.rank for row in rows):
-        cells = [f"{table_rows[b, basis].metrics[n]:.2f}" for table_rows in by for n in metrics for basis in bases]
-        extra = [picked.get(b, "")] if picked is not None and len(bases) > 1 else []
-        extra += [", ".join(marks.get(b, []))] if marks is not None else []
-        table.add_row(str(b), f"{by[0][b, bases[0]].params:,}", *cells, *extra)
+    for row in rows:
+        cells = [f"{table_rows[row.rank, row.basis].metrics[n]:.2f}" for table_rows in by for n in metrics]
+        chosen = picked is None or len(bases) == 1 or picked.get(row.rank) == row.basis
+        notes = (["picked"] if picked is not None and len(bases) > 1 and chosen else []) + \
+            (marks.get(row.rank, []) if marks is not None and chosen else [])
+        table.add_row(str(row.rank), *([row.basis] if len(bases) > 1 else []), f"{row.params:,}", *cells,
+                      *([", ".join(notes)] if marks is not None or (picked is not None and len(bases) > 1) else []))
     return table
 
 

@@ -282,7 +282,7 @@ class GenerationTask:
                          max_length=self.max_length, batch_size=self.s.eval_batch_size,
                          progress=self.progress, desc=f"{split} r={b if b is not None else 'per layer'}")
         if b is not None:  # samples.json shows uniform ranks; a per-layer allocation is scored, not sampled
-            self.predictions[split][b if basis == "prefix" else f"{b}-{basis}"] = preds
+            self.predictions[split][b if basis == "prefix" else f"{basis}-{b}"] = preds
         scores = text_scores(preds, self.splits[split]["target"])
         scores["perplexity"] = perplexity(model, self.encoded[split], self.tokenizer.pad_token_id,
                                           self.s.eval_batch_size)
@@ -306,12 +306,19 @@ class GenerationTask:
                                                    (["perplexity"], "target perplexity")], title, params=False)
 
     def write_outputs(self, directory: Path, best_rank: int) -> None:
-        """samples.json: the first test predictions at each rank swept (keys "b", or "b-svd" for the SVD cut)."""
+        """samples.json: the first test predictions at each rank swept ("ranks"; the SVD cut's under "svd")."""
         test = self.splits["test"]
-        samples = {"best_rank": best_rank, "ranks": {
-            str(b): [{"source": test[i]["source"], "reference": test[i]["target"], "prediction": preds[i]}
-                     for i in range(min(N_SAMPLES, len(preds)))]
-            for b, preds in sorted(self.predictions["test"].items(), key=lambda kv: str(kv[0]).zfill(8))}}
+
+        def shown(preds: list[str]) -> list[dict[str, str]]:
+            return [{"source": test[i]["source"], "reference": test[i]["target"], "prediction": preds[i]}
+                    for i in range(min(N_SAMPLES, len(preds)))]
+
+        done = self.predictions["test"]
+        samples = {"best_rank": best_rank, "ranks": {str(b): shown(p) for b, p in sorted(
+            (b, p) for b, p in done.items() if isinstance(b, int))}}
+        svd = sorted((int(b.split("-")[1]), p) for b, p in done.items() if isinstance(b, str))
+        if svd:
+            samples["svd"] = {str(b): shown(p) for b, p in svd}
         files.write_text(directory / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
 
     def record(self) -> dict[str, Any]:

@@ -1,0 +1,502 @@
+"""Any rank after training: LoRA trained at b, LoRA r=8 cut by SVD, and DyLoRA recipes read in the prefix basis,
+the SVD basis or the better of the two on validation ("picked"), at every b = 1..8 (issue #19, item 5).
+
+    python benchmarks/any_rank.py                       # train what is missing, evaluate, render (make any-rank)
+    python benchmarks/any_rank.py --phase train         # only train (resumable: a cached arm is skipped)
+    python benchmarks/any_rank.py --phase eval,docs     # evaluate every cached arm, write the json and the docs
+    python benchmarks/any_rank.py --tasks bbc --seeds 1 # a cut
+
+Three phases. train: every arm (task, schedule, seed, method) is one `dylora.run.train` run whose adapter (at r)
+and run.json (its train time) land in `<cache>/<task>-<schedule>/<arm>-s<seed>/` (default
+$DYLORA_CACHE/any_rank, outside the repository), skipped when already there; one run at a time. eval: each cached
+DyLoRA run and LoRA r=8 run is loaded and swept at b = 1..8 in both bases on validation and test
+(`dylora.rank_sweep(..., basis="both")`), plus the spectrum of its update (the energy the first b singular values
+hold), into `<arm>-s<seed>/any_rank.json`; everything goes to benchmarks/results/any_rank.json. docs: the tables
+(docs/any-rank-tables.md) and the plot (docs/any-rank.png).
+
+Cost: a DyLoRA arm's training time over its seed's LoRA r=8 run's, the two run one after the other (LoRA r=8
+first, then the DyLoRA arms), with the machine's load average at each start and end recorded.
+AURAC: the area under the rank-accuracy curve over b = 1..8 (trapezoids, unit spacing), over the area of the
+rectangle of height 100 on the same range, so a flat 100% curve scores 100 (MatryoshkaLoRA, arXiv 2605.07850).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from reproduce import PLAN as REPRO_PLAN
+from reproduce import Pool, log, run_once, stuck
+
+R, ALPHA = 8, 16
+RANKS = list(range(1, R + 1))
+SHOWN = [1, 2, 4, 8]  # the ranks of the tables (LoRA is trained at these)
+TASKS = ("bbc", "polarity", "tweets")
+# (task, schedule) -> settings and lr: the reproduction's 1-epoch schedule (lr 3e-3), and bbc at 3 epochs (lr 1e-3)
+SCHEDULES = {
+    **{(t, "1ep"): dict(settings=REPRO_PLAN[t]["settings"], lr=3e-3) for t in ("bbc", "polarity", "tweets")},
+    ("bbc", "3ep"): dict(settings={**REPRO_PLAN["bbc"]["settings"], "epochs": 3.0}, lr=1e-3),
+}
+ORDER = [("bbc", "1ep"), ("polarity", "1ep"), ("tweets", "1ep"), ("bbc", "3ep")]  # by value per CPU minute
+SEEDS = 3
+RECIPES = {  # arm: the DyLoRA settings of that recipe
+    "paper": dict(recipe="paper", distill=False),
+    "rowwise": dict(recipe="rowwise", distill=False),
+    "rowwise-distill": dict(recipe="rowwise", distill=True),  # the library's default recipe
+}
+DEFAULT_RECIPE = "rowwise-distill"
+# train order within a seed: LoRA r=8 first, then the DyLoRA arms it is paired with, then the other LoRA ranks
+ARMS = {"lora-r8": dict(method="lora", r=8), **{k: dict(method="dylora", **v) for k, v in RECIPES.items()},
+        **{f"lora-r{b}": dict(method="lora", r=b) for b in (1, 2, 4)}}
+NOT_RUN = ["SmolLM2-135M on bbc-headlines (1 seed): not run (no CPU time left in this session)"]
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def cache_root() -> Path:
+    from dylora.registry import cache_dir
+
+    return cache_dir() / "any_rank"
+
+
+def arm_dir(root: Path, task: str, schedule: str, arm: str, seed: int) -> Path:
+    return root / f"{task}-{schedule}" / f"{arm}-s{seed}"
+
+
+# ---------------------------------------------------------------- phase 1: training
+
+
+def train_job(out: Path, s) -> dict:
+    """One arm (or its cached directory), with the load average at its start and end."""
+    done = (out / "sweep.json").is_file()
+    load0 = load_avg()
+    res = run_once(out, s)
+    if not done:
+        (out / "load.json").write_text(json.dumps({"load_start": load0, "load_end": load_avg()}))
+    return res
+
+
+def _job(kind: str, *args) -> dict:
+    return {"train": train_job, "eval": eval_job}[kind](*args)
+
+
+def train_jobs(plan: list[tuple[str, str]], seeds: int, root: Path) -> dict:
+    """{(task, schedule, seed, arm): job}, in the order they should run."""
+    from dylora.settings import Settings
+
+    jobs = {}
+    for task, schedule in plan:
+        spec = SCHEDULES[task, schedule]
+        # guard off: a run stuck at chance is a result here (listed), not a stop
+        base = Settings(model="minilm", data=task, r=R, lora_alpha=ALPHA, lr=spec["lr"], guard=False,
+                        **spec["settings"])
+        for seed in range(seeds):
+            for arm, kw in ARMS.items():
+                extra = dict(ranks=[R]) if kw["method"] == "dylora" else {}  # the eval phase sweeps every b
+                jobs[task, schedule, seed, arm] = ("train", arm_dir(root, task, schedule, arm, seed),
+                                                   replace(base, seed=seed, **kw, **extra))
+    return jobs
+
+
+def train_all(jobs: dict, pool: Pool, progress: Path | None) -> None:
+    """One run at a time, in order; the progress file gets a line per finished arm."""
+    t0 = time.perf_counter()
+    for i, (key, job) in enumerate(jobs.items()):
+        cached = (job[1] / "sweep.json").is_file()
+        res = pool.map({key: job})[key]
+        if progress is not None and not cached:
+            with progress.open("a") as f:
+                f.write(f"- {time.strftime('%H:%M:%S')} trained {'/'.join(map(str, key))}: train "
+                        f"{res['timings']['train_s']:.0f} s, total {res['timings']['total_s']:.0f} s "
+                        f"({i + 1}/{len(jobs)}, {(time.perf_counter() - t0) / 60:.1f} min this invocation)\n")
+
+
+# ---------------------------------------------------------------- phase 2: evaluation
+
+
+def lora_layers(model) -> dict:
+    """The adapted layers of the model's default adapter, by name."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+
+
+def spectrum(model) -> dict:
+    """Energy of the learned update dW = c(r) B A held by its first b singular values, sum_{i<=b} s_i^2 / sum s_i^2,
+    per b = 1..r: the mean and the minimum over layers."""
+    from dylora.functional import rank_coefficient, svd_factors
+
+    fractions = []
+    for module in lora_layers(model).values():
+        v = module.lora_variant["default"]
+        _, _, s = svd_factors(module.lora_A["default"].weight, module.lora_B["default"].weight,
+                              rank_coefficient(v.r, v.lora_alpha, v.rank_scaling))
+        e = (s ** 2).cumsum(0) / (s ** 2).sum()
+        fractions.append([float(x) for x in e])
+    return {"mean": [statistics.fmean(f[b] for f in fractions) for b in range(len(fractions[0]))],
+            "min": [min(f[b] for f in fractions) for b in range(len(fractions[0]))], "layers": len(fractions)}
+
+
+def svd_sweep_fallback(model, evaluate) -> list[tuple[int, dict]]:
+    """The SVD basis without the library's basis API (development only): each layer's A, B rewritten to the
+    SVD factors of c(r) B A (functional.svd_factors), B divided by c(b) so rank b computes their rank-b cut."""
+    import torch
+
+    import dylora
+    from dylora.functional import rank_coefficient, svd_factors
+
+    layers = lora_layers(model)
+    saved = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+             for n, m in layers.items()}
+    factors = {}
+    for n, m in layers.items():
+        v = m.lora_variant["default"]
+        factors[n] = (*svd_factors(*saved[n], rank_coefficient(v.r, v.lora_alpha, v.rank_scaling))[:2], v)
+    rows = []
+    try:
+        for b in RANKS:
+            with torch.no_grad():
+                for n, m in layers.items():
+                    a_s, b_s, v = factors[n]
+                    m.lora_A["default"].weight.copy_(a_s)
+                    m.lora_B["default"].weight.copy_(b_s / rank_coefficient(b, v.lora_alpha, v.rank_scaling))
+            with dylora.at_rank(model, b):
+                rows.append((b, evaluate(model)))
+    finally:
+        with torch.no_grad():
+            for n, m in layers.items():
+                m.lora_A["default"].weight.copy_(saved[n][0])
+                m.lora_B["default"].weight.copy_(saved[n][1])
+    return rows
+
+
+def has_basis_api() -> bool:
+    """Whether the library's rank_sweep takes a basis (the SVD basis API)."""
+    import inspect
+
+    import dylora
+
+    return "basis" in inspect.signature(dylora.rank_sweep).parameters
+
+
+def sweep_basis(model, evaluate, basis: str) -> tuple[list[dict], str]:
+    """Rows {rank, basis, metrics} at b = 1..r in one basis, and what computed them: the library's rank_sweep
+    (basis="svd" through its basis API; without it, `svd_sweep_fallback`, recorded as such)."""
+    import dylora
+
+    if basis == "prefix" or has_basis_api():
+        kw = dict(basis=basis) if has_basis_api() else {}
+        rows = dylora.rank_sweep(model, evaluate, ranks=RANKS, progress=False, **kw)
+        return ([{"rank": r.rank, "basis": getattr(r, "basis", basis), **r.metrics} for r in rows],
+                f"dylora.rank_sweep(basis={basis!r})")
+    return [{"rank": b, "basis": "svd", **m} for b, m in svd_sweep_fallback(model, evaluate)], \
+        "functional.svd_factors (fallback)"
+
+
+def eval_job(path: Path, run: Path, basis: str) -> dict:
+    """Sweep one cached DyLoRA or LoRA r=8 run at b = 1..r in one basis on validation and test, with the spectrum
+    of its update (or read it back)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    from dylora import files
+    from dylora.run import load_run, token_budget
+
+    log(f"eval {run} ({basis})")
+    t0 = time.perf_counter()
+    model, _, saved, task = load_run(run, with_data=True)
+    task.encode(token_budget(saved.settings, task, model.config))
+
+    def evaluate(m) -> dict:
+        return {f"{split}_{k}": v for split in ("validation", "test") for k, v in task.evaluate(m, split).items()}
+
+    rows, via = sweep_basis(model, evaluate, basis)
+    res = {"rows": rows, "via": via, "spectrum": spectrum(model), "eval_s": round(time.perf_counter() - t0, 1),
+           "sizes": {split: len(task.encoded[split]) for split in ("validation", "test")}}
+    files.write_text(path, json.dumps(res, indent=1))
+    log(f"evaluated {run} ({basis}, {res['eval_s']:.0f} s)")
+    return res
+
+
+def eval_all(plan: list[tuple[str, str]], seeds: int, root: Path, pool: Pool,
+             bases: tuple[str, ...] = ("prefix", "svd")) -> dict:
+    """Evaluate every cached arm of the plan; {task-schedule: {"seeds": {seed: {arm: result}}}} (arms not trained:
+    absent)."""
+    out: dict = {}
+    for task, schedule in plan:
+        key = f"{task}-{schedule}"
+        spec = SCHEDULES[task, schedule]
+        entry = out[key] = {"task": task, "schedule": schedule, "settings": spec["settings"], "lr": spec["lr"],
+                            "seeds": {}}
+        for seed in range(seeds):
+            runs: dict = {}
+            for arm in ARMS:
+                d = arm_dir(root, task, schedule, arm, seed)
+                if not (d / "sweep.json").is_file():
+                    continue
+                trained = run_once(d, None)
+                load = json.loads((d / "load.json").read_text()) if (d / "load.json").is_file() else {}
+                runs[arm] = {"train_s": trained["timings"]["train_s"], "metric": trained["metric"],
+                             "own": trained["rows"][0], "stuck": stuck(trained), **load}
+                if arm == "lora-r8" or arm in RECIPES:
+                    for basis in bases:
+                        res = pool.map({0: ("eval", d / f"any_rank-{basis}.json", d, basis)})[0]
+                        runs[arm].setdefault("sweep", []).extend(res["rows"])
+                        runs[arm]["spectrum"], runs[arm][f"{basis}_via"] = res["spectrum"], res["via"]
+            if runs:
+                entry["seeds"][str(seed)] = runs
+    return out
+
+
+# ---------------------------------------------------------------- summaries (pure: tested in tests/)
+
+
+def aurac(acc: dict[int, float], ranks: list[int] = RANKS) -> float:
+    """Area under the rank-accuracy curve over `ranks` (trapezoids on b), over 100 x the width of the range: in
+    [0, 100], 100 for a curve at 100% everywhere (MatryoshkaLoRA's AURAC)."""
+    bs = sorted(ranks)
+    area = sum((acc[a] + acc[b]) / 2 * (b - a) for a, b in zip(bs, bs[1:], strict=False))
+    return area / (bs[-1] - bs[0])
+
+
+def curves(sweep: list[dict], metric: str) -> dict[str, dict[str, dict[int, float]]]:
+    """{basis: {split: {b: score}}} of one sweep, plus "picked": per b the basis with the higher validation score
+    (prefix on a tie), scored on test; its "choice" holds the basis chosen at each b."""
+    out: dict = {}
+    for row in sweep:
+        for split in ("validation", "test"):
+            out.setdefault(row["basis"], {}).setdefault(split, {})[int(row["rank"])] = row[f"{split}_{metric}"]
+    pre, svd = out["prefix"], out["svd"]
+    choice = {b: "svd" if svd["validation"][b] > pre["validation"][b] else "prefix" for b in pre["validation"]}
+    out["picked"] = {split: {b: out[choice[b]][split][b] for b in choice} for split in ("validation", "test")}
+    out["picked"]["choice"] = choice
+    return out
+
+
+def summarise(evaluated: dict) -> dict:
+    """Per task-schedule: each arm's mean ± std test curve over seeds at b = 1..8 (LoRA trained at b: only its b),
+    AURAC, cost (train time over its seed's LoRA r=8 run's), the spectra, and the targets."""
+    summary: dict = {}
+    for key, entry in evaluated.items():
+        seeds = entry["seeds"]
+        if not seeds:
+            summary[key] = {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "seeds_run": 0}
+            continue
+        metric = next(iter(next(iter(seeds.values())).values()))["metric"]
+        per_arm: dict[str, list[dict[int, float]]] = {}
+        costs: dict[str, list[float]] = {}
+        spectra: dict[str, list[list[float]]] = {}
+        choices: dict[str, list[dict[int, str]]] = {}
+        stuck_runs = []
+        for seed, runs in seeds.items():
+            stuck_runs += [f"{arm}-s{seed}" for arm, r in runs.items() if r["stuck"]]
+            lora = {b: runs[f"lora-r{b}"]["own"][f"test_{metric}"] for b in SHOWN if f"lora-r{b}" in runs}
+            if len(lora) == len(SHOWN):
+                per_arm.setdefault("lora-at-b", []).append(lora)
+            if "lora-r8" in runs:
+                c = curves(runs["lora-r8"]["sweep"], metric)
+                per_arm.setdefault("lora-r8-svd", []).append(c["svd"]["test"])
+                per_arm.setdefault("lora-r8-prefix", []).append(c["prefix"]["test"])
+                spectra.setdefault("lora-r8", []).append(runs["lora-r8"]["spectrum"]["mean"])
+            for arm in RECIPES:
+                if arm not in runs:
+                    continue
+                c = curves(runs[arm]["sweep"], metric)
+                for basis in ("prefix", "svd", "picked"):
+                    per_arm.setdefault(f"{arm}-{basis}", []).append(c[basis]["test"])
+                choices.setdefault(arm, []).append(c["picked"]["choice"])
+                spectra.setdefault(arm, []).append(runs[arm]["spectrum"]["mean"])
+                if "lora-r8" in runs:
+                    costs.setdefault(arm, []).append(runs[arm]["train_s"] / runs["lora-r8"]["train_s"])
+        arms = {}
+        for arm, cs in per_arm.items():
+            bs = sorted(cs[0])
+            arms[arm] = {"seeds": len(cs), "test": {b: mean_std([c[b] for c in cs]) for b in bs},
+                         "aurac": mean_std([aurac(c) for c in cs]) if bs == RANKS else None}
+        summary[key] = {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "metric": metric,
+                        "seeds_run": len(seeds), "arms": arms,
+                        "cost": {arm: {"mean": statistics.fmean(v), "per_seed": v} for arm, v in costs.items()},
+                        "spectrum": {arm: [statistics.fmean(s[b] for s in v) for b in range(R)]
+                                     for arm, v in spectra.items()},
+                        "choices": {arm: {b: sum(c[b] == "svd" for c in v) for b in RANKS}
+                                    for arm, v in choices.items()},
+                        "stuck": stuck_runs, "targets": targets(arms)}
+    return summary
+
+
+def int_keys(d: dict) -> dict:
+    """json.loads hook: rank keys ("1".."8") back to ints."""
+    return {int(k) if k.isdigit() else k: v for k, v in d.items()}
+
+
+def mean_std(xs: list[float]) -> list[float]:
+    return [statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
+
+
+def targets(arms: dict) -> dict:
+    """Per DyLoRA recipe: picked at b minus max(LoRA trained at b, LoRA r=8 + SVD cut) at b = 1, 2, 4, 8 (means over
+    seeds); the target is >= -0.5 at every b."""
+    out = {}
+    if "lora-at-b" not in arms or "lora-r8-svd" not in arms:
+        return out
+    for arm in RECIPES:
+        if f"{arm}-picked" not in arms:
+            continue
+        gaps = {b: arms[f"{arm}-picked"]["test"][b][0] - max(arms["lora-at-b"]["test"][b][0],
+                                                             arms["lora-r8-svd"]["test"][b][0]) for b in SHOWN}
+        out[arm] = {"gap": gaps, "met": all(g >= -0.5 for g in gaps.values())}
+    return out
+
+
+# ---------------------------------------------------------------- phase 3: tables and plot
+
+LABELS = {
+    "lora-at-b": "LoRA trained at r = b",
+    "lora-r8-prefix": "LoRA r=8, prefix cut (truncated)",
+    "lora-r8-svd": "LoRA r=8 + SVD cut",
+    **{f"{arm}-{basis}": f"DyLoRA {arm}, {basis}" for arm in RECIPES for basis in ("prefix", "svd", "picked")},
+}
+
+
+def cell(ms: list[float] | None) -> str:
+    return "" if ms is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def table_lines(key: str, t: dict) -> list[str]:
+    """The markdown of one task-schedule: test accuracy per arm at b = 1, 2, 4, 8, AURAC, cost, targets, spectra."""
+    title = f"### {t['task']}, {t['schedule']} (lr {t['lr']:g}, {t['settings']})"
+    if not t.get("seeds_run"):
+        return [title, "", "Not run (no CPU time left in this session).", ""]
+    arms = t["arms"]
+    lines = [title, "", f"Test {t['metric']} (%), mean ± std over {t['seeds_run']} seed(s); AURAC over b = 1..8 "
+             "(0-100); cost = training time / the same seed's LoRA r=8 run's.", "",
+             "| arm | " + " | ".join(f"b={b}" for b in SHOWN) + " | AURAC | cost |",
+             "|---|" + "---|" * (len(SHOWN) + 2)]
+    for arm, label in LABELS.items():
+        if arm not in arms:
+            continue
+        row = arms[arm]
+        recipe = arm.rsplit("-", 1)[0]
+        cost = t["cost"].get(recipe) if arm.startswith(tuple(RECIPES)) and arm.endswith("picked") else None
+        cost_cell = f"{cost['mean']:.2f}x" if cost else ("1.00x" if arm == "lora-r8-svd" else "")
+        lines.append(f"| {label} | " + " | ".join(cell(row["test"].get(b)) for b in SHOWN)
+                     + f" | {cell(row['aurac'])} | {cost_cell} |")
+    if t["targets"]:
+        lines += ["", "Target: picked DyLoRA - max(LoRA trained at b, LoRA r=8 + SVD cut) >= -0.5 at every b (means):",
+                  "", "| recipe | " + " | ".join(f"b={b}" for b in SHOWN) + " | met |",
+                  "|---|" + "---|" * (len(SHOWN) + 1)]
+        for arm, g in t["targets"].items():
+            lines.append(f"| {arm} | " + " | ".join(f"{g['gap'][b]:+.1f}" for b in SHOWN)
+                         + f" | {'yes' if g['met'] else 'no'} |")
+    if t["cost"]:
+        lines += ["", "Cost per seed (training time over the same seed's LoRA r=8 run, run just before it): "
+                  + "; ".join(f"{arm} {' / '.join(f'{x:.2f}' for x in c['per_seed'])}" for arm, c in t["cost"].items())
+                  + "."]
+    if t["choices"]:
+        lines += ["", "Seeds whose validation picked the SVD basis, at b = 1..8: "
+                  + "; ".join(f"{arm} {' '.join(str(v[b]) for b in RANKS)}" for arm, v in t["choices"].items()) + "."]
+    if t["spectrum"]:
+        lines += ["", "Energy of the learned update held by its first b singular values (mean over layers and seeds):",
+                  "", "| run | " + " | ".join(f"b={b}" for b in SHOWN[:-1]) + " |", "|---|" + "---|" * (len(SHOWN) - 1)]
+        for arm, e in t["spectrum"].items():
+            lines.append(f"| {arm} | " + " | ".join(f"{100 * e[b - 1]:.0f}%" for b in SHOWN[:-1]) + " |")
+    if t["stuck"]:
+        lines += ["", "Runs that never left chance: " + ", ".join(f"`{r}`" for r in t["stuck"]) + "."]
+    return [*lines, ""]
+
+
+def write_docs(summary: dict, docs: Path, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs.mkdir(parents=True, exist_ok=True)
+    lines = [f"<!-- written by: {command} -->", ""]
+    for key, t in summary.items():
+        if not key.startswith("_"):
+            lines += table_lines(key, t)
+    lines += [f"Not run: {x}." for x in NOT_RUN]
+    run = [k for k, t in summary.items() if not k.startswith("_") and t.get("seeds_run")]
+    if run:
+        fig, axes = plt.subplots(2, len(run), figsize=(4.6 * len(run), 7.4), dpi=110, squeeze=False)
+        for j, key in enumerate(run):
+            t, ax, sx = summary[key], axes[0][j], axes[1][j]
+            for arm, style in (("lora-r8-prefix", ":"), ("lora-r8-svd", "-"), *((f"{a}-picked", "-") for a in RECIPES),
+                               (f"{DEFAULT_RECIPE}-prefix", "--")):
+                if arm in t["arms"]:
+                    test = t["arms"][arm]["test"]
+                    ax.plot(RANKS, [test[b][0] for b in RANKS], style, marker=".", label=LABELS[arm])
+            if "lora-at-b" in t["arms"]:
+                test = t["arms"]["lora-at-b"]["test"]
+                ax.plot(SHOWN, [test[b][0] for b in SHOWN], "ks", label=LABELS["lora-at-b"])
+            ax.set_title(f"{t['task']}, {t['schedule']} ({t['seeds_run']} seed(s))")
+            ax.set_xlabel("rank b")
+            ax.set_ylabel(f"test {t['metric']} (%)")
+            ax.set_xticks(RANKS)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+            for arm, e in t["spectrum"].items():
+                sx.plot(RANKS, [100 * x for x in e], marker=".", label=arm)
+            sx.set_xlabel("b")
+            sx.set_ylabel("energy in the first b singular values (%)")
+            sx.set_xticks(RANKS)
+            sx.grid(alpha=0.3)
+            sx.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(docs / "any-rank.png")
+        plt.close(fig)
+        lines += ["", "![any rank](any-rank.png)"]
+    (docs / "any-rank-tables.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--phase", default="train,eval,docs", help="comma-separated phases: train, eval, docs")
+    ap.add_argument("--tasks", default=None, help="comma-separated task-schedule pairs, e.g. bbc-1ep,bbc-3ep "
+                    f"(default: {','.join(f'{t}-{s}' for t, s in ORDER)})")
+    ap.add_argument("--seeds", type=int, default=SEEDS)
+    ap.add_argument("--cache", type=Path, default=None, help="where arms are trained to (default "
+                    "$DYLORA_CACHE/any_rank)")
+    ap.add_argument("--progress", type=Path, default=None, help="append a line per trained arm to this file")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bases", default="prefix,svd", help="eval: the bases to sweep (prefix, svd)")
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/any_rank.json"))
+    ap.add_argument("--docs", type=Path, default=Path("docs"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    phases = set(args.phase.split(","))
+    if phases - {"train", "eval", "docs"}:
+        ap.error(f"unknown phase(s) {sorted(phases - {'train', 'eval', 'docs'})}; choose from train, eval, docs")
+    plan = ORDER
+    if args.tasks:
+        plan = [tuple(t.rsplit("-", 1)) for t in args.tasks.split(",")]
+        bad = [p for p in plan if p not in SCHEDULES]
+        if bad:
+            ap.error(f"unknown task-schedule(s) {bad}; choose from {', '.join(f'{t}-{s}' for t, s in ORDER)}")
+    root = args.cache or cache_root()
+    pool = Pool(1, args.threads, job=_job)
+    if "train" in phases:
+        train_all(train_jobs(plan, args.seeds, root), pool, args.progress)
+    if "eval" in phases:
+        evaluated = eval_all(plan, args.seeds, root, pool, tuple(args.bases.split(",")))
+        summary = {**summarise(evaluated), "_not_run": NOT_RUN}
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(summary, indent=1))
+        log(f"numbers in {args.results}")
+    if "docs" in phases:
+        write_docs(json.loads(args.results.read_text(), object_hook=int_keys), args.docs,
+                   " ".join(["python", *sys.argv]))
+        log(f"tables in {args.docs / 'any-rank-tables.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

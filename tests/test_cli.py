@@ -118,6 +118,8 @@ def test_help_on_every_command():
         (["train", "--data", "nosuchdata"], "polarity"),
         (["train", "--model", "nosuchmodel"], "minilm"),
         (["train", "--epochs", "-1"], "epochs"),
+        (["train", "--recipe", "sandwich", "--sandwich-k", "1000000", "--r", "4"],
+         "--sandwich-k=1000000 is invalid: sandwich_k must lie in [0, 2]"),
         (["train", "--ranks", "1,9"], "[1, 8]"),
         (["train", "--ranks", "one"], "comma-separated"),
         (["train", "--bogus-flag"], "bogus"),
@@ -280,3 +282,74 @@ def test_train_and_lora_options_are_the_settings_with_their_defaults():
                 assert (option.default, option.help) == (f.default, f.metadata["help"]), f.name
                 assert f"--{f.name.replace('_', '-')}" in option.opts or option.opts[0] in f.metadata["flags"][0]
         assert set(params) == {"out", "overwrite", "resume", "keep_checkpoints", "no_guard", "quiet"}
+
+
+def test_train_sweeps_both_bases_and_export_uses_the_one_picked_on_validation(trained, tmp_path, capsys):
+    """Every rank is evaluated with its prefix and its SVD cut; sweep.json keeps each basis's numbers and, per
+    rank, the basis better on validation, which `export --rank b` then writes unless --basis says otherwise."""
+    from safetensors.torch import load_file
+
+    out, proc = trained
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["bases"] == ["prefix", "svd"] and set(sweep["picked"]) == {"1", "2", "3", "4"}
+    for row in sweep["rows"]:
+        better = max(("prefix", "svd"), key=lambda x: (row[f"{x}_validation_accuracy"], x == "prefix"))
+        assert row["basis"] == sweep["picked"][str(row["rank"])] == better
+        assert row["validation_accuracy"] == row[f"{better}_validation_accuracy"]
+        assert row["test_accuracy"] == row[f"{better}_test_accuracy"]
+    best = max(sweep["rows"], key=lambda row: (row["validation_accuracy"], -row["rank"]))
+    assert sweep["best_rank"] == best["rank"] and sweep["best_basis"] == best["basis"]
+    assert "val accuracy prefix" in proc.stdout and "val accuracy svd" in proc.stdout and "picked" in proc.stdout
+    picked = sweep["picked"]["1"]
+    other = "svd" if picked == "prefix" else "prefix"
+    weights = {}
+    for name, extra in (("default", []), ("same", ["--basis", picked]), ("other", ["--basis", other])):
+        assert main(["export", str(out), "--rank", "1", "--out", str(tmp_path / name), *extra]) == 0
+        weights[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    assert f"rank 1 ({picked})" in capsys.readouterr().out
+    for key, t in weights["default"].items():
+        assert torch_equal(t, weights["same"][key])
+    assert any(not torch_equal(t, weights["other"][key]) for key, t in weights["default"].items())
+    capsys.readouterr()
+    assert main(["export", str(out), "--rank", "1", "--basis", "pca", "--out", str(tmp_path / "bad")]) == 2
+    assert "prefix or svd" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_an_older_sweep_without_bases_still_reads(trained, tmp_path, capsys):
+    """A sweep.json written before bases existed: one row per rank, no basis; export and pick still work (the
+    prefix, as the run was swept)."""
+    import shutil
+
+    out, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    sweep = json.loads((old / "sweep.json").read_text())
+    for key in ("bases", "picked", "best_basis"):
+        sweep.pop(key)
+    sweep["rows"] = [{k: v for k, v in row.items() if k == "rank" or k == "params" or k.startswith(("validation_",
+                     "test_"))} for row in sweep["rows"]]
+    (old / "sweep.json").write_text(json.dumps(sweep))
+    assert main(["export", str(old), "--rank", "smallest-within=100", "--out", str(tmp_path / "small")]) == 0
+    assert "rank 1 (prefix)" in capsys.readouterr().out
+
+
+def test_a_plain_lora_adapter_is_swept_by_its_svd_cut(tiny, tmp_path):
+    """A plain PEFT LoRA (no DyLoRA sidecar): every rank <= r is its SVD cut by default."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from dylora.run import default_basis, export_basis, read_run, sweep_run
+
+    lora = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny),
+                          LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    lora.save_pretrained(str(tmp_path / "adapter"))
+    saved = read_run(tmp_path / "adapter", tiny)
+    assert default_basis(saved) == "svd" and export_basis(saved, 1) == "svd"
+    rows, _, _ = sweep_run(tmp_path / "adapter", [1, 2], "test", None, tiny, progress=False)
+    assert [(row.rank, row.basis) for row in rows] == [(1, "svd"), (2, "svd")]

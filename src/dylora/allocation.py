@@ -26,28 +26,17 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 
 from .functional import rank_scale
-from .layers import set_layer_rank
-from .model import _named_layers, _one, _refuse_if_merged, get_layer_ranks
+from .layers import check_basis, set_layer_rank
+from .model import _named_layers, _one, _refuse_if_merged, _restore, _states
 
 METHODS = ("norm", "greedy")
 BUDGET_KINDS = ("rank", "params")
 
 
-def _lora_AB(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (r x in) and B (out x r) of a layer; for an embedding in = num_embeddings, out = embedding_dim."""
-    if adapter in module.lora_embedding_A:
-        return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
-    return module.lora_A[adapter].weight, module.lora_B[adapter].weight
-
-
 def layer_costs(model: torch.nn.Module, adapter_name: str | None = None) -> dict[str, int]:
     """Adapter parameters per rank component of each layer, in + out: a layer at rank b holds b times this."""
     name, _ = _one(model, adapter_name)
-    costs = {}
-    for key, module in _named_layers(model, name).items():
-        A, B = _lora_AB(module, name)
-        costs[key] = A.shape[1] + B.shape[0]
-    return costs
+    return {key: module.lora_variant[name].cost(module, name) for key, module in _named_layers(model, name).items()}
 
 
 def lowest_rank(min_rank: int | None, r_min: int) -> int:
@@ -85,14 +74,18 @@ def _grown(b: int, k: int, r_min: int) -> int:
     return max(b + k, r_min)
 
 
-def truncation_errors(module: LoraLayer, adapter: str) -> list[float]:
+def truncation_errors(module: LoraLayer, adapter: str, basis: str = "prefix") -> list[float]:
     """err(b) = ||dW(b) - dW(r)||_F^2 for b = 0..r (b = 0: the layer off; entries 1..r_min-1 are 0 and unused).
 
-    With d = s_b - s_r (the rank-scale vectors), dW(b) - dW(r) = B diag(d) A, whose squared norm is
-    d^T G d with the r x r Gram matrix G = (B^T B) * (A A^T) (elementwise): no d_out x d_in matrix is built.
+    Prefix basis: with d = s_b - s_r (the rank-scale vectors), dW(b) - dW(r) = B diag(d) A, whose squared norm
+    is d^T G d with the r x r Gram matrix G = (B^T B) * (A A^T) (elementwise): no d_out x d_in matrix is built.
+    SVD basis: sum_{i >= b} S_i^2 (Eckart-Young), S the singular values of the full update.
     """
     variant = module.lora_variant[adapter]
-    A, B = (t.detach().float() for t in _lora_AB(module, adapter))
+    if check_basis(basis) == "svd":
+        energy = (variant.svd(module, adapter)[2] ** 2).tolist()
+        return [float(sum(energy[b:])) if b == 0 or b >= variant.r_min else 0.0 for b in range(variant.r + 1)]
+    A, B = (t.detach().float() for t in variant.factors(module, adapter))
     gram = ((B.T @ B) * (A @ A.T)).double().cpu()
     full = rank_scale(variant.r, variant.r, variant.lora_alpha, scaling=variant.rank_scaling).double()
     errors = [0.0] * (variant.r + 1)
@@ -151,7 +144,7 @@ def _loss(loss_fn: Callable[[torch.nn.Module], float], model: torch.nn.Module) -
 
 def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], costs: dict[str, int],
             low: int, r_min: int, r: int, left: int, loss_fn: Callable[[torch.nn.Module], float], step: int,
-            lazy: bool, progress: bool) -> dict[str, int]:
+            lazy: bool, progress: bool, basis: str = "prefix") -> dict[str, int]:
     """Each round, grow the layer whose next `step` components lower the loss most per parameter.
 
     Exact (`lazy=False`): every layer is tried in every round. Lazy: a heap keeps each layer's gain from the
@@ -163,7 +156,7 @@ def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], 
 
     ranks = dict.fromkeys(layers, low)
     for module in layers.values():
-        set_layer_rank(module, adapter, low)
+        set_layer_rank(module, adapter, low, basis)
     loss = _loss(loss_fn, model)
     order = {key: i for i, key in enumerate(layers)}
     heap: list[tuple[float, int, str, int, float, int]] = []  # (-gain, order, layer, new rank, its loss, round)
@@ -175,9 +168,9 @@ def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], 
         b2 = min(_grown(b, step, r_min), r, b + left // costs[key])
         if b2 <= b or b2 < r_min:
             return  # nothing fits any more, and `left` only shrinks
-        set_layer_rank(layers[key], adapter, b2)
+        set_layer_rank(layers[key], adapter, b2, basis)
         value = _loss(loss_fn, model)
-        set_layer_rank(layers[key], adapter, b)
+        set_layer_rank(layers[key], adapter, b, basis)
         heapq.heappush(heap, (-(loss - value) / ((b2 - b) * costs[key]), order[key], key, b2, value, rounds))
 
     for key in layers:
@@ -191,7 +184,7 @@ def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], 
             left -= (b2 - ranks[key]) * costs[key]
             bar.update((b2 - ranks[key]) * costs[key])
             ranks[key], loss = b2, value
-            set_layer_rank(layers[key], adapter, b2)
+            set_layer_rank(layers[key], adapter, b2, basis)
             rounds += 1
             if not lazy:
                 heap.clear()
@@ -203,7 +196,7 @@ def _greedy(model: torch.nn.Module, adapter: str, layers: dict[str, LoraLayer], 
 def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
              loss_fn: Callable[[torch.nn.Module], float] | None = None, budget_kind: str = "rank",
              adapter_name: str | None = None, progress: bool = False, step: int = 1, min_rank: int | None = None,
-             lazy: bool = True) -> dict[str, int]:
+             lazy: bool = True, basis: str = "prefix") -> dict[str, int]:
     """Per-layer ranks {module name: b_l} of a trained DyLoRA adapter within a parameter budget.
 
     Args:
@@ -228,7 +221,10 @@ def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
         min_rank: the smallest rank a layer may get: the adapter's r_min (None, the default) or 0, which lets
             allocation switch layers off (the budget may then be any average rank in [0, r]).
         lazy: greedy re-tries only the most promising layer each round (see `_greedy`); False tries all.
+        basis: the ranks' basis, "prefix" or "svd" (each layer's best rank-b_l approximation); apply the result
+            in the same basis (`set_layer_ranks(..., basis=...)`, `export_lora(..., basis=...)`).
     """
+    check_basis(basis)
     name, cfg = _one(model, adapter_name)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -242,15 +238,15 @@ def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
     per_rank = sum(costs.values())
     left = _budget_params(budget, budget_kind, per_rank, low, cfg.r) - low * per_rank
     if method == "norm":
-        errors = {key: truncation_errors(module, name) for key, module in layers.items()}
+        errors = {key: truncation_errors(module, name, basis) for key, module in layers.items()}
         return _norm(errors, costs, low, cfg.r_min, cfg.r, left)
     _refuse_if_merged(model, [name])
-    previous, training = get_layer_ranks(model, name), model.training
+    previous, training = _states(model, [name]), model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _greedy(model, name, layers, costs, low, cfg.r_min, cfg.r, left, loss_fn, step, lazy, progress)
+            return _greedy(model, name, layers, costs, low, cfg.r_min, cfg.r, left, loss_fn, step, lazy, progress,
+                           basis)
     finally:
-        for key, b in previous.items():
-            set_layer_rank(layers[key], name, b)
+        _restore(previous)
         model.train(training)

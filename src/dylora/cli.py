@@ -45,24 +45,31 @@ def _console() -> Any:
     return console if console.is_terminal else Console(width=150)  # a log or a pipe: do not squeeze the columns
 
 
-def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None = None, marks: dict | None = None):
-    """One row per rank: params, each metric (validation and test when both are given), and marks."""
+def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None = None, marks: dict | None = None,
+                 picked: dict | None = None):
+    """One row per rank: params, each metric (validation and test when both are given) in each basis swept,
+    the basis picked on validation, and marks."""
     from rich.table import Table
 
     table = Table(title=title)
     table.add_column("rank", justify="right")
     table.add_column("params", justify="right")
+    bases = list(dict.fromkeys(row.basis for row in rows))
     splits = [("val ", rows), ("test ", test)] if test is not None else [("", rows)]
     for prefix, _ in splits:
         for name in metrics:
-            table.add_column(f"{prefix}{name}", justify="right")
+            for basis in bases:
+                table.add_column(f"{prefix}{name}" + (f" {basis}" if len(bases) > 1 else ""), justify="right")
+    if picked is not None and len(bases) > 1:
+        table.add_column("picked")
     if marks is not None:
         table.add_column("")
-    by_rank = [{row.rank: row for row in split_rows} for _, split_rows in splits]
-    for row in rows:
-        cells = [f"{table_rows[row.rank].metrics[n]:.2f}" for table_rows in by_rank for n in metrics]
-        extra = [", ".join(marks.get(row.rank, []))] if marks is not None else []
-        table.add_row(str(row.rank), f"{row.params:,}", *cells, *extra)
+    by = [{(row.rank, row.basis): row for row in split_rows} for _, split_rows in splits]
+    for b in dict.fromkeys(row.rank for row in rows):
+        cells = [f"{table_rows[b, basis].metrics[n]:.2f}" for table_rows in by for n in metrics for basis in bases]
+        extra = [picked.get(b, "")] if picked is not None and len(bases) > 1 else []
+        extra += [", ".join(marks.get(b, []))] if marks is not None else []
+        table.add_row(str(b), f"{by[0][b, bases[0]].params:,}", *cells, *extra)
     return table
 
 
@@ -87,10 +94,11 @@ def _train(method: str, kw: dict[str, Any], out: Path | None, overwrite: bool, r
     marks.setdefault(result.smallest_rank, []).append("smallest within")
     metrics = list(result.validation[0].metrics)
     _console().print(_sweep_table(f"{method} on {s.data} ({s.model}), seed {s.seed}", result.validation, metrics,
-                                  result.test, marks))
+                                  result.test, marks, result.bases))
     if method == "dylora":
-        typer.echo(f"best rank (validation {result.metric}): {result.best_rank}; smallest rank within "
-                   f"{s.within} points: {result.smallest_rank}")
+        typer.echo(f"best rank (validation {result.metric}): {result.best_rank} "
+                   f"({result.bases[result.best_rank]}); smallest rank within {s.within} points: "
+                   f"{result.smallest_rank} ({result.bases[result.smallest_rank]})")
     order = ["adapter", "sweep.json", "sweep.csv", "sweep.png", "samples.json", "run.json", "checkpoints"]
     written = ", ".join(name for name in order if (out / name).exists())
     typer.echo(f"wrote {out}/ ({written}) in {result.timings['total_s']:.0f} s")
@@ -183,21 +191,26 @@ def sweep(
     ranks: Annotated[str | None, typer.Option(help="Comma-separated ranks (default: all).")] = None,
     model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or minilm).")] = None,
     split: Annotated[str, typer.Option(help="validation or test.")] = "test",
+    basis: Annotated[str | None, typer.Option(help="prefix, svd or both (default: both for DyLoRA, svd for a plain "
+                                              "LoRA).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     from .run import sweep_run
+    from .settings import BASES
 
     _hush(quiet)
     if split not in ("validation", "test"):
         raise UsageFailure(f"--split must be validation or test, got {split!r}")
-    rows, s, metrics = sweep_run(run_or_adapter, _parse_ranks(ranks), split, data, model, progress=not quiet)
+    if basis is not None and basis not in BASES:
+        raise UsageFailure(f"--basis must be one of {', '.join(BASES)}, got {basis!r}")
+    rows, s, metrics = sweep_run(run_or_adapter, _parse_ranks(ranks), split, data, model, progress=not quiet,
+                                 basis=basis)
     _console().print(_sweep_table(f"{run_or_adapter} on {s.data} ({split})", rows, metrics))
 
 
 def _choose_rank(spec: str, saved: Any) -> int:
     """b from `--rank`: an integer, best, or smallest-within=X, the last two read from the run's sweep.json."""
-    from .report import pick_ranks
-    from .training import SweepRow
+    from .report import pick_ranks, sweep_rows
 
     if spec.isascii() and spec.isdigit():
         return int(spec)
@@ -214,10 +227,7 @@ def _choose_rank(spec: str, saved: Any) -> int:
     try:
         if spec == "best":
             return int(saved.sweep["best_rank"])
-        metric = saved.sweep["metric"]
-        rows = [SweepRow(int(row["rank"]), {metric: float(row[f"validation_{metric}"])}, int(row["params"]))
-                for row in saved.sweep["rows"]]
-        return pick_ranks(rows, metric, within)[1]
+        return pick_ranks(sweep_rows(saved.sweep), saved.sweep["metric"], within)[1]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UsageFailure(f"--rank {spec}: the run's sweep.json is incomplete or corrupted ({err!r}); give "
                            "the rank as an integer") from None
@@ -232,12 +242,14 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="peft (an adapter directory) or kohya (one .safetensors file "
                                      "for A1111 / ComfyUI / diffusers, from a UNet or text encoder).")] = "peft",
     model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or minilm).")] = None,
+    basis: Annotated[str | None, typer.Option(help="prefix or svd (default: the one picked on validation at this "
+                                              "rank; else prefix for DyLoRA, svd for a plain LoRA).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
     from . import files
     from . import model as model_api
     from .functional import check_rank
-    from .run import load_run, read_run
+    from .run import export_basis, load_run, read_run
 
     _hush(True)
     if fmt not in ("peft", "kohya"):
@@ -248,31 +260,36 @@ def export(
     b = _choose_rank(rank, saved)
     cfg = saved.config
     check_rank(b, cfg.r_min, cfg.r)  # before loading any model
+    if basis is not None and basis not in ("prefix", "svd"):
+        raise UsageFailure(f"--basis must be prefix or svd, got {basis!r}")
+    basis = basis or export_basis(saved, b)
     default = f"merged-r{b}" if merge else f"kohya-r{b}.safetensors" if fmt == "kohya" else f"lora-r{b}"
     out = out or Path(run_or_adapter) / default
     if out.exists() and not overwrite:
         raise UsageFailure(f"{out} exists; pass --overwrite to replace it")
     peft_model, tokenizer, _, _ = load_run(saved)
     if merge:
-        merged = model_api.merge(peft_model, rank=b, inplace=True)
+        merged = model_api.merge(peft_model, rank=b, inplace=True, basis=basis)
         with files.atomic_dir(out) as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
-        typer.echo(f"wrote the base model with rank {b} merged to {out}")
+        typer.echo(f"wrote the base model with rank {b} ({basis}) merged to {out}")
     elif fmt == "kohya":
         from .kohya import export_kohya
 
-        export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(sys.argv))
-        typer.echo(f"wrote a kohya LoRA file of rank {b} to {out}")
+        export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(sys.argv), basis=basis)
+        typer.echo(f"wrote a kohya LoRA file of rank {b} ({basis}) to {out}")
     else:
         from .cards import write_card
 
-        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite)
+        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis)
+        picked = (saved.sweep or {}).get("picked") or {}
         rows = [{"rank": row["rank"], "params": row["params"],
-                 "metrics": {k: v for k, v in row.items() if k not in ("rank", "params")}}
-                for row in (saved.sweep or {}).get("rows", [])]
+                 "metrics": {k: v for k, v in row.items() if k not in ("rank", "params", "basis")}}
+                for row in (saved.sweep or {}).get("rows", [])
+                if row.get("basis", "prefix") == picked.get(str(row["rank"]), row.get("basis", "prefix"))]
         write_card(out, cfg, rank=b, sweep=rows or None, command=sys.argv, base_model=saved.settings.model)
-        typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} to {out}")
+        typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} ({basis}) to {out}")
 
 
 @app.command(help="Choose a rank per layer within a budget, after training; score it beside uniform truncation.")

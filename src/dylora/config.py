@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from peft import LoraConfig
@@ -16,6 +16,50 @@ DISTRIBUTIONS = ("uniform", "geometric")
 MAX_RANK = 4096  # far above any useful LoRA rank; larger values only exhaust memory
 RECIPES = ("paper", "sandwich", "rowwise", "nested")
 SIDECAR_NAME = "dylora_config.json"
+
+# The one list of what DyLoRA takes from peft.LoraConfig. Every field of PEFT's LoraConfig is in
+# SUPPORTED_LORA_FIELDS (any value works) or in REFUSED_LORA_OPTIONS (refused once set away from PEFT's
+# default); a field in neither, which a PEFT upgrade may add, is refused too until it is sorted here
+# (tests/test_config.py walks the installed PEFT's fields).
+SUPPORTED_LORA_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+    "bias", "modules_to_save", "layers_to_transform", "layers_pattern", "alpha_pattern", "trainable_token_indices",
+    "layer_replication", "runtime_config", "ensure_weight_tying", "megatron_core", "qalora_group_size",
+})
+# init_lora_weights values DyLoRA takes: B starts at zero (or both random, for debugging), so the adapter
+# leaves W0 alone at every rank b
+SUPPORTED_INITS = (True, False, "gaussian")
+_RESIDUAL = "subtracts the rank-r product from W0, so at a rank b < r the model starts away from W0"
+_INIT_WHY = {
+    "pissa": f"PiSSA {_RESIDUAL}", "olora": f"OLoRA {_RESIDUAL}", "corda": f"CorDA {_RESIDUAL}",
+    "loftq": f"LoftQ {_RESIDUAL}", "lora_ga": f"LoRA-GA {_RESIDUAL}",
+    "orthogonal": "the orthogonal init cancels B A at rank r only, so at a rank b < r the model starts away from W0",
+    "eva": "EVA needs its own data-driven init pass and redistributes ranks across layers",
+    "mica": "MiCA is a LoRA variant DyLoRA does not implement",
+}
+_VARIANT = "is a LoRA variant DyLoRA does not implement"
+REFUSED_LORA_OPTIONS = {
+    "use_rslora": "DyLoRA scales by lora_alpha / b; for lora_alpha / sqrt(b) set rank_scaling='alpha/sqrt(b)'",
+    "use_dora": f"DoRA {_VARIANT}",
+    "use_qalora": f"QA-LoRA {_VARIANT}",
+    "velora_config": f"VeLoRA {_VARIANT}",
+    "alora_invocation_tokens": f"aLoRA (activated LoRA) {_VARIANT}",
+    "monteclora_config": f"MonteCLoRA {_VARIANT}",
+    "use_bdlora": f"BD-LoRA (block-diagonal LoRA) {_VARIANT}",
+    "arrow_config": f"Arrow (routing over LoRA experts) {_VARIANT}",
+    "kasa_config": f"KaSA {_VARIANT}",
+    "lora_bias": "a LoRA bias has no rank; it is not supported with DyLoRA",
+    "rank_pattern": "DyLoRA needs one r_max for every layer; leave rank_pattern empty",
+    "megatron_config": "Megatron's parallel LoRA layers take no DyLoRA variant",
+    "target_parameters": "LoRA on nn.Parameter targets (PEFT's ParamWrapper) takes no DyLoRA variant; "
+                         "target the modules (target_modules) instead",
+    "init_lora_weights": f"choose one of {', '.join(map(repr, SUPPORTED_INITS))}",
+    "loftq_config": "it goes with init_lora_weights='loftq', which DyLoRA refuses",
+    "eva_config": "it goes with init_lora_weights='eva', which DyLoRA refuses",
+    "corda_config": "it goes with init_lora_weights='corda', which DyLoRA refuses",
+    "lora_ga_config": "it goes with init_lora_weights='lora_ga', which DyLoRA refuses",
+}
 
 
 @dataclass
@@ -123,12 +167,27 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("rank_scaling", f"choose one of {', '.join(RANK_SCALINGS)}")
     if c.frozen and c.recipe in ("rowwise", "nested"):
         raise bad("frozen", f"recipe {c.recipe} trains in full mode; frozen=True works with paper, sandwich")
-    if c.use_rslora:
-        raise bad("use_rslora", "DyLoRA scales by lora_alpha / b; for lora_alpha / sqrt(b) set "
-                                "rank_scaling='alpha/sqrt(b)'")
-    if c.use_dora:
-        raise bad("use_dora", "DoRA is not supported with DyLoRA")
-    if c.lora_bias:
-        raise bad("lora_bias", "a LoRA bias has no rank; it is not supported with DyLoRA")
-    if c.rank_pattern:
-        raise bad("rank_pattern", "DyLoRA needs one r_max for every layer; leave rank_pattern empty")
+    inner = c.r - c.r_min - 1  # the ranks a sandwich step draws from (its r_max and r_min passes come anyway)
+    if c.recipe == "sandwich" and c.sandwich_k > max(1, inner):
+        raise bad("sandwich_k", f"sandwich_k must lie in [0, {max(1, inner)}]: a sandwich step draws its extra "
+                                f"ranks from the {inner} strictly between r_min = {c.r_min} and r = {c.r}")
+    for f in fields(LoraConfig):
+        if f.name not in SUPPORTED_LORA_FIELDS and _is_set(f, getattr(c, f.name)):
+            raise bad(f.name, _refusal(f.name, getattr(c, f.name)))
+
+
+def _is_set(f: Any, value: Any) -> bool:
+    """Whether a LoraConfig field holds a value other than PEFT's default (falsy values all count as unset)."""
+    if f.name == "init_lora_weights":
+        return not any(value is v or (isinstance(v, str) and value == v) for v in SUPPORTED_INITS)
+    default = f.default_factory() if f.default is MISSING else f.default
+    return value != default and bool(value or default)
+
+
+def _refusal(name: str, value: Any) -> str:
+    """Why DyLoRA refuses a set LoRA option (an option a PEFT upgrade added is named as such)."""
+    if name == "init_lora_weights":
+        why = next((w for k, w in _INIT_WHY.items() if isinstance(value, str) and value.lower().startswith(k)), None)
+        return f"{why}; {REFUSED_LORA_OPTIONS[name]}" if why else REFUSED_LORA_OPTIONS[name]
+    return REFUSED_LORA_OPTIONS.get(name, "a PEFT LoRA option DyLoRA does not implement (not in "
+                                          "dylora.config.SUPPORTED_LORA_FIELDS)")

@@ -60,7 +60,8 @@ def kohya_name(model: torch.nn.Module, module_name: str) -> str:
 
 
 def kohya_state_dict(models: torch.nn.Module | Mapping[str, torch.nn.Module], rank: int,
-                     adapter_name: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+                     adapter_name: str | None = None, basis: str = "prefix"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The kohya tensors of every adapted module at rank b, and the ss_/dylora_ metadata they imply.
 
     `models` is one DyLoRA model (a UNet or a CLIP text encoder) or {pipeline component name: model}, with
@@ -86,8 +87,9 @@ def kohya_state_dict(models: torch.nn.Module | Mapping[str, torch.nn.Module], ra
             key = prefixes[component] + "_" + kohya_name(model, module_name.removeprefix(PREFIX))
             alpha = rank_coefficient(rank, variant.lora_alpha, variant.rank_scaling) * rank
             alphas.add(alpha)
-            state[key + ".lora_down.weight"] = layer.lora_A[name].weight[:rank].detach().contiguous().clone()
-            state[key + ".lora_up.weight"] = layer.lora_B[name].weight[:, :rank].detach().contiguous().clone()
+            down, up = variant.rank_factors(layer, name, rank, basis)
+            state[key + ".lora_down.weight"] = down.clone()
+            state[key + ".lora_up.weight"] = up.clone()
             state[key + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
     meta.update(ss_network_module="networks.lora", ss_network_dim=str(rank), dylora_rank=str(rank),
                 ss_network_alpha=f"{alphas.pop():g}" if len(alphas) == 1 else "per-module")
@@ -97,15 +99,16 @@ def kohya_state_dict(models: torch.nn.Module | Mapping[str, torch.nn.Module], ra
 def export_kohya(models: torch.nn.Module | Mapping[str, torch.nn.Module], rank: int, path: str | os.PathLike,
                  *, adapter_name: str | None = None, base_model: str | None = None,
                  dtype: torch.dtype | None = None, card: bool = True, command: str | None = None,
-                 overwrite: bool = True) -> Path:
+                 overwrite: bool = True, basis: str = "prefix") -> Path:
     """Write rank b of a DyLoRA UNet and/or text encoder(s) as one kohya-ss LoRA `.safetensors` file.
 
     A1111, ComfyUI and diffusers (`pipe.load_lora_weights`) load it as a plain rank-b LoRA whose output is
     DyLoRA's at rank b. The metadata has kohya's ss_network_dim (= b) and ss_network_alpha, the base model
     (ss_sd_model_name) and dylora_r_max / dylora_rank. `dtype` casts the weights (e.g. torch.float16);
-    `card` writes a model card beside the file, `<name>.md`.
+    `card` writes a model card beside the file, `<name>.md`. `basis="svd"`: the best rank-b approximation of
+    each module's update instead of its first b components.
     """
-    state, meta = kohya_state_dict(models, rank, adapter_name)
+    state, meta = kohya_state_dict(models, rank, adapter_name, basis)
     if dtype is not None:
         state = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in state.items()}
     first = next(iter(models.values())) if isinstance(models, Mapping) else models

@@ -5,12 +5,20 @@ layers call `lora_variant[adapter].forward/merge/unmerge` when an adapter has a 
 `DyLoraLinearVariant`, `DyLoraEmbeddingVariant` or `DyLoraConvVariant` to an adapter is all DyLoRA adds:
 injection, saving, adapter switching and disabling stay PEFT's. All the math comes from `dylora.functional`.
 
+Each variant owns its layer's rank state (`RankState`: one rank, a rank per example, or the expected scale;
+in the prefix or the SVD basis) and answers for it: its factors as matrices (`factors`), its parameters per
+rank component (`cost`), its update at a rank and basis (`update`, `delta_weight`), and the factors of a
+plain rank-b LoRA that reproduce it (`rank_factors`). Everything else asks the variant.
+
 The scale buffer is a (r,) vector for one rank (or the expected scale), or a (batch, r) matrix for one rank
 per example. Setting a rank puts fresh tensors in the buffers rather than writing in place, so the graph of
 an earlier pass of the same step (a sandwich recipe) keeps the scale it saved for its backward.
 """
 
 from __future__ import annotations
+
+import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,25 +34,59 @@ from .functional import (
     expected_scale,
     grad_mask,
     keep_grad,
+    prefix_mask,
     rank_coefficient,
     rank_delta_weight,
     rank_scale,
     scale_table,
+    svd_mixers,
 )
 
 SCALE_BUFFERS = "dylora_rank_scale"
 GRAD_BUFFERS = "dylora_grad_mask"
+BASES = ("prefix", "svd")
+
+
+def check_basis(basis: str) -> str:
+    """Return `basis` if it is one of BASES, else raise a ValueError naming them."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {', '.join(BASES)}, got {basis!r}")
+    return basis
+
+
+@dataclass(frozen=True)
+class RankState:
+    """What a layer's forward uses: one rank `rank` (0 = off), a rank per row `rows`, or the expected scale
+    of `pmf` (over [r_min, r]); in the `basis` "prefix" (the first b components as trained) or "svd" (the best
+    rank-b approximation of the full update)."""
+
+    rank: int | None = None
+    rows: tuple[int, ...] | None = None
+    pmf: tuple[float, ...] | None = None
+    basis: str = "prefix"
+
+    @property
+    def kind(self) -> str:
+        return "rows" if self.rows is not None else "expected" if self.pmf is not None else "rank"
 
 
 class _DyLoraVariant(LoraVariant):
-    """Per (layer, adapter) DyLoRA state: the current rank, frozen mode and the rank merged in, if any."""
+    """Per (layer, adapter) DyLoRA state: the rank state, frozen mode, and what is merged in, if anything."""
 
     def __init__(self, r: int, r_min: int, lora_alpha: float, frozen: bool, rank_scaling: str = "alpha/b") -> None:
         self.r, self.r_min, self.lora_alpha, self.frozen = r, r_min, lora_alpha, frozen
         self.rank_scaling = rank_scaling
-        self.rank = r
-        self.merged_scale: torch.Tensor | None = None
+        self.state = RankState(rank=r)
+        self.merged: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self.table = scale_table(r, lora_alpha, rank_scaling)  # row b-1 is s_b
+        self._svd_key: tuple | None = None
+        self._svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def rank(self) -> int | None:
+        """The one rank every row uses, or None for per-example ranks / the expected scale."""
+        return self.state.rank
 
     def supports_lora_conversion(self) -> bool:
         return False
@@ -53,26 +95,39 @@ class _DyLoraVariant(LoraVariant):
         for name in (SCALE_BUFFERS, GRAD_BUFFERS):
             if not hasattr(module, name):
                 setattr(module, name, BufferDict(persistent=False))
+        # PEFT's delete_adapter drops an adapter's key from every container named here
+        names = module.other_param_names
+        module.other_param_names = (*names, *(n for n in (SCALE_BUFFERS, GRAD_BUFFERS) if n not in names))
+        module.get_delta_weight = types.MethodType(_get_delta_weight, module)
         getattr(module, SCALE_BUFFERS)[adapter] = torch.zeros(self.r, device=device)
         getattr(module, GRAD_BUFFERS)[adapter] = torch.zeros(self.r, device=device)
         module.lora_variant[adapter] = self
-        self.set_rank(module, adapter, self.r)
+        self.set_state(module, adapter, RankState(rank=self.r))
 
-    def set_rank(self, module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
-        check_rank(rank, self.r_min, self.r, off=True)
-        scale = rank_scale(rank, self.r, self.lora_alpha, scaling=self.rank_scaling)
-        self._put(module, adapter, scale, grad_mask(rank, self.r))
-        self.rank = rank
-        # PEFT code paths that bypass variants (e.g. mixed-adapter batches of embeddings) read `scaling`
-        module.scaling[adapter] = rank_coefficient(rank, self.lora_alpha, self.rank_scaling)
+    # ------------------------------------------------------------ the rank state
 
-    def set_example_ranks(self, module: lora_layer.LoraLayer, adapter: str, ranks: torch.Tensor) -> None:
-        """Row j of the next batches at rank ranks[j] (checked by the caller), until the next `set_rank`."""
-        self._put(module, adapter, example_scale(ranks, self.table))
+    def set_state(self, module: lora_layer.LoraLayer, adapter: str, state: RankState) -> None:
+        """Use `state` in the next forwards (ranks checked against [r_min, r]; 0 = off for one rank)."""
+        check_basis(state.basis)
+        svd = state.basis == "svd"
+        if state.kind == "rank":
+            check_rank(state.rank, self.r_min, self.r, off=True)
+            scale = prefix_mask(state.rank, self.r) if svd else rank_scale(state.rank, self.r, self.lora_alpha,
+                                                                            scaling=self.rank_scaling)
+            self._put(module, adapter, scale, grad_mask(state.rank, self.r))
+            # PEFT code paths that bypass variants read `scaling`
+            module.scaling[adapter] = rank_coefficient(state.rank, self.lora_alpha, self.rank_scaling)
+        elif state.kind == "rows":
+            table = torch.stack([prefix_mask(b, self.r) for b in range(1, self.r + 1)]) if svd else self.table
+            self._put(module, adapter, example_scale(torch.tensor(state.rows), table))
+        else:
+            if svd:
+                raise ValueError("the expected scale (the nested recipe) is defined in the prefix basis only")
+            self._put(module, adapter, expected_scale(torch.tensor(state.pmf), self.r_min, self.table))
+        self.state = state
 
-    def set_expected_scale(self, module: lora_layer.LoraLayer, adapter: str, pmf: torch.Tensor) -> None:
-        """The scale E_b[s_b] for b ~ pmf over [r_min, r] (the nested recipe), until the next `set_rank`."""
-        self._put(module, adapter, expected_scale(pmf, self.r_min, self.table))
+    def set_rank(self, module: lora_layer.LoraLayer, adapter: str, rank: int, basis: str = "prefix") -> None:
+        self.set_state(module, adapter, RankState(rank=rank, basis=basis))
 
     @staticmethod
     def _put(module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor,
@@ -87,72 +142,189 @@ class _DyLoraVariant(LoraVariant):
     def buffers(module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(module, SCALE_BUFFERS)[adapter], getattr(module, GRAD_BUFFERS)[adapter]
 
-    # merging: the delta at the current rank is recorded, so unmerge removes exactly what merge added
-    def delta_weight(self, module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------ the contract: factors, cost, update
+
+    def factors(self, module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as an (r, in) matrix and B as an (out, r) matrix (views of the parameters): the update is B A."""
         raise NotImplementedError
 
+    def cost(self, module: lora_layer.LoraLayer, adapter: str) -> int:
+        """Adapter parameters per rank component, in + out: the layer at rank b holds b times this."""
+        A, B = self.factors(module, adapter)
+        return A.shape[1] + B.shape[0]
+
+    def svd(self, module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M_in, M_out, S) of the SVD cut of c(r) B A (`functional.svd_mixers`), float64, computed once and
+        again only when A or B changed (their version counters or storage)."""
+        A, B = self.factors(module, adapter)
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.device, self.lora_alpha)
+        if key != self._svd_key:
+            self._svd = svd_mixers(A, B, rank_coefficient(self.r, self.lora_alpha, self.rank_scaling))
+            self._svd_key, self._cast = key, {}
+        return self._svd
+
+    def mixers(self, module: lora_layer.LoraLayer, adapter: str, like: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(M_in, M_out) cast like `like` in the SVD basis, None in the prefix basis (no mixing)."""
+        if self.state.basis != "svd":
+            return None
+        m_in, m_out, _ = self.svd(module, adapter)
+        key = (like.dtype, like.device)
+        if key not in self._cast:
+            self._cast[key] = (m_in.to(like), m_out.to(like))
+        return self._cast[key]
+
+    def update(self, module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor | None = None,
+               mixers: tuple[torch.Tensor, torch.Tensor] | None | str = "current") -> torch.Tensor:
+        """The layer's update as an (out, in) float32 matrix: B M_out diag(scale) M_in A, by default at the
+        current rank state (scale: the scale buffer; mixers: the basis's)."""
+        A, B = (t.detach().float() for t in self.factors(module, adapter))
+        if scale is None:
+            scale = self.buffers(module, adapter)[0]
+        if isinstance(mixers, str):
+            mixers = self.mixers(module, adapter, A)
+        if mixers is not None:
+            A, B = mixers[0].float() @ A, B @ mixers[1].float()
+        return rank_delta_weight(A, B, scale.detach().float().to(A.device))
+
+    def delta_weight(self, module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor | None = None,
+                     mixers: tuple[torch.Tensor, torch.Tensor] | None | str = "current") -> torch.Tensor:
+        """`update`, shaped like the base layer's weight."""
+        raise NotImplementedError
+
+    def rank_factors(self, module: lora_layer.LoraLayer, adapter: str, rank: int, basis: str = "prefix"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_b, B_b) shaped like the layer's own A and B with b components, such that c(b) B_b A_b is the
+        update at rank b in `basis`: what a plain PEFT LoRA of rank b (scale c(b)) holds."""
+        A, B = self.factors(module, adapter)
+        if check_basis(basis) == "prefix":
+            A_b, B_b = A[:rank], B[:, :rank]
+        else:
+            m_in, m_out, _ = self.svd(module, adapter)
+            coefficient = rank_coefficient(rank, self.lora_alpha, self.rank_scaling)
+            A_b = (m_in[:rank] @ A.detach().double()).to(A.dtype)
+            B_b = (B.detach().double() @ m_out[:, :rank] / coefficient).to(B.dtype)
+        return self._native(module, adapter, A_b.detach().contiguous(), B_b.detach().contiguous())
+
+    def _native(self, module: lora_layer.LoraLayer, adapter: str, A_b: torch.Tensor, B_b: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matrices (b, in) and (out, b) back in the layer's own shapes (the identity for Linear)."""
+        return A_b, B_b
+
+    # ------------------------------------------------------------ merging: what merge added, unmerge removes
+
+    def _snapshot(self, module: lora_layer.LoraLayer, adapter: str, like: torch.Tensor):
+        scale = self.buffers(module, adapter)[0].detach().clone()
+        mixers = self.mixers(module, adapter, like.float())
+        return scale, None if mixers is None else (mixers[0].clone(), mixers[1].clone())
+
     def merge_safe(self, module, active_adapter, orig_weight):
-        scale = self.buffers(module, active_adapter)[0].detach().clone()
-        self.merged_scale = scale
-        return orig_weight + self.delta_weight(module, active_adapter, scale).to(orig_weight.dtype)
+        self.merged = self._snapshot(module, active_adapter, orig_weight)
+        return orig_weight + self.delta_weight(module, active_adapter, *self.merged).to(orig_weight.dtype)
 
     def merge_unsafe(self, module, active_adapter, orig_weight):
-        scale = self.buffers(module, active_adapter)[0].detach().clone()
-        self.merged_scale = scale
-        orig_weight.data += self.delta_weight(module, active_adapter, scale).to(orig_weight.dtype)
+        self.merged = self._snapshot(module, active_adapter, orig_weight)
+        orig_weight.data += self.delta_weight(module, active_adapter, *self.merged).to(orig_weight.dtype)
 
     def unmerge(self, module, active_adapter, orig_weight):
-        if self.merged_scale is None:
+        if self.merged is None:
             raise RuntimeError("DyLoRA adapter is not merged; nothing to unmerge")
-        delta = self.delta_weight(module, active_adapter, self.merged_scale)
-        self.merged_scale = None
+        delta = self.delta_weight(module, active_adapter, *self.merged)
+        self.merged = None
         return orig_weight.data - delta.to(orig_weight.dtype)
+
+    # ------------------------------------------------------------ forward helpers
+
+    def _mix(self, h: torch.Tensor, scale: torch.Tensor, mixers: tuple[torch.Tensor, torch.Tensor] | None
+             ) -> torch.Tensor:
+        """The rank activation h (..., r) -> M_out (scale * (M_in h)) (just scale * h in the prefix basis)."""
+        if mixers is None:
+            return h * broadcast_scale(scale, h).to(h.dtype)
+        h = F.linear(h, mixers[0].to(h.dtype))
+        h = h * broadcast_scale(scale, h).to(h.dtype)
+        return F.linear(h, mixers[1].to(h.dtype))
+
+
+def _get_delta_weight(self: lora_layer.LoraLayer, adapter: str) -> torch.Tensor:
+    """PEFT's `get_delta_weight`, at the current rank and basis for a DyLoRA adapter (PEFT's own ignores the
+    rank: add_weighted_adapter and other callers would get the r_max update)."""
+    variant = self.lora_variant.get(adapter)
+    if isinstance(variant, _DyLoraVariant):
+        like = self.lora_B[adapter].weight if adapter in self.lora_B else self.lora_embedding_B[adapter]
+        return variant.delta_weight(self, adapter).to(like.dtype)
+    return type(self).get_delta_weight(self, adapter)
 
 
 class DyLoraLinearVariant(_DyLoraVariant):
     """DyLoRA on PEFT's `lora.Linear` (nn.Linear, and GPT-2 Conv1D with fan_in_fan_out)."""
 
-    def delta_weight(self, module, adapter, scale):
-        A = module.lora_A[adapter].weight
-        B = module.lora_B[adapter].weight
-        return transpose(rank_delta_weight(A.float(), B.float(), scale), module.fan_in_fan_out)
+    def factors(self, module, adapter):
+        return module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+    def delta_weight(self, module, adapter, scale=None, mixers="current"):
+        return transpose(self.update(module, adapter, scale, mixers), module.fan_in_fan_out)
 
     def forward(self, module, active_adapter, x, result, **kwargs):
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         scale, gmask = self.buffers(module, active_adapter)
+        mixers = self.mixers(module, active_adapter, lora_A.weight)
         x = module.lora_dropout[active_adapter](x)
         if not self.frozen:
-            h = lora_A(x)
-            return result + lora_B(h * broadcast_scale(scale, h).to(x.dtype))
+            return result + lora_B(self._mix(lora_A(x), scale, mixers))
         A = keep_grad(lora_A.weight, gmask[:, None])
         B = keep_grad(lora_B.weight, gmask[None, :])
-        h = F.linear(x, A)
-        return result + F.linear(h * broadcast_scale(scale, h).to(x.dtype), B)
+        return result + F.linear(self._mix(F.linear(x, A), scale, mixers), B)
 
 
 class DyLoraEmbeddingVariant(_DyLoraVariant):
     """DyLoRA on PEFT's `lora.Embedding` (A is (r, num_embeddings), B is (embedding_dim, r))."""
 
-    def delta_weight(self, module, adapter, scale):
-        A = module.lora_embedding_A[adapter]
-        B = module.lora_embedding_B[adapter]
-        return transpose(rank_delta_weight(A.float(), B.float(), scale), True)
+    def attach(self, module, adapter, device):
+        super().attach(module, adapter, device)
+        module._mixed_batch_forward = types.MethodType(_embedding_mixed_batch_forward, module)
+
+    def factors(self, module, adapter):
+        return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+
+    def delta_weight(self, module, adapter, scale=None, mixers="current"):
+        return transpose(self.update(module, adapter, scale, mixers), True)
 
     def forward(self, module, active_adapter, x, result, **kwargs):
         A = module.lora_embedding_A[active_adapter]
         B = module.lora_embedding_B[active_adapter]
         scale, gmask = self.buffers(module, active_adapter)
+        mixers = self.mixers(module, active_adapter, A)
         if self.frozen:
             A = keep_grad(A, gmask[:, None])
             B = keep_grad(B, gmask[None, :])
-        after_A = module._embed(x, A.T)
-        after_A = after_A * broadcast_scale(scale, after_A).to(A.dtype)
-        out = after_A @ B.T
+        out = self._mix(module._embed(x, A.T), scale, mixers) @ B.T
         embed_scale = module._get_embed_scale()
         if embed_scale is not None:
             out = out * embed_scale.to(out.dtype)
         return result + out
+
+
+def _embedding_mixed_batch_forward(self: lora_layer.Embedding, x: torch.Tensor, *args, adapter_names: list[str],
+                                   **kwargs) -> torch.Tensor:
+    """PEFT's mixed-batch forward of an Embedding, through the variant for DyLoRA adapters (PEFT's own
+    bypasses variants, so it would use all r components at any rank)."""
+    result = self.base_layer(x, *args, **kwargs)
+    embed_scale = self._get_embed_scale()
+    for adapter in sorted(set(adapter_names)):
+        if adapter == "__base__" or adapter not in self.lora_embedding_A:
+            continue
+        rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+        variant = self.lora_variant.get(adapter)
+        if variant is not None:
+            result[rows] = variant.forward(self, adapter, x[rows], result[rows])
+            continue
+        out = (self._embed(x[rows], self.lora_embedding_A[adapter].T) @ self.lora_embedding_B[adapter].T) \
+            * self.scaling[adapter]
+        if embed_scale is not None:
+            out = out * embed_scale.to(out.dtype)
+        result[rows] += out
+    return result
 
 
 class DyLoraConvVariant(_DyLoraVariant):
@@ -164,23 +336,29 @@ class DyLoraConvVariant(_DyLoraVariant):
     dims, shaped like W0 (delta[o, i, ...] = sum_{j<b} c(b) B[o, j] A[j, i, ...]).
     """
 
-    def delta_weight(self, module, adapter, scale):
+    def factors(self, module, adapter):
+        return module.lora_A[adapter].weight.flatten(1), module.lora_B[adapter].weight.flatten(1)
+
+    def delta_weight(self, module, adapter, scale=None, mixers="current"):
         A = module.lora_A[adapter].weight  # (r, in, *kernel)
-        B = module.lora_B[adapter].weight  # (out, r, 1, ...)
-        return rank_delta_weight(A.float().flatten(1), B.float().flatten(1), scale).view(B.shape[0], *A.shape[1:])
+        return self.update(module, adapter, scale, mixers).view(module.lora_B[adapter].weight.shape[0], *A.shape[1:])
+
+    def _native(self, module, adapter, A_b, B_b):
+        A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        return A_b.view(A_b.shape[0], *A.shape[1:]), B_b.view(B.shape[0], B_b.shape[1], *B.shape[2:])
 
     def forward(self, module, active_adapter, x, result, **kwargs):
         lora_A = module.lora_A[active_adapter]
         lora_B = module.lora_B[active_adapter]
         scale, gmask = self.buffers(module, active_adapter)
+        mixers = self.mixers(module, active_adapter, lora_A.weight)
         x = module.lora_dropout[active_adapter](x)
         if self.frozen:
             kernel = (1,) * (lora_A.weight.dim() - 2)
             h = lora_A._conv_forward(x, keep_grad(lora_A.weight, gmask.view(-1, 1, *kernel)), None)
         else:
             h = lora_A(x)
-        h = h.movedim(1, -1)  # channels last, where `broadcast_scale` puts the rank dim
-        h = (h * broadcast_scale(scale, h).to(h.dtype)).movedim(-1, 1)
+        h = self._mix(h.movedim(1, -1), scale, mixers).movedim(-1, 1)  # channels last, where the rank dim goes
         if self.frozen:
             kernel = (1,) * (lora_B.weight.dim() - 2)
             return result + lora_B._conv_forward(h, keep_grad(lora_B.weight, gmask.view(1, -1, *kernel)), None)
@@ -198,6 +376,6 @@ def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
     return None
 
 
-def set_layer_rank(module: lora_layer.LoraLayer, adapter: str, rank: int) -> None:
+def set_layer_rank(module: lora_layer.LoraLayer, adapter: str, rank: int, basis: str = "prefix") -> None:
     """Use rank b in one layer (its variant checks b against [r_min, r]; b = 0 switches the layer off)."""
-    module.lora_variant[adapter].set_rank(module, adapter, rank)
+    module.lora_variant[adapter].set_rank(module, adapter, rank, basis)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import re
+import types
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import extract_model_from_parallel
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
@@ -21,7 +23,7 @@ from .cards import write_card
 from .config import SIDECAR_NAME, DyLoraConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights
 from .functional import check_rank, rank_coefficient
-from .layers import set_layer_rank, variant_for
+from .layers import RankState, check_basis, set_layer_rank, variant_for
 
 PREFIX = "base_model.model."  # a PeftModel's module names are its base model's, under this prefix
 
@@ -46,7 +48,7 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
         if cls is None:
             raise ValueError(
                 f"DyLoRA supports nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d (groups=1) targets; "
-                f"{name!r} is a {_describe(module.get_base_layer())}"
+                f"{name!r} is {_describe(module)}"
             )
         alpha = module.lora_alpha[adapter]
         device = next(p.device for p in module.parameters())
@@ -54,11 +56,63 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
         count += 1
     if count == 0:
         raise ValueError(f"adapter {adapter!r} adapted no layer")
+    lora_model = getattr(model, "base_model", None)
+    if lora_model is not None and hasattr(lora_model, "add_weighted_adapter"):
+        lora_model.add_weighted_adapter = types.MethodType(_add_weighted_adapter, lora_model)
 
 
-def _describe(layer: torch.nn.Module) -> str:
+def plain_config(config: LoraConfig) -> LoraConfig:
+    """The plain PEFT LoraConfig part of a (DyLoRA) config."""
+    return LoraConfig(**{k: v for k, v in config.to_dict().items()
+                         if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
+
+
+def _add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs):
+    """PEFT's `add_weighted_adapter`, with each DyLoRA adapter taken at its current rank and basis.
+
+    PEFT reads every layer's full r_max factors (and `get_delta_weight`): for the call, each DyLoRA layer holds
+    its rank-b factors zero-padded to r (in the prefix basis, which then gives exactly its rank-b update), and
+    the new adapter is a plain LoRA (its config a LoraConfig, not a DyLoraConfig).
+    """
+    dy = [a for a in adapters if isinstance(self.peft_config.get(a), DyLoraConfig)]
+    if not dy:
+        return type(self).add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs)
+    states = _states(self, dy)
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    first = self.peft_config[adapters[0]]
+    try:
+        with torch.no_grad():
+            for module, name, state in states:
+                variant = module.lora_variant[name]
+                b = _uniform(variant, name)
+                A_b, B_b = variant.rank_factors(module, name, b, state.basis)
+                A, B = ((module.lora_A[name].weight, module.lora_B[name].weight) if name in module.lora_A
+                        else (module.lora_embedding_A[name], module.lora_embedding_B[name]))
+                for param, part in ((A, A_b), (B, B_b)):
+                    padded = torch.zeros_like(param)
+                    (padded[:b] if param is A else padded[:, :b]).copy_(part)
+                    swapped.append((param, param.data))
+                    param.data = padded
+                variant.set_rank(module, name, b, "prefix")
+        self.peft_config[adapters[0]] = plain_config(first)
+        return type(self).add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs)
+    finally:
+        self.peft_config[adapters[0]] = first
+        for param, data in swapped:
+            param.data = data
+        _restore(states)
+
+
+def _describe(module: LoraLayer) -> str:
+    """What an unsupported target is: PEFT's layer is named where it, not the base layer, lacks the variant hook."""
+    if isinstance(module, lora_layer.ParamWrapper):
+        return (f"an nn.Parameter target ({module.parameter_name!r}, target_parameters): PEFT's ParamWrapper takes "
+                "no LoRA variant")
+    if isinstance(module, lora_layer.MultiheadAttention):
+        return "an nn.MultiheadAttention: PEFT's LoRA layer for it merges its weights in each forward, with no variant"
+    layer = module.get_base_layer()
     groups = getattr(layer, "groups", 1)
-    return type(layer).__name__ + (f" with groups={groups}" if groups != 1 else "")
+    return "a " + type(layer).__name__ + (f" with groups={groups}" if groups != 1 else "")
 
 
 def is_target_miss(err: Exception) -> bool:
@@ -130,28 +184,32 @@ def select_adapters(model: torch.nn.Module, adapter_name: str | None) -> dict[st
     return {adapter_name: adapters[adapter_name]}
 
 
-def _refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | Mapping[str, int] | None = None
-                      ) -> None:
-    """A merged adapter's output is fixed at the merged rank: refuse to change it (to `rank`, to per-layer
-    ranks {module name: b_l} in the layers named, or at all)."""
+def _refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | Mapping[str, int] | None = None,
+                      basis: str | None = None) -> None:
+    """A merged adapter's output is fixed at the merged rank: refuse to change it (to `rank` in `basis`, to
+    per-layer ranks {module name: b_l} in the layers named, or at all)."""
     for name in names:
         for key, module in _named_layers(model, name).items():
-            wanted = rank.get(key, module.lora_variant[name].rank) if isinstance(rank, Mapping) else rank
-            if module.lora_variant[name].merged_scale is not None and module.lora_variant[name].rank != wanted:
+            variant = module.lora_variant[name]
+            wanted = rank.get(key, variant.rank) if isinstance(rank, Mapping) else rank
+            if variant.merged is not None and (variant.rank != wanted or (basis or variant.state.basis)
+                                               != variant.state.basis):
                 raise ValueError(f"DyLoRA adapter {name!r} is merged into the base weights ({key}), so its rank "
                                  "cannot change; call unmerge_adapter() first")
 
 
-def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None) -> None:
-    """Use rank b in every layer of the DyLoRA adapter(s): W0 x + (alpha / b) B_b A_b x."""
+def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None, *, basis: str = "prefix") -> None:
+    """Use rank b in every layer of the DyLoRA adapter(s): W0 x + (alpha / b) B_b A_b x in the "prefix" basis,
+    W0 x + U_b S_b V_b^T x (the best rank-b approximation of the layer's full update) in the "svd" basis."""
     picked = select_adapters(model, adapter_name)
+    check_basis(basis)
     for cfg in picked.values():
         check_rank(rank, cfg.r_min, cfg.r)
-    _refuse_if_merged(model, picked, rank)
+    _refuse_if_merged(model, picked, rank, basis)
     for name in picked:
         count = 0
         for module in _layers(model, name):
-            module.lora_variant[name].set_rank(module, name, rank)
+            module.lora_variant[name].set_rank(module, name, rank, basis)
             count += 1
         if count == 0:
             raise ValueError(f"DyLoRA adapter {name!r} has plain LoRA layers (PEFT built it from the DyLoraConfig "
@@ -169,14 +227,41 @@ def _one(model: torch.nn.Module, adapter_name: str | None) -> tuple[str, DyLoraC
     return name, picked[name]
 
 
+def _uniform(variant, adapter: str) -> int:
+    """The one rank a layer uses; a RuntimeError when it uses a rank per example or the expected scale."""
+    if variant.rank is None:
+        what = "a rank per example" if variant.state.kind == "rows" else "the expected scale"
+        raise RuntimeError(f"DyLoRA adapter {adapter!r} uses {what} now, not one rank; call dylora.set_rank first")
+    return variant.rank
+
+
 def get_rank(model: torch.nn.Module, adapter_name: str | None = None) -> int:
     """The rank the DyLoRA adapter currently uses (the active one if several)."""
     name, _ = _one(model, adapter_name)
-    ranks = {module.lora_variant[name].rank for module in _layers(model, name)}
+    ranks = {_uniform(module.lora_variant[name], name) for module in _layers(model, name)}
     if len(ranks) != 1:
         raise RuntimeError(f"layers of adapter {name!r} disagree on the rank: {sorted(ranks)}; "
                            "use dylora.get_layer_ranks for the rank of each layer")
     return ranks.pop()
+
+
+def get_basis(model: torch.nn.Module, adapter_name: str | None = None) -> str:
+    """The basis ("prefix" or "svd") the DyLoRA adapter's ranks currently use (the active one if several)."""
+    name, _ = _one(model, adapter_name)
+    bases = {module.lora_variant[name].state.basis for module in _layers(model, name)}
+    if len(bases) != 1:
+        raise RuntimeError(f"layers of adapter {name!r} disagree on the basis: {sorted(bases)}")
+    return bases.pop()
+
+
+def _states(model: torch.nn.Module, names: Iterable[str]) -> list[tuple[LoraLayer, str, RankState]]:
+    """Every layer's rank state, to put back with `_restore`."""
+    return [(module, name, module.lora_variant[name].state) for name in names for module in _layers(model, name)]
+
+
+def _restore(states: list[tuple[LoraLayer, str, RankState]]) -> None:
+    for module, name, state in states:
+        module.lora_variant[name].set_state(module, name, state)
 
 
 def _named_layers(model: torch.nn.Module, adapter: str) -> dict[str, LoraLayer]:
@@ -205,12 +290,13 @@ def _rank_map(model: torch.nn.Module, adapter: str, ranks: Mapping[str, int]) ->
 def get_layer_ranks(model: torch.nn.Module, adapter_name: str | None = None) -> dict[str, int]:
     """The rank b_l each layer of the DyLoRA adapter uses (the active one if several), by module name."""
     name, _ = _one(model, adapter_name)
-    return {key: module.lora_variant[name].rank for key, module in _named_layers(model, name).items()}
+    return {key: _uniform(module.lora_variant[name], name) for key, module in _named_layers(model, name).items()}
 
 
-def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_name: str | None = None) -> None:
+def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_name: str | None = None, *,
+                    basis: str = "prefix") -> None:
     """Use rank b_l in layer l: W0 x + (alpha / b_l) B[:, :b_l] A[:b_l] x (b_l = 0: W0 x, the layer switched
-    off). Unlisted layers keep their rank.
+    off), or its best rank-b_l approximation with `basis="svd"`. Unlisted layers keep their rank and basis.
 
     Keys are module names as in `model.named_modules()`, with or without the `base_model.model.` prefix.
     Acts on the named adapter, or the active one; every name and rank is checked before any is set.
@@ -218,20 +304,22 @@ def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_na
     name, _ = _one(model, adapter_name)
     layers = _named_layers(model, name)
     wanted = _rank_map(model, name, ranks)
-    _refuse_if_merged(model, [name], wanted)
+    check_basis(basis)
+    _refuse_if_merged(model, [name], wanted, basis)
     for key, b in wanted.items():
-        set_layer_rank(layers[key], name, b)
+        set_layer_rank(layers[key], name, b, basis)
 
 
 @contextlib.contextmanager
-def at_rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> Iterator[None]:
-    """Use rank b inside the block, then restore the previous rank."""
-    previous = get_rank(model, adapter_name)
-    set_rank(model, b, adapter_name)
+def at_rank(model: torch.nn.Module, b: int, adapter_name: str | None = None, *,
+            basis: str = "prefix") -> Iterator[None]:
+    """Use rank b (in `basis`) inside the block, then restore every layer's previous rank state."""
+    previous = _states(model, select_adapters(model, adapter_name))
+    set_rank(model, b, adapter_name, basis=basis)
     try:
         yield
     finally:
-        set_rank(model, previous, adapter_name)
+        _restore(previous)
 
 
 def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> contextlib.AbstractContextManager[None]:
@@ -241,7 +329,7 @@ def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> con
 
 
 def set_example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
-                      adapter_name: str | None = None) -> None:
+                      adapter_name: str | None = None, *, basis: str = "prefix") -> None:
     """Row j of each batch uses rank ranks[j] (len(ranks) must be the batch size), until the next `set_rank`.
 
     Row j of the output then equals the model at rank ranks[j] on row j alone, at training and inference.
@@ -252,27 +340,29 @@ def set_example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
     if ranks.dim() != 1 or ranks.numel() == 0 or ranks.is_floating_point():
         raise ValueError(f"ranks must be a non-empty 1-D list of integers, one per row; got shape {tuple(ranks.shape)}")
     ranks = ranks.long().cpu()
+    check_basis(basis)
     for cfg in picked.values():
         for b in sorted(set(ranks.tolist())):
             check_rank(b, cfg.r_min, cfg.r)
         if cfg.frozen and unwrap(model).training:
             raise ValueError("per-example ranks train in full mode only; this adapter has frozen=True")
     _refuse_if_merged(model, picked)
+    state = RankState(rows=tuple(ranks.tolist()), basis=basis)
     for name in picked:
         for module in _layers(model, name):
-            module.lora_variant[name].set_example_ranks(module, name, ranks)
+            module.lora_variant[name].set_state(module, name, state)
 
 
 @contextlib.contextmanager
 def example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
-                  adapter_name: str | None = None) -> Iterator[None]:
-    """Row j uses rank ranks[j] inside the block, then the previous rank is restored."""
-    previous = get_rank(model, adapter_name)
-    set_example_ranks(model, ranks, adapter_name)
+                  adapter_name: str | None = None, *, basis: str = "prefix") -> Iterator[None]:
+    """Row j uses rank ranks[j] inside the block, then every layer's previous rank state is restored."""
+    previous = _states(model, select_adapters(model, adapter_name))
+    set_example_ranks(model, ranks, adapter_name, basis=basis)
     try:
         yield
     finally:
-        set_rank(model, previous, adapter_name)
+        _restore(previous)
 
 
 def set_expected_scale(model: torch.nn.Module, pmf: list[float] | torch.Tensor,
@@ -284,8 +374,9 @@ def set_expected_scale(model: torch.nn.Module, pmf: list[float] | torch.Tensor,
     for name, cfg in picked.items():
         if pmf.shape != (cfg.r - cfg.r_min + 1,):
             raise ValueError(f"pmf must have r - r_min + 1 = {cfg.r - cfg.r_min + 1} entries, got {tuple(pmf.shape)}")
+        state = RankState(pmf=tuple(pmf.tolist()))
         for module in _layers(model, name):
-            module.lora_variant[name].set_expected_scale(module, name, pmf)
+            module.lora_variant[name].set_state(module, name, state)
 
 
 def read_adapter_config(path: str | os.PathLike) -> DyLoraConfig:
@@ -371,15 +462,15 @@ def pattern_key(module_name: str) -> str:
 
 def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.PathLike | None = None,
                 adapter_name: str | None = None, *, ranks: Mapping[str, int] | None = None,
-                bake_scale: bool = False, overwrite: bool = False, card: bool = True) -> Path:
+                bake_scale: bool = False, overwrite: bool = False, card: bool = True, basis: str = "prefix") -> Path:
     """Write a DyLoRA adapter cut to rank b (or to rank b_l in each layer) as a plain PEFT LoRA.
 
-    Keeps A[:b_l], B[:, :b_l] of each layer. With one rank: r = b, lora_alpha = alpha, so vanilla PEFT's
-    scale alpha / b is DyLoRA's exactly. With `ranks` ({module name: b_l}; unlisted layers keep their
-    current rank): r = max b_l and `rank_pattern` gives every other layer its b_l, so PEFT's scale
-    alpha_l / b_l is again DyLoRA's; layers at b_l = 0 are left out (`exclude_modules`). `bake_scale=True`
-    folds alpha_l / b_l into B and writes lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for
-    consumers that ignore `alpha_pattern`.
+    Keeps A[:b_l], B[:, :b_l] of each layer (`basis="svd"`: the factors of its best rank-b_l approximation).
+    With one rank: r = b, lora_alpha = alpha, so vanilla PEFT's scale alpha / b is DyLoRA's exactly.
+    With `ranks` ({module name: b_l}; unlisted layers keep their current rank): r = max b_l and
+    `rank_pattern` gives every other layer its b_l, so PEFT's scale alpha_l / b_l is again DyLoRA's; layers
+    at b_l = 0 are left out (`exclude_modules`). `bake_scale=True` folds alpha_l / b_l into B and writes
+    lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for consumers that ignore `alpha_pattern`.
     With rank_scaling "alpha/sqrt(b)" it writes use_rslora=True: PEFT's alpha / sqrt(b_l) is then DyLoRA's c(b_l).
     With `card`, a README.md model card is written beside (`dylora.cards.write_card`, which can rewrite it with
     the sweep and the command).
@@ -390,6 +481,7 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     if path is None:
         raise ValueError("export_lora needs a path to write the adapter to")
     layers = _named_layers(peft_model, name)
+    check_basis(basis)
     if ranks is None:
         check_rank(rank, cfg.r_min, cfg.r)
         b_of = dict.fromkeys(layers, rank)
@@ -404,15 +496,14 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
         module, _, part = key.rpartition(".lora_")
         if b_of.get(module) == 0:
             continue
-        if part in ("A.weight", "embedding_A"):
-            t = t[:b_of[module]]
-        elif part in ("B.weight", "embedding_B"):
-            b = b_of[module]
-            variant = layers[module].lora_variant[name]
-            t = t[:, :b] * rank_coefficient(b, variant.lora_alpha, variant.rank_scaling) if bake_scale else t[:, :b]
+        if part in ("A.weight", "embedding_A", "B.weight", "embedding_B"):
+            b, variant = b_of[module], layers[module].lora_variant[name]
+            A_b, B_b = variant.rank_factors(layers[module], name, b, basis)
+            if bake_scale:
+                B_b = B_b * rank_coefficient(b, variant.lora_alpha, variant.rank_scaling)
+            t = A_b if part in ("A.weight", "embedding_A") else B_b
         sliced[key] = t.detach().contiguous().clone()
-    plain = LoraConfig(**{k: v for k, v in cfg.to_dict().items()
-                          if k in LoraConfig.__dataclass_fields__ and k != "peft_type"})
+    plain = plain_config(cfg)
     plain.r = max(b_of.values())
     plain.rank_pattern = {pattern_key(module): b for module, b in b_of.items() if b not in (0, plain.r)}
     plain.exclude_modules = [module.removeprefix(PREFIX) for module in off] or None
@@ -429,12 +520,13 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
 
 
 def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | None = None,
-          inplace: bool = False, *, ranks: Mapping[str, int] | None = None) -> torch.nn.Module:
+          inplace: bool = False, *, ranks: Mapping[str, int] | None = None, basis: str = "prefix") -> torch.nn.Module:
     """The base model with (alpha / b) B_b A_b folded into W0 (a copy, unless `inplace`).
 
     With `ranks` ({module name: b_l}, unlisted layers keep their current rank) each layer folds in its own
-    (alpha / b_l) B[:, :b_l] A[:b_l].
+    (alpha / b_l) B[:, :b_l] A[:b_l]; with `basis="svd"` the best rank-b (b_l) approximation of its update.
     """
+    check_basis(basis)
     peft_model = unwrap(model)
     picked = select_adapters(peft_model, adapter_name)
     _one_of(rank, ranks)
@@ -447,7 +539,7 @@ def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | N
     if not inplace:
         peft_model = copy.deepcopy(peft_model)
     if ranks is None:
-        set_rank(peft_model, rank, adapter_name)
+        set_rank(peft_model, rank, adapter_name, basis=basis)
     else:
-        set_layer_ranks(peft_model, ranks, name)
+        set_layer_ranks(peft_model, ranks, name, basis=basis)
     return peft_model.merge_and_unload(adapter_names=list(picked) if adapter_name else None)

@@ -13,21 +13,59 @@ from .training import SweepRow
 
 
 def pick_ranks(rows: list[SweepRow], metric: str, within: float, higher_is_better: bool = True) -> tuple[int, int]:
-    """(best rank, smallest rank within `within` points of the best), both chosen on these rows."""
+    """(best rank, smallest rank within `within` points of the best), both chosen on these rows over every
+    (rank, basis): a rank counts with its better basis."""
     sign = 1 if higher_is_better else -1
-    best = max(rows, key=lambda row: (sign * row.metrics[metric], -row.rank))
+    best = max(rows, key=lambda row: (sign * row.metrics[metric], -row.rank, row.basis == "prefix"))
     smallest = min(row.rank for row in rows if sign * (best.metrics[metric] - row.metrics[metric]) <= within)
     return best.rank, smallest
 
 
+def pick_bases(rows: list[SweepRow], metric: str, higher_is_better: bool = True) -> dict[int, str]:
+    """{rank: the basis with the better metric on these (validation) rows}; a tie goes to the prefix."""
+    sign = 1 if higher_is_better else -1
+    picked: dict[int, SweepRow] = {}
+    for row in rows:
+        old = picked.get(row.rank)
+        if old is None or (sign * row.metrics[metric], row.basis == "prefix") > \
+                (sign * old.metrics[metric], old.basis == "prefix"):
+            picked[row.rank] = row
+    return {b: row.basis for b, row in sorted(picked.items())}
+
+
 def sweep_payload(validation: list[SweepRow], test: list[SweepRow], metrics: list[str], best: int,
-                  smallest: int) -> dict[str, Any]:
-    """The sweep.json content: one row per rank with every validation and test metric."""
-    test_by_rank = {row.rank: row for row in test}
-    rows = [{"rank": v.rank, "params": v.params, **{f"validation_{k}": x for k, x in v.metrics.items()},
-             **{f"test_{k}": x for k, x in test_by_rank[v.rank].metrics.items()}} for v in validation]
-    return {"metric": metrics[0], "metrics": list(metrics), "best_rank": best, "smallest_rank_within": smallest,
+                  smallest: int, higher_is_better: bool = True) -> dict[str, Any]:
+    """The sweep.json content: one row per rank with its basis picked on validation and that basis's validation
+    and test metrics; with two bases swept, each basis's metrics too, as `<basis>_validation_<metric>`."""
+    picked = pick_bases(validation, metrics[0], higher_is_better)
+    bases = list(dict.fromkeys(row.basis for row in validation))
+    val_by = {(row.rank, row.basis): row for row in validation}
+    test_by = {(row.rank, row.basis): row for row in test}
+
+    def metrics_of(b: int, basis: str, prefix: str = "") -> dict[str, float]:
+        return {**{f"{prefix}validation_{k}": x for k, x in val_by[b, basis].metrics.items()},
+                **{f"{prefix}test_{k}": x for k, x in test_by[b, basis].metrics.items()}}
+
+    rows = [{"rank": b, "basis": basis, "params": val_by[b, basis].params, **metrics_of(b, basis),
+             **({k: v for other in bases for k, v in metrics_of(b, other, f"{other}_").items()}
+                if len(bases) > 1 else {})} for b, basis in picked.items()]
+    return {"metric": metrics[0], "metrics": list(metrics), "best_rank": best, "best_basis": picked[best],
+            "smallest_rank_within": smallest, "bases": bases, "picked": {str(b): x for b, x in picked.items()},
             "rows": rows}
+
+
+def sweep_rows(payload: dict[str, Any], split: str = "validation") -> list[SweepRow]:
+    """The SweepRows of one split of a sweep.json: a row per rank and basis swept (a sweep.json of an older run
+    has no basis: its rows are the prefix's)."""
+    metrics = payload["metrics"] if isinstance(payload.get("metrics"), list) else [payload["metric"]]
+    out = []
+    for row in payload["rows"]:
+        bases = [b for b in ("prefix", "svd") if f"{b}_{split}_{metrics[0]}" in row]
+        for basis in bases or [str(row.get("basis", "prefix"))]:
+            key = f"{basis}_{split}_" if bases else f"{split}_"
+            out.append(SweepRow(int(row["rank"]), {m: float(row[key + m]) for m in metrics if key + m in row},
+                                int(row["params"]), basis=basis))
+    return out
 
 
 def write_sweep(directory: Path, payload: dict[str, Any]) -> None:
@@ -93,19 +131,23 @@ def plot_sweep(path: str | os.PathLike, validation: list[SweepRow], test: list[S
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 if len(panels) == 1 else 9.6, 4.0), dpi=120,
                              squeeze=False)
-    ranks = [row.rank for row in validation]
+    ranks = sorted({row.rank for row in validation})
+    bases = list(dict.fromkeys(row.basis for row in validation))
     for ax, (names, ylabel) in zip(axes[0], panels, strict=True):
         for rows, split, marker in ((validation, "validation", "o"), (test, "test", "s")):
-            for name, style in zip(names, ("-", "--", ":"), strict=False):
-                ax.plot([row.rank for row in rows], [row.metrics[name] for row in rows], marker + style,
-                        label=f"{split} {name}")
+            for basis, fill in zip(bases, ("full", "none"), strict=False):
+                part = [row for row in rows if row.basis == basis]
+                for name, style in zip(names, ("-", "--", ":"), strict=False):
+                    ax.plot([row.rank for row in part], [row.metrics[name] for row in part], marker + style,
+                            fillstyle=fill, label=f"{split} {name}" + (f" ({basis})" if len(bases) > 1 else ""))
         ax.set_xlabel("rank b")
         ax.set_ylabel(ylabel)
         ax.set_xticks(ranks)
         ax.grid(alpha=0.3)
         if params:
             twin = ax.twinx()
-            twin.bar(ranks, [row.params / 1e3 for row in validation], alpha=0.15, color="grey")
+            params_at = {row.rank: row.params for row in validation}
+            twin.bar(ranks, [params_at[b] / 1e3 for b in ranks], alpha=0.15, color="grey")
             twin.set_ylabel("trainable parameters at rank b (thousands)")
             ax.set_zorder(twin.get_zorder() + 1)
             ax.patch.set_visible(False)

@@ -38,11 +38,12 @@ from . import files, zoo
 from .cards import write_card
 from .checkpoint import CompleteCheckpointCallback, newest_complete
 from .classification import ClassificationTask
+from .config import SIDECAR_NAME
 from .data import GENERATION_DATASETS
 from .functional import check_rank
 from .generation import GenerationTask
 from .model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config, save
-from .report import pick_ranks, sweep_payload, write_sweep
+from .report import pick_bases, pick_ranks, sweep_payload, write_sweep
 from .settings import Settings
 from .training import RANK_KEY, RANKS_KEY, DyLoraTrainer, SweepRow, TrainingGuard, rank_parameters, rank_sweep
 
@@ -59,6 +60,7 @@ class RunResult:
     metric: str
     timings: dict[str, float] = field(default_factory=dict)
     rank_history: list[tuple[int, int]] = field(default_factory=list)
+    bases: dict[int, str] = field(default_factory=dict)  # per rank, the basis better on validation
 
 
 @dataclass
@@ -209,7 +211,8 @@ def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator
 def sweep(s: Settings, model: Any, task: Task, split: str, ranks: list[int] | None, progress: bool) -> list[SweepRow]:
     """The task's metrics on a split at each rank (DyLoRA), or at the adapter's one rank (baselines)."""
     if dylora_adapters(model):
-        return rank_sweep(model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress)
+        return rank_sweep(model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress,
+                          basis=s.basis or "both")
     params = rank_parameters(model, s.r) if s.method == "lora" else sum(
         p.numel() for p in model.parameters() if p.requires_grad)
     return [SweepRow(s.r if s.method == "lora" else 0, task.evaluate(model, split), params)]
@@ -273,18 +276,20 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
     t_sweep = time.perf_counter() - t1
     metric = task.metrics[0]
     best, smallest = pick_ranks(val, metric, s.within, task.higher_is_better)
-    result = RunResult(out, val, test, best, smallest, metric, rank_history=rank_history)
+    bases = pick_bases(val, metric, task.higher_is_better)
+    result = RunResult(out, val, test, best, smallest, metric, rank_history=rank_history, bases=bases)
+    picked = [row for row in val if bases[row.rank] == row.basis]
 
     if s.method != "full":
         save(model, partial / "adapter")
         facts = {"data": s.data, "method": s.method, "recipe": s.recipe if s.method == "dylora" else None,
                  "steps": trainer.state.global_step, "lr": s.lr, "seed": s.seed}
         for where, name in ((partial / "adapter", "README.md"), (partial, "README.md")):
-            write_card(where, trainer.model.peft_config["default"], sweep=val, command=sys.argv, base_model=s.model,
+            write_card(where, trainer.model.peft_config["default"], sweep=picked, command=sys.argv, base_model=s.model,
                        training={k: v for k, v in facts.items() if v is not None}, filename=name)
     if not keep_checkpoints:
         shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-    write_sweep(partial, sweep_payload(val, test, task.metrics, best, smallest))
+    write_sweep(partial, sweep_payload(val, test, task.metrics, best, smallest, task.higher_is_better))
     task.plot(partial / "sweep.png", val, test, f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})")
     task.write_outputs(partial, best)
     result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),
@@ -345,10 +350,26 @@ def load_run(path: str | os.PathLike | SavedRun, model: str | None = None, *,
     return load(base, saved.adapter), tokenizer, saved, task
 
 
+def default_basis(saved: SavedRun) -> str:
+    """The bases a sweep of this adapter evaluates by default: both for DyLoRA, the SVD cut for a plain LoRA
+    (whose prefix is the paper's truncated LoRA, never trained to stand alone)."""
+    return "both" if (saved.adapter / SIDECAR_NAME).is_file() else "svd"
+
+
+def export_basis(saved: SavedRun, rank: int) -> str:
+    """The basis `dylora export` uses at a rank: the one picked on validation (sweep.json), else the prefix for
+    DyLoRA and the SVD cut for a plain LoRA."""
+    picked = (saved.sweep or {}).get("picked")
+    if isinstance(picked, dict) and picked.get(str(rank)) in ("prefix", "svd"):
+        return picked[str(rank)]
+    return "prefix" if default_basis(saved) == "both" else "svd"
+
+
 def sweep_run(path: str | os.PathLike, ranks: list[int] | None = None, split: str = "test",
               data: str | None = None, model: str | None = None,
-              progress: bool = True) -> tuple[list[SweepRow], Settings, list[str]]:
-    """Evaluate a saved run or adapter on a split at chosen ranks (default: all): (rows, settings, metrics)."""
+              progress: bool = True, basis: str | None = None) -> tuple[list[SweepRow], Settings, list[str]]:
+    """Evaluate a saved run or adapter on a split at chosen ranks (default: all) and bases (default: both for
+    DyLoRA, svd for a plain LoRA): (rows, settings, metrics)."""
     saved = read_run(path, model)
     if data:
         if saved.task_type == "CAUSAL_LM":
@@ -358,8 +379,9 @@ def sweep_run(path: str | os.PathLike, ranks: list[int] | None = None, split: st
     for b in ranks or []:
         check_rank(b, cfg.r_min, cfg.r)  # before loading anything
     model, saved, task = _with_encoded_data(saved, progress)
-    return rank_sweep(model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress), saved.settings, \
-        task.metrics
+    rows = rank_sweep(model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress,
+                      basis=basis or default_basis(saved))
+    return rows, saved.settings, task.metrics
 
 
 def _with_encoded_data(saved: SavedRun, progress: bool) -> tuple[Any, SavedRun, Task]:

@@ -15,7 +15,9 @@ from typing import Any
 
 METHODS = ("dylora", "lora", "full")
 DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", "sandwich_k", "distill",
-               "distill_weight", "rank_scaling", "ranks")
+               "distill_weight", "rank_scaling", "ranks", "basis")
+SWEEP_ONLY = ("ranks", "basis")  # DyLoRA settings of the sweep, not of the adapter
+BASES = ("prefix", "svd", "both")
 
 
 def _option(default: Any, help: str, *flags: str) -> Any:
@@ -70,6 +72,9 @@ class Settings:
     label_smoothing: float = _option(0.0, "Label smoothing of the training loss.")
     ranks: list[int] | None = _option(None, "Ranks the sweep evaluates, comma-separated (default: every rank from "
                                       "r_min to r).")
+    basis: str | None = _option(None, "Bases the sweep evaluates at each rank: prefix (the first b components), svd "
+                                "(the best rank-b approximation of the r_max update) or both (the default), each "
+                                "rank then exported in the one better on validation.")
     guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard); CLI --no-guard
 
     @classmethod
@@ -102,6 +107,8 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.basis is not None and self.basis not in BASES:
+            raise ValueError(f"--basis must be one of {', '.join(BASES)}, got {self.basis!r}")
         if self.method != "full":
             self.peft_config(["x"])  # DyLoraConfig / LoraConfig name the field and the valid range
         if self.method == "dylora" and self.ranks is not None:
@@ -132,7 +139,7 @@ class Settings:
         self._default_recipe()
         common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                       target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
-        extra = {name: getattr(self, name) for name in DYLORA_ONLY if name != "ranks"} | {"seed": self.seed}
+        extra = {name: getattr(self, name) for name in DYLORA_ONLY if name not in SWEEP_ONLY} | {"seed": self.seed}
         try:
             config = DyLoraConfig(**common, **(extra if self.method == "dylora" else {}))
         except ValueError as err:  # "DyLoraConfig.lora_alpha=nan is invalid: ..." -> "--lora-alpha=nan is ..."

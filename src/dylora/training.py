@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from .config import RECIPES
+from .layers import BASES
 from .model import (
     at_rank,
     attach_dylora_layers,
@@ -398,12 +399,14 @@ class TrainingGuard(TrainerCallback):
 
 @dataclass
 class SweepRow:
-    """One rank of a sweep: the rank, its metrics, and the trainable parameters a rank-b adapter has."""
+    """One rank of a sweep: the rank, its metrics, the trainable parameters a rank-b adapter has, and the basis
+    of the rank ("prefix" or "svd")."""
 
     rank: int
     metrics: dict[str, float]
     params: int
     extra: dict[str, Any] = field(default_factory=dict)
+    basis: str = "prefix"
 
 
 def rank_parameters(model: torch.nn.Module, b: int) -> int:
@@ -415,11 +418,13 @@ def rank_parameters(model: torch.nn.Module, b: int) -> int:
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
             for name, r in module.r.items():
-                k = b if name in module.lora_variant else r  # a plain LoRA adapter has its own fixed rank
-                if name in module.lora_A:  # A is (r, in, *kernel), B is (out, r, *1): per rank, in*kernel + out
-                    lora += k * (module.lora_A[name].weight[0].numel() + module.lora_B[name].weight[:, 0].numel())
+                variant = module.lora_variant.get(name)
+                if hasattr(variant, "cost"):
+                    lora += b * variant.cost(module, name)
+                elif name in module.lora_A:  # a plain LoRA adapter has its own fixed rank
+                    lora += r * (module.lora_A[name].weight[0].numel() + module.lora_B[name].weight[:, 0].numel())
                 elif name in module.lora_embedding_A:
-                    lora += k * (module.lora_embedding_A[name].shape[1] + module.lora_embedding_B[name].shape[0])
+                    lora += r * (module.lora_embedding_A[name].shape[1] + module.lora_embedding_B[name].shape[0])
     others = sum(p.numel() for n, p in peft_model.named_parameters()
                  if p.requires_grad and "lora_" not in n)
     return lora + others
@@ -427,19 +432,25 @@ def rank_parameters(model: torch.nn.Module, b: int) -> int:
 
 def rank_sweep(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict[str, float]],
                ranks: Iterable[int] | None = None, adapter_name: str | None = None,
-               progress: bool = True) -> list[SweepRow]:
-    """Evaluate the model at each rank (default every b in [r_min, r]) and restore the previous rank."""
+               progress: bool = True, basis: str = "prefix") -> list[SweepRow]:
+    """Evaluate the model at each rank (default every b in [r_min, r]) and restore the previous rank.
+
+    `basis`: "prefix", "svd", or "both" (a row per rank and basis, prefix first).
+    """
     cfg = next(iter(select_adapters(model, adapter_name).values()))
     ranks = list(range(cfg.r_min, cfg.r + 1)) if ranks is None else list(ranks)
+    if basis not in (*BASES, "both"):
+        raise ValueError(f"basis must be one of {', '.join(BASES)}, both; got {basis!r}")
+    points = [(b, base) for b in ranks for base in (BASES if basis == "both" else (basis,))]
     rows = []
-    iterator: Iterable[int] = ranks
+    iterator: Iterable[tuple[int, str]] = points
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(ranks, desc="rank sweep", unit="rank")
-    for b in iterator:
-        with at_rank(model, b, adapter_name):
-            rows.append(SweepRow(b, dict(evaluate(model)), rank_parameters(model, b)))
+        iterator = tqdm(points, desc="rank sweep", unit="rank")
+    for b, base in iterator:
+        with at_rank(model, b, adapter_name, basis=base):
+            rows.append(SweepRow(b, dict(evaluate(model)), rank_parameters(model, b), basis=base))
     return rows
 
 

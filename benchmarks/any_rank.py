@@ -51,6 +51,7 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     "rowwise-distill": dict(recipe="rowwise", distill=True),  # the library's default recipe
 }
 DEFAULT_RECIPE = "rowwise-distill"
+SWEPT = ("lora-r8", *RECIPES)  # the arms the eval phase sweeps at every b
 # train order within a seed: LoRA r=8 first, then the DyLoRA arms it is paired with, then the other LoRA ranks
 ARMS = {"lora-r8": dict(method="lora", r=8), **{k: dict(method="dylora", **v) for k, v in RECIPES.items()},
         **{f"lora-r{b}": dict(method="lora", r=b) for b in (1, 2, 4)}}
@@ -88,7 +89,7 @@ def _job(kind: str, *args) -> dict:
     return {"train": train_job, "eval": eval_job}[kind](*args)
 
 
-def train_jobs(plan: list[tuple[str, str]], seeds: int, root: Path) -> dict:
+def train_jobs(plan: list[tuple[str, str]], seeds: range, root: Path) -> dict:
     """{(task, schedule, seed, arm): job}, in the order they should run."""
     from dylora.settings import Settings
 
@@ -98,9 +99,10 @@ def train_jobs(plan: list[tuple[str, str]], seeds: int, root: Path) -> dict:
         # guard off: a run stuck at chance is a result here (listed), not a stop
         base = Settings(model="minilm", data=task, r=R, lora_alpha=ALPHA, lr=spec["lr"], guard=False,
                         **spec["settings"])
-        for seed in range(seeds):
+        for seed in seeds:
             for arm, kw in ARMS.items():
-                extra = dict(ranks=[R]) if kw["method"] == "dylora" else {}  # the eval phase sweeps every b
+                # the eval phase sweeps every b in both bases: the run's own sweep is cut to b = r, prefix
+                extra = dict(ranks=[R], basis="prefix") if kw["method"] == "dylora" else {}
                 jobs[task, schedule, seed, arm] = ("train", arm_dir(root, task, schedule, arm, seed),
                                                    replace(base, seed=seed, **kw, **extra))
     return jobs
@@ -117,6 +119,23 @@ def train_all(jobs: dict, pool: Pool, progress: Path | None) -> None:
                 f.write(f"- {time.strftime('%H:%M:%S')} trained {'/'.join(map(str, key))}: train "
                         f"{res['timings']['train_s']:.0f} s, total {res['timings']['total_s']:.0f} s "
                         f"({i + 1}/{len(jobs)}, {(time.perf_counter() - t0) / 60:.1f} min this invocation)\n")
+
+
+def timing(root: Path, pool: Pool) -> dict:
+    """Each recipe's training time between two LoRA r=8 runs (bbc, 1 epoch, seed 0; one run at a time, in the
+    order LoRA, recipe, LoRA, recipe, ..., LoRA): its time over the mean of its two neighbours', so a load that
+    drifts slowly hits both sides alike. Runs go to <cache>/bbc-1ep/timing/ and are reused."""
+    jobs = train_jobs([("bbc", "1ep")], range(1), root)
+    order = [arm for recipe in RECIPES for arm in ("lora-r8", recipe)] + ["lora-r8"]
+    times = []
+    for i, arm in enumerate(order):
+        _, _, s = jobs["bbc", "1ep", 0, arm]
+        out = root / "bbc-1ep" / "timing" / f"{i}-{arm}"
+        res = pool.map({0: ("train", out, s)})[0]
+        times.append(res["timings"]["train_s"])
+    return {"order": order, "train_s": times,
+            "ratio": {arm: times[i] / ((times[i - 1] + times[i + 1]) / 2) for i, arm in enumerate(order)
+                      if arm != "lora-r8"}}
 
 
 # ---------------------------------------------------------------- phase 2: evaluation
@@ -145,71 +164,16 @@ def spectrum(model) -> dict:
             "min": [min(f[b] for f in fractions) for b in range(len(fractions[0]))], "layers": len(fractions)}
 
 
-def svd_sweep_fallback(model, evaluate) -> list[tuple[int, dict]]:
-    """The SVD basis without the library's basis API (development only): each layer's A, B rewritten to the
-    SVD factors of c(r) B A (functional.svd_factors), B divided by c(b) so rank b computes their rank-b cut."""
-    import torch
-
-    import dylora
-    from dylora.functional import rank_coefficient, svd_factors
-
-    layers = lora_layers(model)
-    saved = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
-             for n, m in layers.items()}
-    factors = {}
-    for n, m in layers.items():
-        v = m.lora_variant["default"]
-        factors[n] = (*svd_factors(*saved[n], rank_coefficient(v.r, v.lora_alpha, v.rank_scaling))[:2], v)
-    rows = []
-    try:
-        for b in RANKS:
-            with torch.no_grad():
-                for n, m in layers.items():
-                    a_s, b_s, v = factors[n]
-                    m.lora_A["default"].weight.copy_(a_s)
-                    m.lora_B["default"].weight.copy_(b_s / rank_coefficient(b, v.lora_alpha, v.rank_scaling))
-            with dylora.at_rank(model, b):
-                rows.append((b, evaluate(model)))
-    finally:
-        with torch.no_grad():
-            for n, m in layers.items():
-                m.lora_A["default"].weight.copy_(saved[n][0])
-                m.lora_B["default"].weight.copy_(saved[n][1])
-    return rows
-
-
-def has_basis_api() -> bool:
-    """Whether the library's rank_sweep takes a basis (the SVD basis API)."""
-    import inspect
-
-    import dylora
-
-    return "basis" in inspect.signature(dylora.rank_sweep).parameters
-
-
-def sweep_basis(model, evaluate, basis: str) -> tuple[list[dict], str]:
-    """Rows {rank, basis, metrics} at b = 1..r in one basis, and what computed them: the library's rank_sweep
-    (basis="svd" through its basis API; without it, `svd_sweep_fallback`, recorded as such)."""
-    import dylora
-
-    if basis == "prefix" or has_basis_api():
-        kw = dict(basis=basis) if has_basis_api() else {}
-        rows = dylora.rank_sweep(model, evaluate, ranks=RANKS, progress=False, **kw)
-        return ([{"rank": r.rank, "basis": getattr(r, "basis", basis), **r.metrics} for r in rows],
-                f"dylora.rank_sweep(basis={basis!r})")
-    return [{"rank": b, "basis": "svd", **m} for b, m in svd_sweep_fallback(model, evaluate)], \
-        "functional.svd_factors (fallback)"
-
-
-def eval_job(path: Path, run: Path, basis: str) -> dict:
-    """Sweep one cached DyLoRA or LoRA r=8 run at b = 1..r in one basis on validation and test, with the spectrum
-    of its update (or read it back)."""
+def eval_job(path: Path, run: Path) -> dict:
+    """Sweep one cached DyLoRA or LoRA r=8 run at b = 1..r in both bases (`dylora.rank_sweep(basis="both")`) on
+    validation and test, with the spectrum of its update (or read it back)."""
     if path.is_file():
         return json.loads(path.read_text())
+    import dylora
     from dylora import files
-    from dylora.run import load_run, token_budget
+    from dylora.run import default_basis, load_run, token_budget
 
-    log(f"eval {run} ({basis})")
+    log(f"eval {run}")
     t0 = time.perf_counter()
     model, _, saved, task = load_run(run, with_data=True)
     task.encode(token_budget(saved.settings, task, model.config))
@@ -217,41 +181,45 @@ def eval_job(path: Path, run: Path, basis: str) -> dict:
     def evaluate(m) -> dict:
         return {f"{split}_{k}": v for split in ("validation", "test") for k, v in task.evaluate(m, split).items()}
 
-    rows, via = sweep_basis(model, evaluate, basis)
-    res = {"rows": rows, "via": via, "spectrum": spectrum(model), "eval_s": round(time.perf_counter() - t0, 1),
+    # a plain LoRA: the SVD cut only (its prefix cut is the paper's truncated LoRA, not an arm here)
+    basis = default_basis(saved)
+    rows = [{"rank": r.rank, "basis": r.basis, **r.metrics}
+            for r in dylora.rank_sweep(model, evaluate, ranks=RANKS, basis=basis, progress=False)]
+    res = {"rows": rows, "spectrum": spectrum(model), "eval_s": round(time.perf_counter() - t0, 1),
            "sizes": {split: len(task.encoded[split]) for split in ("validation", "test")}}
     files.write_text(path, json.dumps(res, indent=1))
-    log(f"evaluated {run} ({basis}, {res['eval_s']:.0f} s)")
+    log(f"evaluated {run} ({res['eval_s']:.0f} s)")
     return res
 
 
-def eval_all(plan: list[tuple[str, str]], seeds: int, root: Path, pool: Pool,
-             bases: tuple[str, ...] = ("prefix", "svd")) -> dict:
-    """Evaluate every cached arm of the plan; {task-schedule: {"seeds": {seed: {arm: result}}}} (arms not trained:
-    absent)."""
+def eval_all(plan: list[tuple[str, str]], seeds: range, root: Path, pool: Pool, cached_only: bool = False) -> dict:
+    """Evaluate every trained arm of the plan; {task-schedule: {"seeds": {seed: {arm: result}}}}, only the seeds with
+    every arm trained (and, with `cached_only`, already evaluated); the others under "incomplete"."""
     out: dict = {}
     for task, schedule in plan:
         key = f"{task}-{schedule}"
         spec = SCHEDULES[task, schedule]
         entry = out[key] = {"task": task, "schedule": schedule, "settings": spec["settings"], "lr": spec["lr"],
                             "seeds": {}}
-        for seed in range(seeds):
+        for seed in seeds:
+            missing = [arm for arm in ARMS if not (arm_dir(root, task, schedule, arm, seed) / "sweep.json").is_file()
+                       or (cached_only and arm in SWEPT and not (arm_dir(root, task, schedule, arm, seed)
+                                                                 / "any_rank.json").is_file())]
+            if missing:  # only seeds with every arm trained are compared (paired by seed)
+                if len(missing) < len(ARMS):
+                    entry.setdefault("incomplete", {})[str(seed)] = missing
+                continue
             runs: dict = {}
             for arm in ARMS:
                 d = arm_dir(root, task, schedule, arm, seed)
-                if not (d / "sweep.json").is_file():
-                    continue
                 trained = run_once(d, None)
                 load = json.loads((d / "load.json").read_text()) if (d / "load.json").is_file() else {}
                 runs[arm] = {"train_s": trained["timings"]["train_s"], "metric": trained["metric"],
                              "own": trained["rows"][0], "stuck": stuck(trained), **load}
-                if arm == "lora-r8" or arm in RECIPES:
-                    for basis in bases:
-                        res = pool.map({0: ("eval", d / f"any_rank-{basis}.json", d, basis)})[0]
-                        runs[arm].setdefault("sweep", []).extend(res["rows"])
-                        runs[arm]["spectrum"], runs[arm][f"{basis}_via"] = res["spectrum"], res["via"]
-            if runs:
-                entry["seeds"][str(seed)] = runs
+                if arm in SWEPT:
+                    res = pool.map({0: ("eval", d / "any_rank.json", d)})[0]
+                    runs[arm].update(sweep=res["rows"], spectrum=res["spectrum"], eval_s=res["eval_s"])
+            entry["seeds"][str(seed)] = runs
     return out
 
 
@@ -268,11 +236,13 @@ def aurac(acc: dict[int, float], ranks: list[int] = RANKS) -> float:
 
 def curves(sweep: list[dict], metric: str) -> dict[str, dict[str, dict[int, float]]]:
     """{basis: {split: {b: score}}} of one sweep, plus "picked": per b the basis with the higher validation score
-    (prefix on a tie), scored on test; its "choice" holds the basis chosen at each b."""
+    (prefix on a tie), scored on test; its "choice" holds the basis chosen at each b (with both bases swept)."""
     out: dict = {}
     for row in sweep:
         for split in ("validation", "test"):
             out.setdefault(row["basis"], {}).setdefault(split, {})[int(row["rank"])] = row[f"{split}_{metric}"]
+    if "prefix" not in out:  # a plain LoRA: its SVD cut only
+        return out
     pre, svd = out["prefix"], out["svd"]
     choice = {b: "svd" if svd["validation"][b] > pre["validation"][b] else "prefix" for b in pre["validation"]}
     out["picked"] = {split: {b: out[choice[b]][split][b] for b in choice} for split in ("validation", "test")}
@@ -287,7 +257,8 @@ def summarise(evaluated: dict) -> dict:
     for key, entry in evaluated.items():
         seeds = entry["seeds"]
         if not seeds:
-            summary[key] = {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "seeds_run": 0}
+            summary[key] = {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "seeds_run": 0,
+                            "incomplete": entry.get("incomplete", {})}
             continue
         metric = next(iter(next(iter(seeds.values())).values()))["metric"]
         per_arm: dict[str, list[dict[int, float]]] = {}
@@ -303,7 +274,6 @@ def summarise(evaluated: dict) -> dict:
             if "lora-r8" in runs:
                 c = curves(runs["lora-r8"]["sweep"], metric)
                 per_arm.setdefault("lora-r8-svd", []).append(c["svd"]["test"])
-                per_arm.setdefault("lora-r8-prefix", []).append(c["prefix"]["test"])
                 spectra.setdefault("lora-r8", []).append(runs["lora-r8"]["spectrum"]["mean"])
             for arm in RECIPES:
                 if arm not in runs:
@@ -327,7 +297,7 @@ def summarise(evaluated: dict) -> dict:
                                      for arm, v in spectra.items()},
                         "choices": {arm: {b: sum(c[b] == "svd" for c in v) for b in RANKS}
                                     for arm, v in choices.items()},
-                        "stuck": stuck_runs, "targets": targets(arms)}
+                        "stuck": stuck_runs, "targets": targets(arms), "incomplete": entry.get("incomplete", {})}
     return summary
 
 
@@ -359,7 +329,6 @@ def targets(arms: dict) -> dict:
 
 LABELS = {
     "lora-at-b": "LoRA trained at r = b",
-    "lora-r8-prefix": "LoRA r=8, prefix cut (truncated)",
     "lora-r8-svd": "LoRA r=8 + SVD cut",
     **{f"{arm}-{basis}": f"DyLoRA {arm}, {basis}" for arm in RECIPES for basis in ("prefix", "svd", "picked")},
 }
@@ -372,11 +341,13 @@ def cell(ms: list[float] | None) -> str:
 def table_lines(key: str, t: dict) -> list[str]:
     """The markdown of one task-schedule: test accuracy per arm at b = 1, 2, 4, 8, AURAC, cost, targets, spectra."""
     title = f"### {t['task']}, {t['schedule']} (lr {t['lr']:g}, {t['settings']})"
+    partial = "".join(f" Seed {sd} not finished (not trained: {', '.join(m)}), left out." for sd, m in
+                      t.get("incomplete", {}).items())
     if not t.get("seeds_run"):
-        return [title, "", "Not run (no CPU time left in this session).", ""]
+        return [title, "", "Not run (no CPU time left in this session)." + partial, ""]
     arms = t["arms"]
     lines = [title, "", f"Test {t['metric']} (%), mean ± std over {t['seeds_run']} seed(s); AURAC over b = 1..8 "
-             "(0-100); cost = training time / the same seed's LoRA r=8 run's.", "",
+             "(0-100); cost = training time / the same seed's LoRA r=8 run's." + partial, "",
              "| arm | " + " | ".join(f"b={b}" for b in SHOWN) + " | AURAC | cost |",
              "|---|" + "---|" * (len(SHOWN) + 2)]
     for arm, label in LABELS.items():
@@ -423,13 +394,20 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
     for key, t in summary.items():
         if not key.startswith("_"):
             lines += table_lines(key, t)
+    if "_timing" in summary:
+        tm = summary["_timing"]
+        lora = ", ".join(f"{x:.0f}" for x, a in zip(tm["train_s"], tm["order"], strict=True) if a == "lora-r8")
+        lines += ["Cost, paired (bbc, 1 epoch, seed 0; each recipe trained between two LoRA r=8 runs, one run at a "
+                  "time; its training time over the mean of its neighbours'): "
+                  + ", ".join(f"{arm} {r:.2f}x" for arm, r in tm["ratio"].items())
+                  + f" (the LoRA r=8 runs: {lora} s).", ""]
     lines += [f"Not run: {x}." for x in NOT_RUN]
     run = [k for k, t in summary.items() if not k.startswith("_") and t.get("seeds_run")]
     if run:
         fig, axes = plt.subplots(2, len(run), figsize=(4.6 * len(run), 7.4), dpi=110, squeeze=False)
         for j, key in enumerate(run):
             t, ax, sx = summary[key], axes[0][j], axes[1][j]
-            for arm, style in (("lora-r8-prefix", ":"), ("lora-r8-svd", "-"), *((f"{a}-picked", "-") for a in RECIPES),
+            for arm, style in (("lora-r8-svd", "-"), *((f"{a}-picked", "-") for a in RECIPES),
                                (f"{DEFAULT_RECIPE}-prefix", "--")):
                 if arm in t["arms"]:
                     test = t["arms"][arm]["test"]
@@ -459,22 +437,27 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--phase", default="train,eval,docs", help="comma-separated phases: train, eval, docs")
+    ap.add_argument("--phase", default="train,timing,eval,docs", help="comma-separated phases: train, timing, eval, "
+                    "docs")
     ap.add_argument("--tasks", default=None, help="comma-separated task-schedule pairs, e.g. bbc-1ep,bbc-3ep "
                     f"(default: {','.join(f'{t}-{s}' for t, s in ORDER)})")
     ap.add_argument("--seeds", type=int, default=SEEDS)
     ap.add_argument("--cache", type=Path, default=None, help="where arms are trained to (default "
                     "$DYLORA_CACHE/any_rank)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. seeds-1 (to split the work)")
+    ap.add_argument("--cached-only", action="store_true", help="eval: use only arms already evaluated (no new "
+                    "sweeps; a seed with one missing is left out)")
     ap.add_argument("--progress", type=Path, default=None, help="append a line per trained arm to this file")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bases", default="prefix,svd", help="eval: the bases to sweep (prefix, svd)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the one worker (default 1: the "
+                    "machine is shared, and one thread degrades least under load)")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/any_rank.json"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     phases = set(args.phase.split(","))
-    if phases - {"train", "eval", "docs"}:
-        ap.error(f"unknown phase(s) {sorted(phases - {'train', 'eval', 'docs'})}; choose from train, eval, docs")
+    if phases - {"train", "timing", "eval", "docs"}:
+        ap.error(f"unknown phase(s) {sorted(phases - {'train', 'timing', 'eval', 'docs'})}; choose from train, "
+                 "timing, eval, docs")
     plan = ORDER
     if args.tasks:
         plan = [tuple(t.rsplit("-", 1)) for t in args.tasks.split(",")]
@@ -482,12 +465,18 @@ def main() -> int:
         if bad:
             ap.error(f"unknown task-schedule(s) {bad}; choose from {', '.join(f'{t}-{s}' for t, s in ORDER)}")
     root = args.cache or cache_root()
+    seeds = range(args.first_seed, args.seeds)
     pool = Pool(1, args.threads, job=_job)
     if "train" in phases:
-        train_all(train_jobs(plan, args.seeds, root), pool, args.progress)
+        train_all(train_jobs(plan, seeds, root), pool, args.progress)
+    timed = root / "timing.json"
+    if "timing" in phases and not timed.is_file():
+        timed.write_text(json.dumps(timing(root, pool)))
     if "eval" in phases:
-        evaluated = eval_all(plan, args.seeds, root, pool, tuple(args.bases.split(",")))
+        evaluated = eval_all(plan, seeds, root, pool, args.cached_only)
         summary = {**summarise(evaluated), "_not_run": NOT_RUN}
+        if timed.is_file():
+            summary["_timing"] = json.loads(timed.read_text())
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(summary, indent=1))
         log(f"numbers in {args.results}")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # any_rank.py imports its helpers from reproduce.py
-spec = importlib.util.spec_from_file_location("any_rank_bench", Path(__file__).parents[1] / "benchmarks" / "any_rank.py")
+spec = importlib.util.spec_from_file_location("any_rank_bench",
+                                              Path(__file__).parents[1] / "benchmarks" / "any_rank.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 

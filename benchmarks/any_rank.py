@@ -55,7 +55,7 @@ SWEPT = ("lora-r8", *RECIPES)  # the arms the eval phase sweeps at every b
 # train order within a seed: LoRA r=8 first, then the DyLoRA arms it is paired with, then the other LoRA ranks
 ARMS = {"lora-r8": dict(method="lora", r=8), **{k: dict(method="dylora", **v) for k, v in RECIPES.items()},
         **{f"lora-r{b}": dict(method="lora", r=b) for b in (1, 2, 4)}}
-NOT_RUN = ["SmolLM2-135M on bbc-headlines (1 seed): not run (no CPU time left in this session)"]
+NOT_RUN = ["SmolLM2-135M on bbc-headlines (1 seed): not run (no CPU time left in this session; not implemented here)"]
 
 
 def load_avg() -> float:
@@ -338,8 +338,9 @@ def cell(ms: list[float] | None) -> str:
     return "" if ms is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
 
 
-def table_lines(key: str, t: dict) -> list[str]:
-    """The markdown of one task-schedule: test accuracy per arm at b = 1, 2, 4, 8, AURAC, cost, targets, spectra."""
+def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
+    """The markdown of one task-schedule: test accuracy per arm at b = 1, 2, 4, 8, AURAC, cost (`paired`: the
+    timing phase's ratios, else the per-seed ones), targets, spectra."""
     title = f"### {t['task']}, {t['schedule']} (lr {t['lr']:g}, {t['settings']})"
     partial = "".join(f" Seed {sd} not finished (not trained: {', '.join(m)}), left out." for sd, m in
                       t.get("incomplete", {}).items())
@@ -347,7 +348,8 @@ def table_lines(key: str, t: dict) -> list[str]:
         return [title, "", "Not run (no CPU time left in this session)." + partial, ""]
     arms = t["arms"]
     lines = [title, "", f"Test {t['metric']} (%), mean ± std over {t['seeds_run']} seed(s); AURAC over b = 1..8 "
-             "(0-100); cost = training time / the same seed's LoRA r=8 run's." + partial, "",
+             "(0-100); cost = training time / LoRA r=8's"
+             + (" (the paired timing below)." if paired else " (the same seed's, mean over seeds).") + partial, "",
              "| arm | " + " | ".join(f"b={b}" for b in SHOWN) + " | AURAC | cost |",
              "|---|" + "---|" * (len(SHOWN) + 2)]
     for arm, label in LABELS.items():
@@ -355,8 +357,10 @@ def table_lines(key: str, t: dict) -> list[str]:
             continue
         row = arms[arm]
         recipe = arm.rsplit("-", 1)[0]
-        cost = t["cost"].get(recipe) if arm.startswith(tuple(RECIPES)) and arm.endswith("picked") else None
-        cost_cell = f"{cost['mean']:.2f}x" if cost else ("1.00x" if arm == "lora-r8-svd" else "")
+        cost = None
+        if arm.startswith(tuple(RECIPES)) and arm.endswith("picked"):
+            cost = paired.get(recipe) if paired else t["cost"].get(recipe, {}).get("mean")
+        cost_cell = f"{cost:.2f}x" if cost else ("1.00x" if arm == "lora-r8-svd" else "")
         lines.append(f"| {label} | " + " | ".join(cell(row["test"].get(b)) for b in SHOWN)
                      + f" | {cell(row['aurac'])} | {cost_cell} |")
     if t["targets"]:
@@ -367,7 +371,8 @@ def table_lines(key: str, t: dict) -> list[str]:
             lines.append(f"| {arm} | " + " | ".join(f"{g['gap'][b]:+.1f}" for b in SHOWN)
                          + f" | {'yes' if g['met'] else 'no'} |")
     if t["cost"]:
-        lines += ["", "Cost per seed (training time over the same seed's LoRA r=8 run, run just before it): "
+        lines += ["", "Cost per seed (training time over the same seed's LoRA r=8 run, trained minutes before it; "
+                  "dominated by the shared machine's load, not a cost figure): "
                   + "; ".join(f"{arm} {' / '.join(f'{x:.2f}' for x in c['per_seed'])}" for arm, c in t["cost"].items())
                   + "."]
     if t["choices"]:
@@ -393,7 +398,7 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
     lines = [f"<!-- written by: {command} -->", ""]
     for key, t in summary.items():
         if not key.startswith("_"):
-            lines += table_lines(key, t)
+            lines += table_lines(key, t, summary.get("_timing", {}).get("ratio"))
     if "_timing" in summary:
         tm = summary["_timing"]
         lora = ", ".join(f"{x:.0f}" for x, a in zip(tm["train_s"], tm["order"], strict=True) if a == "lora-r8")
@@ -416,18 +421,12 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
                 test = t["arms"]["lora-at-b"]["test"]
                 ax.plot(SHOWN, [test[b][0] for b in SHOWN], "ks", label=LABELS["lora-at-b"])
             ax.set_title(f"{t['task']}, {t['schedule']} ({t['seeds_run']} seed(s))")
-            ax.set_xlabel("rank b")
-            ax.set_ylabel(f"test {t['metric']} (%)")
-            ax.set_xticks(RANKS)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=6)
             for arm, e in t["spectrum"].items():
                 sx.plot(RANKS, [100 * x for x in e], marker=".", label=arm)
-            sx.set_xlabel("b")
-            sx.set_ylabel("energy in the first b singular values (%)")
-            sx.set_xticks(RANKS)
-            sx.grid(alpha=0.3)
-            sx.legend(fontsize=6)
+            for axis, ylabel in ((ax, f"test {t['metric']} (%)"), (sx, "energy in the first b singular values (%)")):
+                axis.set(xlabel="rank b", ylabel=ylabel, xticks=RANKS)
+                axis.grid(alpha=0.3)
+                axis.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(docs / "any-rank.png")
         plt.close(fig)

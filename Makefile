@@ -7,7 +7,7 @@ export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench recipes allocate-bench clean
+.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench recipes allocate-bench any-rank clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,9 @@ recipes: venv
 
 allocate-bench: venv
 	$(BIN)/python benchmarks/allocate.py
+
+any-rank: venv
+	$(BIN)/python benchmarks/any_rank.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

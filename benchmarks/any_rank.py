@@ -1,0 +1,490 @@
+"""Any rank after training: LoRA trained at b, LoRA r=8 cut by SVD, and DyLoRA recipes read in the prefix basis,
+the SVD basis or the better of the two on validation ("picked"), at every b = 1..8 (issue #19, item 5).
+
+    python benchmarks/any_rank.py                       # train what is missing, evaluate, render (make any-rank)
+    python benchmarks/any_rank.py --phase train         # only train (resumable: a cached arm is skipped)
+    python benchmarks/any_rank.py --phase eval,docs     # evaluate every cached arm, write the json and the docs
+    python benchmarks/any_rank.py --tasks bbc --seeds 1 # a cut
+
+Three phases. train: every arm (task, schedule, seed, method) is one `dylora.run.train` run whose adapter (at r)
+and run.json (its train time) land in `<cache>/<task>-<schedule>/<arm>-s<seed>/` (default
+$DYLORA_CACHE/any_rank, outside the repository), skipped when already there; one run at a time. eval: each cached
+DyLoRA run and LoRA r=8 run is loaded and swept at b = 1..8 in both bases on validation and test
+(`dylora.rank_sweep(..., basis="both")`), plus the spectrum of its update (the energy the first b singular values
+hold), into `<arm>-s<seed>/any_rank.json`; everything goes to benchmarks/results/any_rank.json. docs: the tables
+(docs/any-rank-tables.md) and the plot (docs/any-rank.png).
+
+Cost: a DyLoRA arm's training time over its seed's LoRA r=8 run's, the two run one after the other (LoRA r=8
+first, then the DyLoRA arms), with the machine's load average at each start and end recorded.
+AURAC: the area under the rank-accuracy curve over b = 1..8 (trapezoids, unit spacing), over the area of the
+rectangle of height 100 on the same range, so a flat 100% curve scores 100 (MatryoshkaLoRA, arXiv 2605.07850).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from reproduce import PLAN as REPRO_PLAN
+from reproduce import Pool, log, run_once, stuck
+
+R, ALPHA = 8, 16
+RANKS = list(range(1, R + 1))
+SHOWN = [1, 2, 4, 8]  # the ranks of the tables (LoRA is trained at these)
+TASKS = ("bbc", "polarity", "tweets")
+# (task, schedule) -> settings and lr: the reproduction's 1-epoch schedule (lr 3e-3), and bbc at 3 epochs (lr 1e-3)
+SCHEDULES = {
+    **{(t, "1ep"): dict(settings=REPRO_PLAN[t]["settings"], lr=3e-3) for t in ("bbc", "polarity", "tweets")},
+    ("bbc", "3ep"): dict(settings={**REPRO_PLAN["bbc"]["settings"], "epochs": 3.0}, lr=1e-3),
+}
+ORDER = [("bbc", "1ep"), ("polarity", "1ep"), ("tweets", "1ep"), ("bbc", "3ep")]  # by value per CPU minute
+SEEDS = 3
+RECIPES = {  # arm: the DyLoRA settings of that recipe
+    "paper": dict(recipe="paper", distill=False),
+    "rowwise": dict(recipe="rowwise", distill=False),
+    "rowwise-distill": dict(recipe="rowwise", distill=True),  # the library's default recipe
+}
+DEFAULT_RECIPE = "rowwise-distill"
+SWEPT = ("lora-r8", *RECIPES)  # the arms the eval phase sweeps at every b
+# train order within a seed: LoRA r=8 first, then the DyLoRA arms it is paired with, then the other LoRA ranks
+ARMS = {"lora-r8": dict(method="lora", r=8), **{k: dict(method="dylora", **v) for k, v in RECIPES.items()},
+        **{f"lora-r{b}": dict(method="lora", r=b) for b in (1, 2, 4)}}
+NOT_RUN = ["SmolLM2-135M on bbc-headlines (1 seed): not run (no CPU time left in this session; not implemented here)"]
+
+
+def load_avg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def cache_root() -> Path:
+    from dylora.registry import cache_dir
+
+    return cache_dir() / "any_rank"
+
+
+def arm_dir(root: Path, task: str, schedule: str, arm: str, seed: int) -> Path:
+    return root / f"{task}-{schedule}" / f"{arm}-s{seed}"
+
+
+# ---------------------------------------------------------------- phase 1: training
+
+
+def train_job(out: Path, s) -> dict:
+    """One arm (or its cached directory), with the load average at its start and end."""
+    done = (out / "sweep.json").is_file()
+    load0 = load_avg()
+    res = run_once(out, s)
+    if not done:
+        (out / "load.json").write_text(json.dumps({"load_start": load0, "load_end": load_avg()}))
+    return res
+
+
+def _job(kind: str, *args) -> dict:
+    return {"train": train_job, "eval": eval_job}[kind](*args)
+
+
+def train_jobs(plan: list[tuple[str, str]], seeds: range, root: Path) -> dict:
+    """{(task, schedule, seed, arm): job}, in the order they should run."""
+    from dylora.settings import Settings
+
+    jobs = {}
+    for task, schedule in plan:
+        spec = SCHEDULES[task, schedule]
+        # guard off: a run stuck at chance is a result here (listed), not a stop
+        base = Settings(model="minilm", data=task, r=R, lora_alpha=ALPHA, lr=spec["lr"], guard=False,
+                        **spec["settings"])
+        for seed in seeds:
+            for arm, kw in ARMS.items():
+                # the eval phase sweeps every b in both bases: the run's own sweep is cut to b = r, prefix
+                extra = dict(ranks=[R], basis="prefix") if kw["method"] == "dylora" else {}
+                jobs[task, schedule, seed, arm] = ("train", arm_dir(root, task, schedule, arm, seed),
+                                                   replace(base, seed=seed, **kw, **extra))
+    return jobs
+
+
+def train_all(jobs: dict, pool: Pool, progress: Path | None) -> None:
+    """One run at a time, in order; the progress file gets a line per finished arm."""
+    t0 = time.perf_counter()
+    for i, (key, job) in enumerate(jobs.items()):
+        cached = (job[1] / "sweep.json").is_file()
+        res = pool.map({key: job})[key]
+        if progress is not None and not cached:
+            with progress.open("a") as f:
+                f.write(f"- {time.strftime('%H:%M:%S')} trained {'/'.join(map(str, key))}: train "
+                        f"{res['timings']['train_s']:.0f} s, total {res['timings']['total_s']:.0f} s "
+                        f"({i + 1}/{len(jobs)}, {(time.perf_counter() - t0) / 60:.1f} min this invocation)\n")
+
+
+def timing(root: Path, pool: Pool) -> dict:
+    """Each recipe's training time between two LoRA r=8 runs (bbc, 1 epoch, seed 0; one run at a time, in the
+    order LoRA, recipe, LoRA, recipe, ..., LoRA): its time over the mean of its two neighbours', so a load that
+    drifts slowly hits both sides alike. Runs go to <cache>/bbc-1ep/timing/ and are reused."""
+    jobs = train_jobs([("bbc", "1ep")], range(1), root)
+    order = [arm for recipe in RECIPES for arm in ("lora-r8", recipe)] + ["lora-r8"]
+    times = []
+    for i, arm in enumerate(order):
+        _, _, s = jobs["bbc", "1ep", 0, arm]
+        out = root / "bbc-1ep" / "timing" / f"{i}-{arm}"
+        res = pool.map({0: ("train", out, s)})[0]
+        times.append(res["timings"]["train_s"])
+    return {"order": order, "train_s": times,
+            "ratio": {arm: times[i] / ((times[i - 1] + times[i + 1]) / 2) for i, arm in enumerate(order)
+                      if arm != "lora-r8"}}
+
+
+# ---------------------------------------------------------------- phase 2: evaluation
+
+
+def lora_layers(model) -> dict:
+    """The adapted layers of the model's default adapter, by name."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and "default" in m.lora_A}
+
+
+def spectrum(model) -> dict:
+    """Energy of the learned update dW = c(r) B A held by its first b singular values, sum_{i<=b} s_i^2 / sum s_i^2,
+    per b = 1..r: the mean and the minimum over layers."""
+    from dylora.functional import rank_coefficient, svd_factors
+
+    fractions = []
+    for module in lora_layers(model).values():
+        v = module.lora_variant["default"]
+        _, _, s = svd_factors(module.lora_A["default"].weight, module.lora_B["default"].weight,
+                              rank_coefficient(v.r, v.lora_alpha, v.rank_scaling))
+        e = (s ** 2).cumsum(0) / (s ** 2).sum()
+        fractions.append([float(x) for x in e])
+    return {"mean": [statistics.fmean(f[b] for f in fractions) for b in range(len(fractions[0]))],
+            "min": [min(f[b] for f in fractions) for b in range(len(fractions[0]))], "layers": len(fractions)}
+
+
+def eval_job(path: Path, run: Path) -> dict:
+    """Sweep one cached DyLoRA or LoRA r=8 run at b = 1..r in both bases (`dylora.rank_sweep(basis="both")`) on
+    validation and test, with the spectrum of its update (or read it back)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    import dylora
+    from dylora import files
+    from dylora.run import default_basis, load_run, token_budget
+
+    log(f"eval {run}")
+    t0 = time.perf_counter()
+    model, _, saved, task = load_run(run, with_data=True)
+    task.encode(token_budget(saved.settings, task, model.config))
+
+    def evaluate(m) -> dict:
+        return {f"{split}_{k}": v for split in ("validation", "test") for k, v in task.evaluate(m, split).items()}
+
+    # a plain LoRA: the SVD cut only (its prefix cut is the paper's truncated LoRA, not an arm here)
+    basis = default_basis(saved)
+    rows = [{"rank": r.rank, "basis": r.basis, **r.metrics}
+            for r in dylora.rank_sweep(model, evaluate, ranks=RANKS, basis=basis, progress=False)]
+    res = {"rows": rows, "spectrum": spectrum(model), "eval_s": round(time.perf_counter() - t0, 1),
+           "sizes": {split: len(task.encoded[split]) for split in ("validation", "test")}}
+    files.write_text(path, json.dumps(res, indent=1))
+    log(f"evaluated {run} ({res['eval_s']:.0f} s)")
+    return res
+
+
+def eval_all(plan: list[tuple[str, str]], seeds: range, root: Path, pool: Pool, cached_only: bool = False) -> dict:
+    """Evaluate every trained arm of the plan; {task-schedule: {"seeds": {seed: {arm: result}}}}, only the seeds with
+    every arm trained (and, with `cached_only`, already evaluated); the others under "incomplete"."""
+    out: dict = {}
+    for task, schedule in plan:
+        key = f"{task}-{schedule}"
+        spec = SCHEDULES[task, schedule]
+        entry = out[key] = {"task": task, "schedule": schedule, "settings": spec["settings"], "lr": spec["lr"],
+                            "seeds": {}}
+        for seed in seeds:
+            missing = [arm for arm in ARMS if not (arm_dir(root, task, schedule, arm, seed) / "sweep.json").is_file()
+                       or (cached_only and arm in SWEPT and not (arm_dir(root, task, schedule, arm, seed)
+                                                                 / "any_rank.json").is_file())]
+            if missing:  # only seeds with every arm trained are compared (paired by seed)
+                if len(missing) < len(ARMS):
+                    entry.setdefault("incomplete", {})[str(seed)] = missing
+                continue
+            runs: dict = {}
+            for arm in ARMS:
+                d = arm_dir(root, task, schedule, arm, seed)
+                trained = run_once(d, None)
+                load = json.loads((d / "load.json").read_text()) if (d / "load.json").is_file() else {}
+                runs[arm] = {"train_s": trained["timings"]["train_s"], "metric": trained["metric"],
+                             "own": trained["rows"][0], "stuck": stuck(trained), **load}
+                if arm in SWEPT:
+                    res = pool.map({0: ("eval", d / "any_rank.json", d)})[0]
+                    runs[arm].update(sweep=res["rows"], spectrum=res["spectrum"], eval_s=res["eval_s"])
+            entry["seeds"][str(seed)] = runs
+    return out
+
+
+# ---------------------------------------------------------------- summaries (pure: tested in tests/)
+
+
+def aurac(acc: dict[int, float], ranks: list[int] = RANKS) -> float:
+    """Area under the rank-accuracy curve over `ranks` (trapezoids on b), over 100 x the width of the range: in
+    [0, 100], 100 for a curve at 100% everywhere (MatryoshkaLoRA's AURAC)."""
+    bs = sorted(ranks)
+    area = sum((acc[a] + acc[b]) / 2 * (b - a) for a, b in zip(bs, bs[1:], strict=False))
+    return area / (bs[-1] - bs[0])
+
+
+def curves(sweep: list[dict], metric: str) -> dict[str, dict[str, dict[int, float]]]:
+    """{basis: {split: {b: score}}} of one sweep, plus "picked": per b the basis with the higher validation score
+    (prefix on a tie), scored on test; its "choice" holds the basis chosen at each b (with both bases swept)."""
+    out: dict = {}
+    for row in sweep:
+        for split in ("validation", "test"):
+            out.setdefault(row["basis"], {}).setdefault(split, {})[int(row["rank"])] = row[f"{split}_{metric}"]
+    if "prefix" not in out:  # a plain LoRA: its SVD cut only
+        return out
+    pre, svd = out["prefix"], out["svd"]
+    choice = {b: "svd" if svd["validation"][b] > pre["validation"][b] else "prefix" for b in pre["validation"]}
+    out["picked"] = {split: {b: out[choice[b]][split][b] for b in choice} for split in ("validation", "test")}
+    out["picked"]["choice"] = choice
+    return out
+
+
+def summarise(evaluated: dict) -> dict:
+    """Per task-schedule: each arm's mean ± std test curve over seeds at b = 1..8 (LoRA trained at b: only its b),
+    AURAC, cost (train time over its seed's LoRA r=8 run's), the spectra, and the targets."""
+    summary: dict = {}
+    for key, entry in evaluated.items():
+        seeds = entry["seeds"]
+        if not seeds:
+            summary[key] = {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "seeds_run": 0,
+                            "incomplete": entry.get("incomplete", {})}
+            continue
+        metric = next(iter(next(iter(seeds.values())).values()))["metric"]
+        per_arm: dict[str, list[dict[int, float]]] = {}
+        costs: dict[str, list[float]] = {}
+        spectra: dict[str, list[list[float]]] = {}
+        choices: dict[str, list[dict[int, str]]] = {}
+        stuck_runs = []
+        for seed, runs in seeds.items():
+            stuck_runs += [f"{arm}-s{seed}" for arm, r in runs.items() if r["stuck"]]
+            lora = {b: runs[f"lora-r{b}"]["own"][f"test_{metric}"] for b in SHOWN if f"lora-r{b}" in runs}
+            if len(lora) == len(SHOWN):
+                per_arm.setdefault("lora-at-b", []).append(lora)
+            if "lora-r8" in runs:
+                c = curves(runs["lora-r8"]["sweep"], metric)
+                per_arm.setdefault("lora-r8-svd", []).append(c["svd"]["test"])
+                spectra.setdefault("lora-r8", []).append(runs["lora-r8"]["spectrum"]["mean"])
+            for arm in RECIPES:
+                if arm not in runs:
+                    continue
+                c = curves(runs[arm]["sweep"], metric)
+                for basis in ("prefix", "svd", "picked"):
+                    per_arm.setdefault(f"{arm}-{basis}", []).append(c[basis]["test"])
+                choices.setdefault(arm, []).append(c["picked"]["choice"])
+                spectra.setdefault(arm, []).append(runs[arm]["spectrum"]["mean"])
+                if "lora-r8" in runs:
+                    costs.setdefault(arm, []).append(runs[arm]["train_s"] / runs["lora-r8"]["train_s"])
+        arms = {}
+        for arm, cs in per_arm.items():
+            bs = sorted(cs[0])
+            arms[arm] = {"seeds": len(cs), "test": {b: mean_std([c[b] for c in cs]) for b in bs},
+                         "aurac": mean_std([aurac(c) for c in cs]) if bs == RANKS else None}
+        summary[key] = {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "metric": metric,
+                        "seeds_run": len(seeds), "arms": arms,
+                        "cost": {arm: {"mean": statistics.fmean(v), "per_seed": v} for arm, v in costs.items()},
+                        "spectrum": {arm: [statistics.fmean(s[b] for s in v) for b in range(R)]
+                                     for arm, v in spectra.items()},
+                        "choices": {arm: {b: sum(c[b] == "svd" for c in v) for b in RANKS}
+                                    for arm, v in choices.items()},
+                        "stuck": stuck_runs, "targets": targets(arms), "incomplete": entry.get("incomplete", {})}
+    return summary
+
+
+def int_keys(d: dict) -> dict:
+    """json.loads hook: rank keys ("1".."8") back to ints."""
+    return {int(k) if k.isdigit() else k: v for k, v in d.items()}
+
+
+def mean_std(xs: list[float]) -> list[float]:
+    return [statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
+
+
+def targets(arms: dict) -> dict:
+    """Per DyLoRA recipe: picked at b minus max(LoRA trained at b, LoRA r=8 + SVD cut) at b = 1, 2, 4, 8 (means over
+    seeds); the target is >= -0.5 at every b."""
+    out = {}
+    if "lora-at-b" not in arms or "lora-r8-svd" not in arms:
+        return out
+    for arm in RECIPES:
+        if f"{arm}-picked" not in arms:
+            continue
+        gaps = {b: arms[f"{arm}-picked"]["test"][b][0] - max(arms["lora-at-b"]["test"][b][0],
+                                                             arms["lora-r8-svd"]["test"][b][0]) for b in SHOWN}
+        out[arm] = {"gap": gaps, "met": all(g >= -0.5 for g in gaps.values())}
+    return out
+
+
+# ---------------------------------------------------------------- phase 3: tables and plot
+
+LABELS = {
+    "lora-at-b": "LoRA trained at r = b",
+    "lora-r8-svd": "LoRA r=8 + SVD cut",
+    **{f"{arm}-{basis}": f"DyLoRA {arm}, {basis}" for arm in RECIPES for basis in ("prefix", "svd", "picked")},
+}
+
+
+def cell(ms: list[float] | None) -> str:
+    return "" if ms is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
+    """The markdown of one task-schedule: test accuracy per arm at b = 1, 2, 4, 8, AURAC, cost (`paired`: the
+    timing phase's ratios, else the per-seed ones), targets, spectra."""
+    title = f"### {t['task']}, {t['schedule']} (lr {t['lr']:g}, {t['settings']})"
+    partial = "".join(f" Seed {sd} not finished (not trained: {', '.join(m)}), left out." for sd, m in
+                      t.get("incomplete", {}).items())
+    if not t.get("seeds_run"):
+        return [title, "", "Not run (no CPU time left in this session)." + partial, ""]
+    arms = t["arms"]
+    lines = [title, "", f"Test {t['metric']} (%), mean ± std over {t['seeds_run']} seed(s); AURAC over b = 1..8 "
+             "(0-100); cost = training time / LoRA r=8's"
+             + (" (the paired timing below)." if paired else " (the same seed's, mean over seeds).") + partial, "",
+             "| arm | " + " | ".join(f"b={b}" for b in SHOWN) + " | AURAC | cost |",
+             "|---|" + "---|" * (len(SHOWN) + 2)]
+    for arm, label in LABELS.items():
+        if arm not in arms:
+            continue
+        row = arms[arm]
+        recipe = arm.rsplit("-", 1)[0]
+        cost = None
+        if arm.startswith(tuple(RECIPES)) and arm.endswith("picked"):
+            cost = paired.get(recipe) if paired else t["cost"].get(recipe, {}).get("mean")
+        cost_cell = f"{cost:.2f}x" if cost else ("1.00x" if arm == "lora-r8-svd" else "")
+        lines.append(f"| {label} | " + " | ".join(cell(row["test"].get(b)) for b in SHOWN)
+                     + f" | {cell(row['aurac'])} | {cost_cell} |")
+    if t["targets"]:
+        lines += ["", "Target: picked DyLoRA - max(LoRA trained at b, LoRA r=8 + SVD cut) >= -0.5 at every b (means):",
+                  "", "| recipe | " + " | ".join(f"b={b}" for b in SHOWN) + " | met |",
+                  "|---|" + "---|" * (len(SHOWN) + 1)]
+        for arm, g in t["targets"].items():
+            lines.append(f"| {arm} | " + " | ".join(f"{g['gap'][b]:+.1f}" for b in SHOWN)
+                         + f" | {'yes' if g['met'] else 'no'} |")
+    if t["cost"]:
+        lines += ["", "Cost per seed (training time over the same seed's LoRA r=8 run, trained minutes before it; "
+                  "dominated by the shared machine's load, not a cost figure): "
+                  + "; ".join(f"{arm} {' / '.join(f'{x:.2f}' for x in c['per_seed'])}" for arm, c in t["cost"].items())
+                  + "."]
+    if t["choices"]:
+        lines += ["", "Seeds whose validation picked the SVD basis, at b = 1..8: "
+                  + "; ".join(f"{arm} {' '.join(str(v[b]) for b in RANKS)}" for arm, v in t["choices"].items()) + "."]
+    if t["spectrum"]:
+        lines += ["", "Energy of the learned update held by its first b singular values (mean over layers and seeds):",
+                  "", "| run | " + " | ".join(f"b={b}" for b in SHOWN[:-1]) + " |", "|---|" + "---|" * (len(SHOWN) - 1)]
+        for arm, e in t["spectrum"].items():
+            lines.append(f"| {arm} | " + " | ".join(f"{100 * e[b - 1]:.0f}%" for b in SHOWN[:-1]) + " |")
+    if t["stuck"]:
+        lines += ["", "Runs that never left chance: " + ", ".join(f"`{r}`" for r in t["stuck"]) + "."]
+    return [*lines, ""]
+
+
+def write_docs(summary: dict, docs: Path, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs.mkdir(parents=True, exist_ok=True)
+    lines = [f"<!-- written by: {command} -->", ""]
+    for key, t in summary.items():
+        if not key.startswith("_"):
+            lines += table_lines(key, t, summary.get("_timing", {}).get("ratio"))
+    if "_timing" in summary:
+        tm = summary["_timing"]
+        lora = ", ".join(f"{x:.0f}" for x, a in zip(tm["train_s"], tm["order"], strict=True) if a == "lora-r8")
+        lines += ["Cost, paired (bbc, 1 epoch, seed 0; each recipe trained between two LoRA r=8 runs, one run at a "
+                  "time; its training time over the mean of its neighbours'): "
+                  + ", ".join(f"{arm} {r:.2f}x" for arm, r in tm["ratio"].items())
+                  + f" (the LoRA r=8 runs: {lora} s).", ""]
+    lines += [f"Not run: {x}." for x in NOT_RUN]
+    run = [k for k, t in summary.items() if not k.startswith("_") and t.get("seeds_run")]
+    if run:
+        fig, axes = plt.subplots(2, len(run), figsize=(4.6 * len(run), 7.4), dpi=110, squeeze=False)
+        for j, key in enumerate(run):
+            t, ax, sx = summary[key], axes[0][j], axes[1][j]
+            for arm, style in (("lora-r8-svd", "-"), *((f"{a}-picked", "-") for a in RECIPES),
+                               (f"{DEFAULT_RECIPE}-prefix", "--")):
+                if arm in t["arms"]:
+                    test = t["arms"][arm]["test"]
+                    ax.plot(RANKS, [test[b][0] for b in RANKS], style, marker=".", label=LABELS[arm])
+            if "lora-at-b" in t["arms"]:
+                test = t["arms"]["lora-at-b"]["test"]
+                ax.plot(SHOWN, [test[b][0] for b in SHOWN], "ks", label=LABELS["lora-at-b"])
+            ax.set_title(f"{t['task']}, {t['schedule']} ({t['seeds_run']} seed(s))")
+            for arm, e in t["spectrum"].items():
+                sx.plot(RANKS, [100 * x for x in e], marker=".", label=arm)
+            for axis, ylabel in ((ax, f"test {t['metric']} (%)"), (sx, "energy in the first b singular values (%)")):
+                axis.set(xlabel="rank b", ylabel=ylabel, xticks=RANKS)
+                axis.grid(alpha=0.3)
+                axis.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(docs / "any-rank.png")
+        plt.close(fig)
+        lines += ["", "![any rank](any-rank.png)"]
+    (docs / "any-rank-tables.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--phase", default="train,timing,eval,docs", help="comma-separated phases: train, timing, eval, "
+                    "docs")
+    ap.add_argument("--tasks", default=None, help="comma-separated task-schedule pairs, e.g. bbc-1ep,bbc-3ep "
+                    f"(default: {','.join(f'{t}-{s}' for t, s in ORDER)})")
+    ap.add_argument("--seeds", type=int, default=SEEDS)
+    ap.add_argument("--cache", type=Path, default=None, help="where arms are trained to (default "
+                    "$DYLORA_CACHE/any_rank)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. seeds-1 (to split the work)")
+    ap.add_argument("--cached-only", action="store_true", help="eval: use only arms already evaluated (no new "
+                    "sweeps; a seed with one missing is left out)")
+    ap.add_argument("--progress", type=Path, default=None, help="append a line per trained arm to this file")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the one worker (default 1: the "
+                    "machine is shared, and one thread degrades least under load)")
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/any_rank.json"))
+    ap.add_argument("--docs", type=Path, default=Path("docs"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    phases = set(args.phase.split(","))
+    if phases - {"train", "timing", "eval", "docs"}:
+        ap.error(f"unknown phase(s) {sorted(phases - {'train', 'timing', 'eval', 'docs'})}; choose from train, "
+                 "timing, eval, docs")
+    plan = ORDER
+    if args.tasks:
+        plan = [tuple(t.rsplit("-", 1)) for t in args.tasks.split(",")]
+        bad = [p for p in plan if p not in SCHEDULES]
+        if bad:
+            ap.error(f"unknown task-schedule(s) {bad}; choose from {', '.join(f'{t}-{s}' for t, s in ORDER)}")
+    root = args.cache or cache_root()
+    seeds = range(args.first_seed, args.seeds)
+    pool = Pool(1, args.threads, job=_job)
+    if "train" in phases:
+        train_all(train_jobs(plan, seeds, root), pool, args.progress)
+    timed = root / "timing.json"
+    if "timing" in phases and not timed.is_file():
+        timed.write_text(json.dumps(timing(root, pool)))
+    if "eval" in phases:
+        evaluated = eval_all(plan, seeds, root, pool, args.cached_only)
+        summary = {**summarise(evaluated), "_not_run": NOT_RUN}
+        if timed.is_file():
+            summary["_timing"] = json.loads(timed.read_text())
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(summary, indent=1))
+        log(f"numbers in {args.results}")
+    if "docs" in phases:
+        write_docs(json.loads(args.results.read_text(), object_hook=int_keys), args.docs,
+                   " ".join(["python", *sys.argv]))
+        log(f"tables in {args.docs / 'any-rank-tables.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

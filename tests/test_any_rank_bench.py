@@ -1,0 +1,84 @@
+"""The any-rank benchmark's pure parts (benchmarks/any_rank.py): AURAC, the per-rank pick of a basis on validation,
+the summary's targets and the table rendering."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # any_rank.py imports its helpers from reproduce.py
+spec = importlib.util.spec_from_file_location("any_rank_bench",
+                                              Path(__file__).parents[1] / "benchmarks" / "any_rank.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+RANKS = bench.RANKS
+
+
+def test_aurac_is_the_trapezoid_area_over_the_range():
+    assert bench.aurac(dict.fromkeys(RANKS, 100.0)) == pytest.approx(100.0)
+    assert bench.aurac(dict.fromkeys(RANKS, 40.0)) == pytest.approx(40.0)
+    # a line from 30 at b=1 to 100 at b=8: its mean height is the midpoint
+    line = {b: 30 + 10 * (b - 1) for b in RANKS}
+    assert bench.aurac(line) == pytest.approx(65.0)
+    # a step at b=2: trapezoid (0 + 100) / 2 on [1, 2], then 100 on [2, 8] -> (50 + 600) / 7
+    step = {b: 0.0 if b == 1 else 100.0 for b in RANKS}
+    assert bench.aurac(step) == pytest.approx(650 / 7)
+
+
+def sweep(prefix_val, svd_val, prefix_test, svd_test):
+    rows = []
+    for basis, val, test in (("prefix", prefix_val, prefix_test), ("svd", svd_val, svd_test)):
+        rows += [{"rank": b, "basis": basis, "validation_accuracy": val[b - 1], "test_accuracy": test[b - 1]}
+                 for b in RANKS]
+    return rows
+
+
+def test_picked_takes_the_basis_better_on_validation_and_reports_its_test():
+    prefix_val = [50, 60, 70, 80, 80, 80, 80, 90]
+    svd_val = [70, 60, 65, 85, 80, 80, 80, 90]  # better at b=1 and 4; ties at 2, 5..8 keep the prefix
+    prefix_test = [10, 20, 30, 40, 50, 60, 70, 80]
+    svd_test = [11, 21, 31, 41, 51, 61, 71, 81]  # svd is better on test everywhere: test must not drive the pick
+    c = bench.curves(sweep(prefix_val, svd_val, prefix_test, svd_test), "accuracy")
+    assert c["picked"]["choice"] == {1: "svd", 2: "prefix", 3: "prefix", 4: "svd", 5: "prefix", 6: "prefix",
+                                     7: "prefix", 8: "prefix"}
+    assert c["picked"]["test"] == {1: 11, 2: 20, 3: 30, 4: 41, 5: 50, 6: 60, 7: 70, 8: 80}
+    assert c["picked"]["validation"][1] == 70 and c["picked"]["validation"][3] == 70
+
+
+def evaluated(dy_test: float, lora_at_b: float, svd_test: float) -> dict:
+    """One task, two seeds: LoRA at every b, LoRA r=8 and every recipe, flat curves."""
+    flat = sweep([50] * 8, [50] * 8, [dy_test] * 8, [dy_test] * 8)
+    lora8 = sweep([50] * 8, [50] * 8, [svd_test - 5] * 8, [svd_test] * 8)
+    spectrum = {"mean": [0.5 + 0.5 * b / 8 for b in RANKS]}
+    seed = {f"lora-r{b}": {"train_s": 10.0, "metric": "accuracy", "stuck": False,
+                           "own": {"rank": b, "test_accuracy": lora_at_b}} for b in (1, 2, 4)}
+    seed["lora-r8"] = {"train_s": 10.0, "metric": "accuracy", "stuck": False, "own": {"test_accuracy": lora_at_b},
+                       "sweep": lora8, "spectrum": spectrum}
+    for i, arm in enumerate(bench.RECIPES):
+        seed[arm] = {"train_s": 10.0 + 2 * i, "metric": "accuracy", "stuck": False, "own": {}, "sweep": flat,
+                     "spectrum": spectrum}
+    return {"bbc-1ep": {"task": "bbc", "schedule": "1ep", "settings": {}, "lr": 3e-3, "seeds": {"0": seed, "1": seed}},
+            "polarity-1ep": {"task": "polarity", "schedule": "1ep", "settings": {}, "lr": 3e-3, "seeds": {}}}
+
+
+def test_targets_compare_picked_with_the_better_lora_and_costs_are_ratios():
+    s = bench.summarise(evaluated(dy_test=80.0, lora_at_b=80.2, svd_test=79.0))["bbc-1ep"]
+    gap = s["targets"]["paper"]["gap"]
+    assert gap == {b: pytest.approx(-0.2) for b in bench.SHOWN}
+    assert s["targets"]["paper"]["met"]
+    assert s["arms"]["lora-r8-svd"]["aurac"][0] == pytest.approx(79.0)
+    assert s["arms"]["lora-at-b"]["aurac"] is None  # trained at 1, 2, 4, 8 only: no curve over 1..8
+    assert s["cost"]["rowwise"]["mean"] == pytest.approx(1.2)
+    s = bench.summarise(evaluated(dy_test=80.0, lora_at_b=78.0, svd_test=81.0))["bbc-1ep"]
+    assert s["targets"]["paper"]["gap"][1] == pytest.approx(-1.0) and not s["targets"]["paper"]["met"]
+
+
+def test_tables_render_run_and_not_run_tasks():
+    summary = bench.summarise(evaluated(dy_test=80.0, lora_at_b=80.2, svd_test=79.0))
+    text = "\n".join(bench.table_lines("bbc-1ep", summary["bbc-1ep"]))
+    assert "| LoRA r=8 + SVD cut | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 1.00x |" in text
+    assert "| DyLoRA rowwise, picked | 80.0 ± 0.0 |" in text and "| 1.20x |" in text
+    assert "| paper | -0.2 | -0.2 | -0.2 | -0.2 | yes |" in text
+    assert "Not run" in "\n".join(bench.table_lines("polarity-1ep", summary["polarity-1ep"]))

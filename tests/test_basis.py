@@ -33,6 +33,7 @@ class One(torch.nn.Module):
 
 CASES = {
     "linear": (lambda: torch.nn.Linear(7, 6), lambda g: torch.randn(3, 7, generator=g), {}),
+    "narrow": (lambda: torch.nn.Linear(3, 6), lambda g: torch.randn(3, 3, generator=g), {}),  # in = 3 < r = 4
     "conv1d": (lambda: Conv1D(6, 7), lambda g: torch.randn(3, 7, generator=g), {"fan_in_fan_out": True}),
     "conv2d": (lambda: torch.nn.Conv2d(3, 5, 3, padding=1), lambda g: torch.randn(2, 3, 5, 5, generator=g), {}),
     "embedding": (lambda: torch.nn.Embedding(11, 6), lambda g: torch.randint(0, 11, (3, 4), generator=g), {}),

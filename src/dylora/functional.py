@@ -141,16 +141,20 @@ def svd_mixers(lora_A: torch.Tensor, lora_B: torch.Tensor, coefficient: float
     """(M_in, M_out, S) of the SVD cut of coefficient * B A (A is r x in, B is out x r), in float64.
 
     B M_out diag(m_b) M_in A is the best rank-b approximation of coefficient * B A, for every b; S holds its
-    singular values, largest first.
+    singular values, largest first. A layer with in < r or out < r has k = min(in, out, r) of them: the other
+    r - k components are zero (zero rows of M_in, zero columns of M_out, zeros in S), so the shapes stay r.
     """
     A, B = lora_A.detach().double(), lora_B.detach().double()
-    q_a, r_a = torch.linalg.qr(A.T)  # A = R_A^T Q_A^T
-    q_b, r_b = torch.linalg.qr(B)  # B = Q_B R_B
-    u, s, vh = torch.linalg.svd(coefficient * (r_b @ r_a.T))
+    r = A.shape[0]
+    _, r_a = torch.linalg.qr(A.T)  # A = R_A^T Q_A^T
+    _, r_b = torch.linalg.qr(B)  # B = Q_B R_B
+    u, s, vh = torch.linalg.svd(coefficient * (r_b @ r_a.T), full_matrices=False)
     root = s.sqrt()
     m_in = root[:, None] * vh @ torch.linalg.pinv(r_a.T)
     m_out = torch.linalg.pinv(r_b) @ u * root[None, :]
-    return m_in, m_out, s
+    k = s.shape[0]
+    return (torch.cat([m_in, m_in.new_zeros(r - k, r)]), torch.cat([m_out, m_out.new_zeros(r, r - k)], 1),
+            torch.cat([s, s.new_zeros(r - k)]))
 
 
 def svd_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, coefficient: float

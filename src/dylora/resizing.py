@@ -170,11 +170,6 @@ def layers(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
         coefficient = alpha / (math.sqrt(r) if rslora else r)
         with one_thread():
             A_s, B_s, S = svd_factors(A.reshape(r, -1), B.reshape(B.shape[0], r), coefficient)
-        k = S.shape[0]
-        if k < r:  # in < r or out < r: the update has at most k singular values; pad with zero components
-            A_s, B_s = torch.cat([A_s, A_s.new_zeros(r - k, A_s.shape[1])]), torch.cat(
-                [B_s, B_s.new_zeros(B_s.shape[0], r - k)], 1)
-            S = torch.cat([S, S.new_zeros(r - k)])
         out[module] = Layer(key, b_key, tuple(A.shape), tuple(B.shape), A.dtype, r, float(alpha), A_s, B_s, S)
     if not out:
         raise ValueError("the adapter holds no LoRA weights (no lora_A / lora_embedding_A tensors)")

@@ -79,6 +79,7 @@ class _DyLoraVariant(LoraVariant):
         self.state = RankState(rank=r)
         self.merged: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None = None
         self.table = scale_table(r, lora_alpha, rank_scaling)  # row b-1 is s_b
+        self.masks = torch.tril(torch.ones(r, r))  # row b-1 is m_b, the SVD basis's mask
         self._svd_key: tuple | None = None
         self._svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -118,8 +119,7 @@ class _DyLoraVariant(LoraVariant):
             # PEFT code paths that bypass variants read `scaling`
             module.scaling[adapter] = rank_coefficient(state.rank, self.lora_alpha, self.rank_scaling)
         elif state.kind == "rows":
-            table = torch.stack([prefix_mask(b, self.r) for b in range(1, self.r + 1)]) if svd else self.table
-            self._put(module, adapter, example_scale(torch.tensor(state.rows), table))
+            self._put(module, adapter, example_scale(torch.tensor(state.rows), self.masks if svd else self.table))
         else:
             if svd:
                 raise ValueError("the expected scale (the nested recipe) is defined in the prefix basis only")
@@ -144,9 +144,14 @@ class _DyLoraVariant(LoraVariant):
 
     # ------------------------------------------------------------ the contract: factors, cost, update
 
+    def params(self, module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's A and B parameters, in their own shapes."""
+        return module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
     def factors(self, module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A as an (r, in) matrix and B as an (out, r) matrix (views of the parameters): the update is B A."""
-        raise NotImplementedError
+        A, B = self.params(module, adapter)
+        return A.flatten(1), B.flatten(1)
 
     def cost(self, module: lora_layer.LoraLayer, adapter: str) -> int:
         """Adapter parameters per rank component, in + out: the layer at rank b holds b times this."""
@@ -174,23 +179,19 @@ class _DyLoraVariant(LoraVariant):
             self._cast[key] = (m_in.to(like), m_out.to(like))
         return self._cast[key]
 
-    def update(self, module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor | None = None,
-               mixers: tuple[torch.Tensor, torch.Tensor] | None | str = "current") -> torch.Tensor:
-        """The layer's update as an (out, in) float32 matrix: B M_out diag(scale) M_in A, by default at the
-        current rank state (scale: the scale buffer; mixers: the basis's)."""
+    def update(self, module: lora_layer.LoraLayer, adapter: str, snapshot: tuple | None = None) -> torch.Tensor:
+        """The layer's update as an (out, in) float32 matrix, B M_out diag(scale) M_in A, at the current rank
+        state or at a `_snapshot` of one (what merge recorded)."""
         A, B = (t.detach().float() for t in self.factors(module, adapter))
-        if scale is None:
-            scale = self.buffers(module, adapter)[0]
-        if isinstance(mixers, str):
-            mixers = self.mixers(module, adapter, A)
+        scale, mixers = snapshot or (self.buffers(module, adapter)[0], self.mixers(module, adapter, A))
         if mixers is not None:
             A, B = mixers[0].float() @ A, B @ mixers[1].float()
         return rank_delta_weight(A, B, scale.detach().float().to(A.device))
 
-    def delta_weight(self, module: lora_layer.LoraLayer, adapter: str, scale: torch.Tensor | None = None,
-                     mixers: tuple[torch.Tensor, torch.Tensor] | None | str = "current") -> torch.Tensor:
-        """`update`, shaped like the base layer's weight."""
-        raise NotImplementedError
+    def delta_weight(self, module: lora_layer.LoraLayer, adapter: str, snapshot: tuple | None = None
+                     ) -> torch.Tensor:
+        """`update`, shaped like the base layer's weight (the identity for nn.Linear)."""
+        return self.update(module, adapter, snapshot)
 
     def rank_factors(self, module: lora_layer.LoraLayer, adapter: str, rank: int, basis: str = "prefix"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,28 +209,29 @@ class _DyLoraVariant(LoraVariant):
 
     def _native(self, module: lora_layer.LoraLayer, adapter: str, A_b: torch.Tensor, B_b: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Matrices (b, in) and (out, b) back in the layer's own shapes (the identity for Linear)."""
+        """Matrices (b, in) and (out, b) back in the layer's own shapes (the identity for Linear, Embedding)."""
         return A_b, B_b
 
     # ------------------------------------------------------------ merging: what merge added, unmerge removes
 
-    def _snapshot(self, module: lora_layer.LoraLayer, adapter: str, like: torch.Tensor):
+    def _snapshot(self, module: lora_layer.LoraLayer, adapter: str, like: torch.Tensor) -> tuple:
+        """(scale, mixers or None) of the current rank state, copied: what `update` needs to redo it."""
         scale = self.buffers(module, adapter)[0].detach().clone()
         mixers = self.mixers(module, adapter, like.float())
         return scale, None if mixers is None else (mixers[0].clone(), mixers[1].clone())
 
     def merge_safe(self, module, active_adapter, orig_weight):
         self.merged = self._snapshot(module, active_adapter, orig_weight)
-        return orig_weight + self.delta_weight(module, active_adapter, *self.merged).to(orig_weight.dtype)
+        return orig_weight + self.delta_weight(module, active_adapter, self.merged).to(orig_weight.dtype)
 
     def merge_unsafe(self, module, active_adapter, orig_weight):
         self.merged = self._snapshot(module, active_adapter, orig_weight)
-        orig_weight.data += self.delta_weight(module, active_adapter, *self.merged).to(orig_weight.dtype)
+        orig_weight.data += self.delta_weight(module, active_adapter, self.merged).to(orig_weight.dtype)
 
     def unmerge(self, module, active_adapter, orig_weight):
         if self.merged is None:
             raise RuntimeError("DyLoRA adapter is not merged; nothing to unmerge")
-        delta = self.delta_weight(module, active_adapter, *self.merged)
+        delta = self.delta_weight(module, active_adapter, self.merged)
         self.merged = None
         return orig_weight.data - delta.to(orig_weight.dtype)
 
@@ -250,19 +252,15 @@ def _get_delta_weight(self: lora_layer.LoraLayer, adapter: str) -> torch.Tensor:
     rank: add_weighted_adapter and other callers would get the r_max update)."""
     variant = self.lora_variant.get(adapter)
     if isinstance(variant, _DyLoraVariant):
-        like = self.lora_B[adapter].weight if adapter in self.lora_B else self.lora_embedding_B[adapter]
-        return variant.delta_weight(self, adapter).to(like.dtype)
+        return variant.delta_weight(self, adapter).to(variant.params(self, adapter)[1].dtype)
     return type(self).get_delta_weight(self, adapter)
 
 
 class DyLoraLinearVariant(_DyLoraVariant):
     """DyLoRA on PEFT's `lora.Linear` (nn.Linear, and GPT-2 Conv1D with fan_in_fan_out)."""
 
-    def factors(self, module, adapter):
-        return module.lora_A[adapter].weight, module.lora_B[adapter].weight
-
-    def delta_weight(self, module, adapter, scale=None, mixers="current"):
-        return transpose(self.update(module, adapter, scale, mixers), module.fan_in_fan_out)
+    def delta_weight(self, module, adapter, snapshot=None):
+        return transpose(self.update(module, adapter, snapshot), module.fan_in_fan_out)
 
     def forward(self, module, active_adapter, x, result, **kwargs):
         lora_A = module.lora_A[active_adapter]
@@ -284,11 +282,11 @@ class DyLoraEmbeddingVariant(_DyLoraVariant):
         super().attach(module, adapter, device)
         module._mixed_batch_forward = types.MethodType(_embedding_mixed_batch_forward, module)
 
-    def factors(self, module, adapter):
+    def params(self, module, adapter):
         return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
 
-    def delta_weight(self, module, adapter, scale=None, mixers="current"):
-        return transpose(self.update(module, adapter, scale, mixers), True)
+    def delta_weight(self, module, adapter, snapshot=None):
+        return transpose(self.update(module, adapter, snapshot), True)
 
     def forward(self, module, active_adapter, x, result, **kwargs):
         A = module.lora_embedding_A[active_adapter]
@@ -336,15 +334,12 @@ class DyLoraConvVariant(_DyLoraVariant):
     dims, shaped like W0 (delta[o, i, ...] = sum_{j<b} c(b) B[o, j] A[j, i, ...]).
     """
 
-    def factors(self, module, adapter):
-        return module.lora_A[adapter].weight.flatten(1), module.lora_B[adapter].weight.flatten(1)
-
-    def delta_weight(self, module, adapter, scale=None, mixers="current"):
-        A = module.lora_A[adapter].weight  # (r, in, *kernel)
-        return self.update(module, adapter, scale, mixers).view(module.lora_B[adapter].weight.shape[0], *A.shape[1:])
+    def delta_weight(self, module, adapter, snapshot=None):
+        A, B = self.params(module, adapter)  # (r, in, *kernel), (out, r, 1, ...)
+        return self.update(module, adapter, snapshot).view(B.shape[0], *A.shape[1:])
 
     def _native(self, module, adapter, A_b, B_b):
-        A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        A, B = self.params(module, adapter)
         return A_b.view(A_b.shape[0], *A.shape[1:]), B_b.view(B.shape[0], B_b.shape[1], *B.shape[2:])
 
     def forward(self, module, active_adapter, x, result, **kwargs):

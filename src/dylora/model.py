@@ -86,8 +86,7 @@ def _add_weighted_adapter(self, adapters: list[str], weights: list[float], adapt
                 variant = module.lora_variant[name]
                 b = _uniform(variant, name)
                 A_b, B_b = variant.rank_factors(module, name, b, state.basis)
-                A, B = ((module.lora_A[name].weight, module.lora_B[name].weight) if name in module.lora_A
-                        else (module.lora_embedding_A[name], module.lora_embedding_B[name]))
+                A, B = variant.params(module, name)
                 for param, part in ((A, A_b), (B, B_b)):
                     padded = torch.zeros_like(param)
                     (padded[:b] if param is A else padded[:, :b]).copy_(part)

@@ -250,6 +250,7 @@ def export(
     from . import files
     from . import model as model_api
     from .functional import check_rank
+    from .layers import BASES
     from .run import export_basis, load_run, read_run
 
     _hush(True)
@@ -261,8 +262,8 @@ def export(
     b = _choose_rank(rank, saved)
     cfg = saved.config
     check_rank(b, cfg.r_min, cfg.r)  # before loading any model
-    if basis is not None and basis not in ("prefix", "svd"):
-        raise UsageFailure(f"--basis must be prefix or svd, got {basis!r}")
+    if basis is not None and basis not in BASES:
+        raise UsageFailure(f"--basis must be {' or '.join(BASES)}, got {basis!r}")
     basis = basis or export_basis(saved, b)
     default = f"merged-r{b}" if merge else f"kohya-r{b}.safetensors" if fmt == "kohya" else f"lora-r{b}"
     out = out or Path(run_or_adapter) / default
@@ -284,11 +285,9 @@ def export(
         from .cards import write_card
 
         model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis)
-        picked = (saved.sweep or {}).get("picked") or {}
-        rows = [{"rank": row["rank"], "params": row["params"],
-                 "metrics": {k: v for k, v in row.items() if k not in ("rank", "params", "basis")}}
-                for row in (saved.sweep or {}).get("rows", [])
-                if row.get("basis", "prefix") == picked.get(str(row["rank"]), row.get("basis", "prefix"))]
+        rows = [{"rank": row["rank"], "params": row["params"],  # each rank's picked basis, as the run's card
+                 "metrics": {k: v for k, v in row.items() if k.startswith(("validation_", "test_"))}}
+                for row in (saved.sweep or {}).get("rows", [])]
         write_card(out, cfg, rank=b, sweep=rows or None, command=sys.argv, base_model=saved.settings.model)
         typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} ({basis}) to {out}")
 

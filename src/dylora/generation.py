@@ -235,7 +235,7 @@ class GenerationTask:
         self.splits: dict[str, Any] = {}
         self.encoded: dict[str, Any] = {}
         self.tokenizer: Any = None
-        self.predictions: dict[str, dict[int | str, list[str]]] = {"validation": {}, "test": {}}
+        self.predictions: dict[str, dict[tuple[int, str], list[str]]] = {"validation": {}, "test": {}}  # (b, basis)
 
     @property
     def name(self) -> str:
@@ -282,7 +282,7 @@ class GenerationTask:
                          max_length=self.max_length, batch_size=self.s.eval_batch_size,
                          progress=self.progress, desc=f"{split} r={b if b is not None else 'per layer'}")
         if b is not None:  # samples.json shows uniform ranks; a per-layer allocation is scored, not sampled
-            self.predictions[split][b if basis == "prefix" else f"{basis}-{b}"] = preds
+            self.predictions[split][b, basis] = preds
         scores = text_scores(preds, self.splits[split]["target"])
         scores["perplexity"] = perplexity(model, self.encoded[split], self.tokenizer.pad_token_id,
                                           self.s.eval_batch_size)
@@ -313,12 +313,10 @@ class GenerationTask:
             return [{"source": test[i]["source"], "reference": test[i]["target"], "prediction": preds[i]}
                     for i in range(min(N_SAMPLES, len(preds)))]
 
-        done = self.predictions["test"]
-        samples = {"best_rank": best_rank, "ranks": {str(b): shown(p) for b, p in sorted(
-            (b, p) for b, p in done.items() if isinstance(b, int))}}
-        svd = sorted((int(b.split("-")[1]), p) for b, p in done.items() if isinstance(b, str))
-        if svd:
-            samples["svd"] = {str(b): shown(p) for b, p in svd}
+        done = sorted(self.predictions["test"].items())
+        samples = {"best_rank": best_rank, "ranks": {str(b): shown(p) for (b, basis), p in done if basis == "prefix"}}
+        if any(basis == "svd" for (_, basis), _ in done):
+            samples["svd"] = {str(b): shown(p) for (b, basis), p in done if basis == "svd"}
         files.write_text(directory / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
 
     def record(self) -> dict[str, Any]:

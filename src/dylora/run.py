@@ -42,6 +42,7 @@ from .config import SIDECAR_NAME
 from .data import GENERATION_DATASETS
 from .functional import check_rank
 from .generation import GenerationTask
+from .layers import BASES
 from .model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config, save
 from .report import pick_bases, pick_ranks, sweep_payload, write_sweep
 from .settings import Settings
@@ -374,7 +375,7 @@ def export_basis(saved: SavedRun, rank: int) -> str:
     """The basis `dylora export` uses at a rank: the one picked on validation (sweep.json), else the prefix for
     DyLoRA and the SVD cut for a plain LoRA."""
     picked = (saved.sweep or {}).get("picked")
-    if isinstance(picked, dict) and picked.get(str(rank)) in ("prefix", "svd"):
+    if isinstance(picked, dict) and picked.get(str(rank)) in BASES:
         return picked[str(rank)]
     return "prefix" if default_basis(saved) == "both" else "svd"
 

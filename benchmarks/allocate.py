@@ -11,7 +11,7 @@ method's count is asserted to be within the budget. The greedy method's calibrat
 cross-entropy on the first 128 rows of the validation split; nothing is chosen on the rest of validation or on
 test (validation is reported beside test).
 
-Training runs are `dylora.run.train` runs (DyLoRA r=8 with the paper's recipe, and LoRA r=8,
+Training runs are `dylora.app.run.train` runs (DyLoRA r=8 with the paper's recipe, and LoRA r=8,
 `<out>/<task>/{dylora,lora}-s<seed>/`);
 AdaLoRA is trained with the HF Trainer and the same `TrainingArguments` (`<out>/<task>/adalora-b<B>-s<seed>.json`);
 each allocation writes `<out>/<task>/alloc-b<B>-s<seed>.json`. A finished file is reused, so an interrupted
@@ -67,8 +67,8 @@ def load_avg() -> float:
 
 
 def train_job(out: Path, s) -> dict:
-    """A DyLoRA or LoRA run (`dylora.run.train`), or its finished directory; its sweep, timings and final loss."""
-    from dylora.run import train
+    """A DyLoRA or LoRA run (`dylora.app.run.train`), or its finished directory; its sweep, timings and final loss."""
+    from dylora.app.run import train
 
     if not (out / "sweep.json").is_file():
         log(f"run {out}")
@@ -157,7 +157,7 @@ def allocate_job(path: Path, dylora_dir: Path, lora_dir: Path, budget: int, n_ca
     if path.is_file():
         return json.loads(path.read_text())
     import dylora
-    from dylora.run import load_run, token_budget
+    from dylora.app.run import load_run, token_budget
 
     log(f"allocate {path}")
     load0 = load_avg()
@@ -216,8 +216,8 @@ def adalora_job(path: Path, s, budget: int, n_cal: int) -> dict:
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from dylora import zoo
-    from dylora.run import task_for, token_budget, training_arguments
+    from dylora.app import zoo
+    from dylora.app.run import task_for, token_budget, training_arguments
 
     class Allocate(TrainerCallback):
         """AdaLoRA's budget step, after the optimizer step and before the gradients are zeroed (it scores them)."""
@@ -276,7 +276,7 @@ def _job(kind: str, *args) -> dict:
 
 
 def run(plan: dict, budgets: tuple, out: Path, pool: Pool) -> dict:
-    from dylora.settings import Settings
+    from dylora.app.settings import Settings
 
     t_start = time.perf_counter()
     runs = {}

@@ -6,7 +6,7 @@ the SVD basis or the better of the two on validation ("picked"), at every b = 1.
     python benchmarks/any_rank.py --phase eval,docs     # evaluate every cached arm, write the json and the docs
     python benchmarks/any_rank.py --tasks bbc --seeds 1 # a cut
 
-Three phases. train: every arm (task, schedule, seed, method) is one `dylora.run.train` run whose adapter (at r)
+Three phases. train: every arm (task, schedule, seed, method) is one `dylora.app.run.train` run whose adapter (at r)
 and run.json (its train time) land in `<cache>/<task>-<schedule>/<arm>-s<seed>/` (default
 $DYLORA_CACHE/any_rank, outside the repository), skipped when already there; one run at a time. eval: each cached
 DyLoRA run and LoRA r=8 run is loaded and swept at b = 1..8 in both bases on validation and test
@@ -63,7 +63,7 @@ def load_avg() -> float:
 
 
 def cache_root() -> Path:
-    from dylora.registry import cache_dir
+    from dylora.app.registry import cache_dir
 
     return cache_dir() / "any_rank"
 
@@ -91,7 +91,7 @@ def _job(kind: str, *args) -> dict:
 
 def train_jobs(plan: list[tuple[str, str]], seeds: range, root: Path) -> dict:
     """{(task, schedule, seed, arm): job}, in the order they should run."""
-    from dylora.settings import Settings
+    from dylora.app.settings import Settings
 
     jobs = {}
     for task, schedule in plan:
@@ -171,7 +171,7 @@ def eval_job(path: Path, run: Path) -> dict:
         return json.loads(path.read_text())
     import dylora
     from dylora import files
-    from dylora.run import default_basis, load_run, token_budget
+    from dylora.app.run import default_basis, load_run, token_budget
 
     log(f"eval {run}")
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ DyLoRA at b = 1..4 (r_max = 4, lora_alpha = 32 as in the paper), BLEU / ROUGE-L 
     python benchmarks/generation.py                   # one seed, the CPU schedule below (21 min on 2 cores)
     python benchmarks/generation.py --seeds 2
 
-Every arm is a `dylora train` / `dylora lora` generation run (`dylora.run.train`) written to
+Every arm is a `dylora train` / `dylora lora` generation run (`dylora.app.run.train`) written to
 `<out>/<arm>-s<seed>/`; a finished run (sweep.json) is reused, so an interrupted benchmark resumes. The LoRA
 r = 4 run is evaluated at b = 1..3 as well, scaled alpha / b (truncated LoRA). Tables, example headlines and a
 plot go to `--docs` (generation-tables.md, generation.png); all numbers to `<out>/summary.json`.
@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from dylora.generation import METRICS
-from dylora.run import sweep_run, train
-from dylora.settings import Settings
+from dylora.app.run import sweep_run, train
+from dylora.app.settings import Settings
+from dylora.app.tasks.generation import METRICS
 
 RANKS = [1, 2, 3, 4]
 ARMS = {

@@ -32,7 +32,7 @@ def main() -> int:
     from transformers import AutoModelForSequenceClassification
 
     import dylora
-    from dylora import data, zoo
+    from dylora.app import data, zoo
 
     model_dir = zoo.resolve_model("minilm")
     tok = zoo.load_tokenizer(model_dir)

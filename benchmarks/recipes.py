@@ -10,7 +10,7 @@ sandwich, sandwich + distillation, rowwise, nested, rowwise with a distilled r_m
 b = 1, 2, 4, 8; then the two recipes with
 the smallest worst-b gap again with rank_scaling alpha/sqrt(b); then, on bbc (one seed), the lr window of
 the paper recipe, the best recipe and LoRA r=8 over lrs 3e-4, 1e-3, 3e-3, 1e-2. Every run is a
-`dylora.run.train` run in `<out>/<task>/<arm>-s<seed>/`, reused when its sweep.json exists (resumable); two
+`dylora.app.run.train` run in `<out>/<task>/<arm>-s<seed>/`, reused when its sweep.json exists (resumable); two
 single-threaded runs at a time. Numbers go to benchmarks/results/recipes.json, tables to
 docs/recipes-tables.md, the gap-vs-rank plot to docs/recipes.png. `--timing` measures each recipe's cost
 again on bbc, each run paired with a LoRA r=8 run started at the same time (the per-seed costs otherwise
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from reproduce import PLAN, Pool, log, mean_std, score, stuck
 
-from dylora.settings import Settings
+from dylora.app.settings import Settings
 
 RANKS = [1, 2, 4, 8]
 LR = 3e-3

@@ -4,7 +4,7 @@ full fine-tuning, and the cost of a rank search, on real pretrained MiniLM and r
     python benchmarks/reproduce.py --quick          # polarity, one seed, short schedule (< 10 min on 2 cores)
     python benchmarks/reproduce.py                  # every task, arm and seed (see PLAN)
 
-Every run is a `dylora train` / `dylora lora` pipeline run (`dylora.run.train`), written to
+Every run is a `dylora train` / `dylora lora` pipeline run (`dylora.app.run.train`), written to
 `<out>/<task>/<arm>-s<seed>/`; a run whose sweep.json exists is not run again, so an interrupted
 reproduction resumes where it stopped. At the end the tables and plots are written to `--docs`
 (`results.md` section files and PNGs) and all numbers to `<out>/summary.json`.
@@ -22,8 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from dylora.run import sweep_run, train
-from dylora.settings import Settings
+from dylora.app.run import sweep_run, train
+from dylora.app.settings import Settings
 
 RANKS = list(range(1, 9))
 LORA_RANKS = [1, 2, 4, 8]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from reproduce import RANKS, Pool, log, search_cost, search_cost_table
 
-from dylora.settings import Settings
+from dylora.app.settings import Settings
 
 
 def main() -> int:

@@ -83,7 +83,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import dylora
-    from dylora import data, zoo
+    from dylora.app import data, zoo
 
     model_dir = zoo.resolve_model("minilm")
     tok = zoo.load_tokenizer(model_dir)

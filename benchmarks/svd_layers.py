@@ -28,7 +28,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification
 
     import dylora
-    from dylora import zoo
+    from dylora.app import zoo
     from dylora.files import write_json
     from dylora.model import _named_layers
 

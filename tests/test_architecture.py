@@ -1,46 +1,93 @@
-"""The layering rules of the package, checked on its source: only the CLI prints or parses arguments."""
+"""The layering rules of the package, checked on its source.
+
+Two rings, two folders: the core is the modules directly in `src/dylora/` (what a PEFT user imports); the
+application is `src/dylora/app/` (the CLI, settings, run skeleton, run directory, tasks, data and model sources,
+checkpoints, reports). The core never imports the application, nor the application's dependencies; only the CLI
+prints or parses arguments; tasks import neither each other nor the skeleton.
+"""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import dylora
 
 SRC = Path(dylora.__file__).parent
-CORE = ("functional", "layers", "config", "sampler", "model", "training", "resizing")
+CORE = sorted(p for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__"))
+APP = sorted((SRC / "app").rglob("*.py"))
+APP_DEPENDENCIES = {"typer", "rich", "matplotlib", "sklearn", "datasets", "rouge_score", "sacrebleu"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imported_modules(path: Path) -> set[str]:
-    """Top-level names of every module a source file imports (at any depth of the file)."""
+    """Every module a source file imports (at any depth of the file), relative imports resolved to dotted names."""
+    package = module_name(path) if path.stem == "__init__" else module_name(path).rsplit(".", 1)[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and node.level == 1:
-            names |= {f".{node.module or alias.name}".split(".")[1] for alias in node.names}
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            stem = ".".join([*base, node.module] if node.module else base)
+            names.add(stem)
+            names |= {f"{stem}.{alias.name}" for alias in node.names}
     return names
 
 
+def tops(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def test_the_rings_are_folders():
+    assert {p.stem for p in CORE} >= {"functional", "layers", "config", "model", "training"}
+    assert {module_name(p) for p in APP} >= {"dylora.app.cli", "dylora.app.run", "dylora.app.settings",
+                                             "dylora.app.tasks",
+                                             "dylora.app.tasks.classification", "dylora.app.tasks.generation"}
+
+
+def test_the_core_never_imports_the_application_nor_its_dependencies():
+    for path in CORE:
+        imported = imported_modules(path)
+        assert not {n for n in imported if n == "dylora.app" or n.startswith("dylora.app.")}, path.name
+        assert not tops(imported) & APP_DEPENDENCIES, path.name
+
+
 def test_only_the_cli_imports_typer_or_rich():
-    offenders = {p.name: sorted(imported_modules(p) & {"typer", "rich"}) for p in SRC.glob("*.py")
+    offenders = {module_name(p): sorted(tops(imported_modules(p)) & {"typer", "rich"}) for p in CORE + APP
                  if p.name != "cli.py"}
     assert {name: mods for name, mods in offenders.items() if mods} == {}
 
 
-def test_the_core_never_imports_the_outer_ring():
-    # files (atomic writes) and cards (model cards beside saved adapters) are leaves the core may use
-    outer = {p.stem for p in SRC.glob("*.py")} - set(CORE) - {"__init__", "__main__", "files", "cards"}
-    for name in CORE:
-        assert not imported_modules(SRC / f"{name}.py") & outer, name
-
-
 def test_leaves_import_no_other_dylora_module_but_the_math():
-    mods = {p.stem for p in SRC.glob("*.py")}
-    assert imported_modules(SRC / "cards.py") & mods <= {"files", "functional"}
-    assert imported_modules(SRC / "files.py") & mods == set()
+    def own(path: Path) -> set[str]:
+        return {n for n in imported_modules(path) if n.startswith("dylora.")} - {"dylora.__version__"}
+
+    assert own(SRC / "cards.py") <= {"dylora.files", "dylora.files.write_text", "dylora.functional",
+                                     "dylora.functional.rank_coefficient"}
+    assert own(SRC / "files.py") == set()
 
 
 def test_task_plugins_import_neither_each_other_nor_the_skeleton():
+    tasks = SRC / "app" / "tasks"
     for task, other in (("classification", "generation"), ("generation", "classification")):
-        assert not imported_modules(SRC / f"{task}.py") & {other, "run", "cli"}, task
+        imported = imported_modules(tasks / f"{task}.py")
+        forbidden = {f"dylora.app.tasks.{other}", "dylora.app.run", "dylora.app.cli"}
+        assert not {n for n in imported if any(n == f or n.startswith(f + ".") for f in forbidden)}, task
+
+
+def test_import_dylora_and_its_core_stays_light():
+    # a PEFT user's imports load none of the application's dependencies (beyond what transformers' Trainer
+    # imports itself when they are installed: it imports datasets)
+    code = ("import sys; from transformers import Trainer; before = set(sys.modules); import dylora; "
+            "dylora.DyLoraConfig; dylora.get_dylora_model; dylora.resize; dylora.rank_sweep; dylora.DyLoraTrainer; "
+            f"print(sorted(m for m in {sorted(APP_DEPENDENCIES)!r} if m in set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny import make_tiny_model
 
-from dylora.cli import main
+from dylora.app.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -271,8 +271,8 @@ def test_train_and_lora_options_are_the_settings_with_their_defaults():
 
     import typer
 
-    from dylora.cli import app
-    from dylora.settings import Settings
+    from dylora.app.cli import app
+    from dylora.app.settings import Settings
 
     commands = typer.main.get_command(app).commands
     for command in ("train", "lora"):
@@ -348,7 +348,7 @@ def test_a_plain_lora_adapter_is_swept_by_its_svd_cut(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from dylora.run import default_basis, export_basis, read_run, sweep_run
+    from dylora.app.run import default_basis, export_basis, read_run, sweep_run
 
     lora = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny),
                           LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"))

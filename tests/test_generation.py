@@ -12,9 +12,11 @@ import torch
 from conftest import randomise_lora
 from tiny import make_tiny_model
 
-from dylora import DyLoraConfig, at_rank, get_dylora_model, get_rank, zoo
-from dylora.cli import main
-from dylora.generation import (
+from dylora import DyLoraConfig, at_rank, get_dylora_model, get_rank
+from dylora.app import zoo
+from dylora.app.cli import main
+from dylora.app.run import load_run
+from dylora.app.tasks.generation import (
     IGNORE,
     CausalCollator,
     encode_example,
@@ -23,7 +25,6 @@ from dylora.generation import (
     load_causal_lm,
     text_scores,
 )
-from dylora.run import load_run
 
 torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

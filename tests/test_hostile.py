@@ -1,7 +1,7 @@
 """Hostile input and faults: every bad value, file, signal and race is one line with its exit code, no
 traceback, nothing half-written, nothing deleted that dylora did not write.
 
-Each case runs the real CLI entry point in-process (`dylora.cli.main`) on a tiny random BERT and a 200-row
+Each case runs the real CLI entry point in-process (`dylora.app.cli.main`) on a tiny random BERT and a 200-row
 two-class CSV, both built once; the few that need a signal run `python -m dylora` as a subprocess.
 """
 
@@ -23,7 +23,7 @@ from tiny import make_tiny_model
 
 import dylora
 from dylora import files
-from dylora.cli import main
+from dylora.app.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -251,7 +251,7 @@ def test_bad_rank_specs(run, capsys, tmp_path, spec, needle):
 
 
 def test_a_manifest_listing_no_files_is_skipped(tmp_path):
-    from dylora.checkpoint import MANIFEST, newest_complete, verify, write_manifest
+    from dylora.app.checkpoint import MANIFEST, newest_complete, verify, write_manifest
 
     good, empty = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
     for ckpt in (good, empty):
@@ -303,7 +303,7 @@ def test_a_kill_between_the_two_renames_is_recovered(world, tmp_path):
 
 
 def test_overwrite_never_deletes_what_dylora_did_not_write(run, capsys, tmp_path):
-    from dylora.run import load_run
+    from dylora.app.run import load_run
 
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -337,7 +337,7 @@ def test_config_refuses_non_finite_alpha():
 def test_a_resume_onto_a_checkpoint_holding_a_pickle_skips_it_in_one_line(world, capsys, tmp_path):
     """rng_state.pth that torch.load(weights_only=True) refuses (a pickle of a class), with a manifest that
     matches it: the checkpoint is skipped like a corrupted one and the run resumes from the previous one."""
-    from dylora.checkpoint import write_manifest
+    from dylora.app.checkpoint import write_manifest
 
     done = tmp_path / "done"
     assert main(T(world, "--max-steps", "4", "--save-steps", "2", "--keep-checkpoints", out=done)) == 0
@@ -359,7 +359,7 @@ def test_a_resume_onto_a_checkpoint_holding_a_pickle_skips_it_in_one_line(world,
 def test_readers_find_a_run_a_kill_left_moved_aside(run, capsys, tmp_path):
     """A kill between the two renames of a publish (no RENAME_EXCHANGE) leaves OUT moved aside; a reader puts
     it back when no writer holds OUT, and reads the moved-aside copy while one does."""
-    from dylora.run import read_run
+    from dylora.app.run import read_run
 
     out = copy_run(run, tmp_path)
     aside = tmp_path / f".{out.name}.old-{os.getpid() + 1}"

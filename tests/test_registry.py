@@ -1,4 +1,4 @@
-"""Tests for dylora.registry.fetch against a local simple index: pinned files only, verified before use."""
+"""Tests for dylora.app.registry.fetch against a local simple index: pinned files only, verified before use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dylora import registry
+from dylora.app import registry
 
 
 def _one_line(exc: pytest.ExceptionInfo[ValueError]) -> str:

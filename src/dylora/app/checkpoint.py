@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .files import write_text
+from ..files import write_text
 
 MANIFEST = "dylora-complete.json"
 RANKS = "dylora-ranks.json"

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from . import data as data_mod
-from . import report, zoo
-from .settings import Settings
+from .. import data as data_mod
+from .. import report, zoo
+from ..settings import Settings
 
 
 class ClassificationTask:
@@ -72,7 +72,7 @@ class ClassificationTask:
         """The head size of a saved run (its label names) or adapter (its saved head weights)."""
         if record and record.get("label_names"):
             return len(record["label_names"])
-        from .files import ADAPTER_WEIGHTS, read_weights
+        from ...files import ADAPTER_WEIGHTS, read_weights
 
         weights = read_weights(adapter / ADAPTER_WEIGHTS)
         heads = [t.shape[0] for k, t in weights.items()

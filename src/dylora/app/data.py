@@ -29,7 +29,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
-from . import files, registry
+from .. import files
+from . import registry
 from .registry import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 
 DATASETS: tuple[str, ...] = ("polarity", "tweets", "bbc")

@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from . import data as data_mod
-from . import files, report, zoo
-from .model import at_rank, dylora_adapters, get_basis, get_layer_ranks
-from .settings import Settings
+from ... import files
+from ...model import at_rank, dylora_adapters, get_basis, get_layer_ranks
+from .. import data as data_mod
+from .. import report, zoo
+from ..settings import Settings
 
 INSTRUCTION = "Write a short headline for this news paragraph.\nParagraph:"
 SEPARATOR = "\nHeadline:"

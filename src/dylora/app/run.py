@@ -6,13 +6,7 @@ torchrun processes), every rank swept on validation and test, the best rank pick
 of it written under `NAME.partial`, renamed to `NAME` only when complete. `read_run`, `load_run` and
 `sweep_run` give a saved run back.
 
-Tasks are plug-ins (`classification.ClassificationTask`, `generation.GenerationTask`). A task is built
-from the settings and supplies: `task_type` (PEFT's), `metrics` (the first picks the best rank),
-`higher_is_better`, `default_max_length`, `default_model`, `name`, `load_data()`, `check_model(dir)`,
-`load_base(dir, num_labels) -> (model, tokenizer)`, `saved_num_labels(adapter, record)`,
-`encode(max_length) -> splits`, `collator()`, `evaluate(model, split) -> metrics` at the model's
-current rank, `plot(path, validation, test, title)`, `write_outputs(dir, best_rank)` and `record()`
-(its run.json fields). A new task is a new class and a line in `task_for`.
+Tasks are plug-ins: `tasks.Task` is their contract, `tasks.task_for` picks one.
 """
 
 from __future__ import annotations
@@ -34,21 +28,19 @@ from typing import Any
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import files, zoo
-from .cards import write_card
+from .. import files
+from ..cards import write_card
+from ..config import SIDECAR_NAME
+from ..functional import check_rank
+from ..layers import BASES
+from ..model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config, save
+from ..training import RANK_KEY, RANKS_KEY, DyLoraTrainer, SweepRow, TrainingGuard, rank_parameters, rank_sweep
+from . import zoo
 from .checkpoint import CompleteCheckpointCallback, newest_complete
-from .classification import ClassificationTask
-from .config import SIDECAR_NAME
 from .data import GENERATION_DATASETS
-from .functional import check_rank
-from .generation import GenerationTask
-from .layers import BASES
-from .model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config, save
 from .report import pick_bases, pick_ranks, sweep_payload, write_sweep
 from .settings import Settings
-from .training import RANK_KEY, RANKS_KEY, DyLoraTrainer, SweepRow, TrainingGuard, rank_parameters, rank_sweep
-
-Task = ClassificationTask | GenerationTask
+from .tasks import Task, task_for
 
 
 @dataclass
@@ -83,12 +75,6 @@ class SavedRun:
         return self.config.task_type if (self.adapter / files.ADAPTER_CONFIG).is_file() else "SEQ_CLS"
 
 
-def task_for(s: Settings, task_type: str | None = None) -> Task:
-    """The task plug-in of a dataset (or of a saved adapter's PEFT task type)."""
-    generation = task_type == "CAUSAL_LM" if task_type else s.data in GENERATION_DATASETS
-    return (GenerationTask if generation else ClassificationTask)(s)
-
-
 # ---------------------------------------------------------------- pieces
 
 
@@ -96,7 +82,7 @@ def versions() -> dict[str, str]:
     import peft
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"dylora": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform()}
@@ -325,6 +311,8 @@ def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
     elif (path / files.ADAPTER_CONFIG).is_file():
         saved = SavedRun(Settings(), path)
         if saved.task_type == "CAUSAL_LM":
+            from .tasks.generation import GenerationTask
+
             saved.settings = Settings(model=GenerationTask.default_model, data=GENERATION_DATASETS[0])
     else:
         raise FileNotFoundError(f"{path} is neither a run directory (run.json) nor an adapter (adapter_config.json)")
@@ -414,8 +402,8 @@ def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "
     first `calibration` validation rows), scored on validation and test beside uniform truncation with no
     more parameters (r_min where even r_min everywhere costs more). `min_rank=0` lets it switch layers off.
     Returns the allocation record (written as allocation.json by the caller)."""
-    from .allocation import allocate, check_average_rank, layer_costs, lowest_rank
-    from .model import at_rank, get_layer_ranks, set_layer_ranks
+    from ..allocation import allocate, check_average_rank, layer_costs, lowest_rank
+    from ..model import at_rank, get_layer_ranks, set_layer_ranks
 
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise ValueError(f"calibration (--calibration) must be a number of validation rows >= 1, got {calibration!r}")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import unquote, urldefrag, urljoin, urlsplit
 
-from . import files
+from .. import files
 
 CACHE_ENV = "DYLORA_CACHE"
 INDEX_ENV = "DYLORA_INDEX_URL"

@@ -247,10 +247,10 @@ def export(
                                               "rank; else prefix for DyLoRA, svd for a plain LoRA).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
-    from . import files
-    from . import model as model_api
-    from .functional import check_rank
-    from .layers import BASES
+    from .. import files
+    from .. import model as model_api
+    from ..functional import check_rank
+    from ..layers import BASES
     from .run import export_basis, load_run, read_run
 
     _hush(True)
@@ -277,12 +277,12 @@ def export(
             tokenizer.save_pretrained(str(tmp))
         typer.echo(f"wrote the base model with rank {b} ({basis}) merged to {out}")
     elif fmt == "kohya":
-        from .kohya import export_kohya
+        from ..kohya import export_kohya
 
         export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(sys.argv), basis=basis)
         typer.echo(f"wrote a kohya LoRA file of rank {b} ({basis}) to {out}")
     else:
-        from .cards import write_card
+        from ..cards import write_card
 
         model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis)
         rows = [{"rank": row["rank"], "params": row["params"],  # each rank's picked basis, as the run's card
@@ -312,9 +312,9 @@ def allocate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --export directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
-    from . import files
-    from .allocation import METHODS
-    from .model import export_lora
+    from .. import files
+    from ..allocation import METHODS
+    from ..model import export_lora
     from .report import plot_allocation
     from .run import allocate_run
 
@@ -364,7 +364,7 @@ def resize(
                                                "parameters.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
 ) -> None:
-    from .resizing import resize as resize_adapter
+    from ..resizing import resize as resize_adapter
 
     path = resize_adapter(adapter, out, rank=rank, sv_fro=sv_fro, sv_ratio=sv_ratio, params=params,
                           overwrite=overwrite, command=sys.argv)
@@ -383,9 +383,9 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate (at most the model's context less "
                                                 "the prompt).")] = 24,
 ) -> None:
-    from .functional import check_rank
-    from .generation import generate
+    from ..functional import check_rank
     from .run import export_basis, load_run, read_run, token_budget
+    from .tasks.generation import generate
 
     _hush(True)
     text = [*(text or []), *(_read_input(x) for x in inputs or [])]

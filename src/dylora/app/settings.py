@@ -112,7 +112,7 @@ class Settings:
         if self.method != "full":
             self.peft_config(["x"])  # DyLoraConfig / LoraConfig name the field and the valid range
         if self.method == "dylora" and self.ranks is not None:
-            from .functional import check_rank
+            from ..functional import check_rank
 
             if not self.ranks:
                 raise ValueError("--ranks is empty: give ranks like 1,2,4,8")
@@ -134,7 +134,7 @@ class Settings:
         lora_alpha and lora_dropout pass DyLoraConfig's checks too. A bad value is named as its option."""
         from peft import LoraConfig
 
-        from .config import DyLoraConfig
+        from ..config import DyLoraConfig
 
         self._default_recipe()
         common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,

@@ -134,8 +134,9 @@ def newest_complete(directory: Path, warn: Callable[[str], None] | None = None) 
 class CompleteCheckpointCallback(TrainerCallback):
     """After each Trainer save, once every process has written its part, mark the checkpoint complete.
 
-    With a `rank_callback` (a `DyLoraCallback`), its rank history goes into the checkpoint too, and
-    `restore(checkpoint)` puts it back in front of the history of a resumed run.
+    With a `rank_callback` (the `RecipeCallback` a `DyLoraTrainer` keeps as `recipe_callback`, which `run.train_model`
+    sets here), its rank history goes into the checkpoint too; `restore(checkpoint)` puts it back in front of a
+    resumed run's history.
     """
 
     def __init__(self, rank_callback: Any = None) -> None:

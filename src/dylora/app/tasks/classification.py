@@ -1,7 +1,7 @@
 """The classification task: labelled texts, a sequence-classification head, accuracy (and macro F1).
 
-A task plug-in of `dylora.run`: it loads the data, builds the base model, encodes and collates the
-splits, and scores the model at its current rank on a split.
+A task plug-in of `dylora.app.run` (the `dylora.app.tasks.Task` contract): it loads the data, builds the base
+model, encodes and collates the splits, and scores the model at its current rank on a split.
 """
 
 from __future__ import annotations

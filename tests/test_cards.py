@@ -7,7 +7,7 @@ from peft import PeftModel
 import dylora
 from dylora import DyLoraConfig
 from dylora.cards import write_card
-from dylora.training import SweepRow
+from dylora.sweep import SweepRow
 
 
 def model():

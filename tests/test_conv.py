@@ -12,7 +12,7 @@ from peft import PeftModel
 import dylora
 from dylora import DyLoraConfig
 from dylora.layers import DyLoraConvVariant
-from dylora.training import rank_parameters
+from dylora.sweep import rank_parameters
 
 
 def conv_net(kernel: int = 3, stride: int = 2, seed: int = 0) -> torch.nn.Module:

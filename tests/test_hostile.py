@@ -391,8 +391,9 @@ def test_the_guard_stops_runs_that_cannot_learn(world, capsys, tmp_path, extra, 
 def test_the_guard_reads_the_gradient_norm_and_the_recipes_chance_level(tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
+    from dylora.guard import TrainingGuard, chance_weight
+    from dylora.recipes import Recipe
     from dylora.sampler import RankSampler
-    from dylora.training import Recipe, TrainingGuard, chance_weight
 
     def recipe(name: str, distill: bool) -> Recipe:
         return Recipe(RankSampler(1, 4), name, 1, distill, 0.5)

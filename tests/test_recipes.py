@@ -17,18 +17,11 @@ from transformers import Trainer, TrainingArguments
 
 import dylora
 from dylora import DyLoraConfig, RankSampler
+from dylora.app.run import stop_reason
 from dylora.functional import expected_scale, scale_table
-from dylora.training import (
-    RANK_KEY,
-    RANKS_KEY,
-    DyLoraCallback,
-    DyLoraTrainer,
-    Recipe,
-    RecipeCallback,
-    TrainingGuard,
-    distill_kl,
-    dylora_loss,
-)
+from dylora.guard import TrainingGuard
+from dylora.recipes import RANK_KEY, RANKS_KEY, Recipe
+from dylora.training import DyLoraCallback, DyLoraTrainer, RecipeCallback, distill_kl, dylora_loss
 
 
 def bert_model(r=8, **kw):
@@ -332,6 +325,27 @@ def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
     assert (loaded.recipe, loaded.sandwich_k, loaded.distill, loaded.rank_scaling) == ("paper", 1, False, "alpha/b")
 
 
+def test_the_recipe_table_is_the_one_list_of_recipes():
+    """config.RECIPES (what DyLoraConfig accepts) names the recipe classes, and config.DISTILL_RECIPES the ones
+    whose passes distill; Recipe(sampler, name) is the class of that name, and refuses any other."""
+    from dylora.config import DISTILL_RECIPES, RECIPES
+    from dylora.recipes import RECIPE_CLASSES, Sandwich
+
+    assert tuple(RECIPE_CLASSES) == RECIPES
+    sampler = RankSampler(1, 8, seed=3)
+    for name, cls in RECIPE_CLASSES.items():
+        recipe = Recipe(sampler, name, 2, True, 0.3)
+        assert type(recipe) is cls and recipe.name == name == cls(sampler).name
+        twin = copy.deepcopy(recipe)
+        assert type(twin) is cls and twin.passes(4, 6) == recipe.passes(4, 6)
+        assert any(p.distill for p in recipe.passes(4, 6)) == (name in DISTILL_RECIPES)
+    assert Recipe(sampler, name="sandwich", sandwich_k=2).passes(5, 6) == Sandwich(sampler, sandwich_k=2).passes(5, 6)
+    with pytest.raises(ValueError, match="unknown recipe 'matryoshka': choose one of paper, sandwich, rowwise, nested"):
+        Recipe(sampler, "matryoshka")
+    with pytest.raises(ValueError, match="Sandwich is recipe 'sandwich', not 'paper'"):
+        Sandwich(sampler, "paper")
+
+
 # ---------------------------------------------------------------- the recipe Trainer
 
 
@@ -487,7 +501,7 @@ def test_guard_stops_a_run_stuck_at_chance(tmp_path):
     trainer.train()
     assert guard.stopped and 50 <= trainer.state.global_step < 200
     assert guard.reason.startswith("training loss stayed at chance (")
-    assert "0.97 ln 2) after warm-up; try --lr 3e-3 (a third of 1e-2)" in guard.reason
+    assert "0.97 ln 2) after warm-up; try --lr 3e-3 (a third of 1e-2)" in stop_reason(guard.cause)
 
 
 # logged (step, loss) of two real 200-step polarity runs at lr 3e-3 (benchmarks/recipes.py, seed 1, 10-step logs)
@@ -531,10 +545,39 @@ def test_guard_stops_on_a_nonfinite_loss_and_flags_nonfinite_weights(tmp_path):
     assert not control.should_training_stop
     guard.on_log(args, state, control, logs={"loss": float("nan")})
     assert control.should_training_stop
-    assert guard.reason == "training loss is nan at step 2; try --lr 1e-3 (a third of 3e-3)"
+    assert stop_reason(guard.cause) == "training loss is nan at step 2; try --lr 1e-3 (a third of 3e-3)"
     model = bert_model()
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("inf"))
     guard = TrainingGuard()
     guard.on_train_end(args, state, TrainerControl(), model=model)
-    assert guard.reason.startswith("1 trainable tensors are not finite (e.g. ") and "try --lr 1e-3" in guard.reason
+    reason = stop_reason(guard.cause)
+    assert reason.startswith("1 trainable tensors are not finite (e.g. ") and "try --lr 1e-3" in reason
+
+
+def test_the_guard_returns_a_cause_and_words_no_cli_option(tmp_path):
+    """The core guard says what happened and the numbers (`cause`); what to try, in `dylora train`'s options, is
+    the application's (`stop_reason`)."""
+    from transformers import TrainerControl, TrainerState
+
+    from dylora.guard import StopKind
+
+    args = targs(tmp_path, 10, 4, 1, learning_rate=3e-3)
+    guard = TrainingGuard(num_classes=2)
+    guard.on_log(args, TrainerState(global_step=4, max_steps=10), TrainerControl(),
+                 logs={"loss": 0.6, "grad_norm": math.inf, "learning_rate": 1e-3})
+    cause = guard.cause
+    assert (cause.kind, cause.step, cause.value, cause.lr, cause.clipped) == \
+        (StopKind.GRAD_NORM_NOT_FINITE, 4, math.inf, 3e-3, True)
+    assert cause.moved == pytest.approx(4e-3) and not cause.lr_too_small
+    assert guard.reason == cause.what == "the gradient norm is inf at step 4, so every update is clipped to nothing"
+    assert "--" not in guard.reason and "try" not in guard.reason
+    assert stop_reason(cause) == f"{cause.what}; try --lr 1e-3 (a third of 3e-3)"  # no lora_alpha known here
+
+    guard = TrainingGuard(num_classes=2, window=1, min_steps=1)
+    guard.on_log(args, TrainerState(global_step=5, max_steps=10), TrainerControl(),
+                 logs={"loss": 0.7, "learning_rate": 1e-6})
+    assert (guard.cause.kind, guard.cause.value, guard.cause.lr_too_small) == (StopKind.AT_CHANCE, 0.7, True)
+    assert stop_reason(guard.cause) == ("training loss stayed at chance (0.70 >= 0.97 ln 2) after warm-up; the lr is "
+                                        "too small to move the weights (AdamW moves each by at most the lr a step: "
+                                        "5e-06 in all); try --lr 1e-4 or larger")

@@ -8,7 +8,9 @@ from transformers import Trainer, TrainingArguments
 
 import dylora
 from dylora import DyLoraConfig, RankSampler
-from dylora.training import RANK_KEY, DyLoraCallback, rank_parameters, rank_sweep, step_rank
+from dylora.recipes import RANK_KEY
+from dylora.sweep import rank_parameters, rank_sweep
+from dylora.training import DyLoraCallback, step_rank
 
 
 def toy_dataset(n=48, seed=0):

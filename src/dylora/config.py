@@ -14,7 +14,12 @@ from .functional import RANK_SCALINGS
 
 DISTRIBUTIONS = ("uniform", "geometric")
 MAX_RANK = 4096  # far above any useful LoRA rank; larger values only exhaust memory
+# The recipes (what an optimizer step trains): the names of dylora.recipes.RECIPE_CLASSES, in its order (stated
+# here, where DyLoraConfig checks them, since the recipe classes import the model); and the defaults, in one place.
 RECIPES = ("paper", "sandwich", "rowwise", "nested")
+DISTILL_RECIPES = ("sandwich", "rowwise")  # the recipes that can distill from r_max (dylora train: on by default)
+DEFAULT_RECIPE = "paper"  # DyLoraConfig's: the paper's Algorithm 1; a sidecar or run.json without a recipe trained so
+RECOMMENDED_RECIPE = "rowwise"  # dylora train's (with distill), the closest to LoRA at every rank (docs/results.md)
 SIDECAR_NAME = "dylora_config.json"
 
 # The one list of what DyLoRA takes from peft.LoraConfig. Every field of PEFT's LoraConfig is in
@@ -75,7 +80,7 @@ class DyLoraConfig(LoraConfig):
     `use_rslora` is refused: its alpha / sqrt(r) scale contradicts DyLoRA's alpha / b; set
     `rank_scaling="alpha/sqrt(b)"` for rsLoRA's scale at every rank b instead.
 
-    `recipe` says what each optimizer step trains (see `dylora.training`): "paper" one sampled rank,
+    `recipe` says what each optimizer step trains (see `dylora.recipes`): "paper" one sampled rank,
     "sandwich" r_max + r_min + `sandwich_k` sampled ranks with the losses summed (with `distill`, every rank
     below r_max also learns from r_max's detached predictions, weight `distill_weight`), "rowwise" one
     pass with a stratified rank per example (with `distill`, a pass at r_max first, whose detached
@@ -90,7 +95,7 @@ class DyLoraConfig(LoraConfig):
     geometric_p: float = field(default=0.15, metadata={"help": "p of the geometric distribution, in (0, 1]."})
     frozen: bool = field(default=False, metadata={"help": "Train only component b at rank b (DyLoRA Frozen)."})
     seed: int = field(default=0, metadata={"help": "Seed of the rank sampler."})
-    recipe: str = field(default="paper", metadata={"help": f"Training recipe: one of {', '.join(RECIPES)}."})
+    recipe: str = field(default=DEFAULT_RECIPE, metadata={"help": f"Training recipe: one of {', '.join(RECIPES)}."})
     sandwich_k: int = field(default=1, metadata={"help": "Sampled ranks per step besides r_min and r_max."})
     distill: bool = field(default=False, metadata={"help": "Sandwich, rowwise: smaller ranks also learn from r_max."})
     distill_weight: float = field(default=0.5, metadata={"help": "w in (1 - w) task loss + w KL(r_max || b)."})
@@ -159,8 +164,8 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("sandwich_k", "sandwich_k must be an integer >= 0")
     if not isinstance(c.distill, bool):
         raise bad("distill", "distill must be true or false")
-    if c.distill and c.recipe not in ("sandwich", "rowwise"):
-        raise bad("distill", "distillation is implemented for recipes sandwich and rowwise only")
+    if c.distill and c.recipe not in DISTILL_RECIPES:
+        raise bad("distill", f"distillation is implemented for recipes {' and '.join(DISTILL_RECIPES)} only")
     if not 0.0 <= float(c.distill_weight) <= 1.0:
         raise bad("distill_weight", "distill_weight must lie in [0, 1]")
     if c.rank_scaling not in RANK_SCALINGS:

@@ -1,50 +1,26 @@
-"""Training with DyLoRA: the HF Trainer callback, the recipes and their Trainer, a guard, and the rank sweep.
+"""Training with DyLoRA in the HF Trainer: the rank bookkeeping callback, the recipe Trainer, and the recipe loss.
 
-A recipe says what one optimizer step trains (`DyLoraConfig.recipe`); each step is a list of passes (a
-forward, a loss) at ranks that are a pure function of (seed, optimizer step):
-
-- paper:    one pass at b ~ P (the paper's Algorithm 1; what `DyLoraCallback` does).
-- sandwich: passes at r_max, r_min and `sandwich_k` ranks drawn between them; the loss is their sum,
-            L = sum_b L_b. With `distill`, each b < r_max has L_b = (1 - w) task_b + w KL(p_rmax || p_b),
-            p_rmax being r_max's detached predictions of the same micro-batch.
-- rowwise:  one pass, row j of the batch at rank b_j (stratified: every rank in every step). With
-            `distill`, a pass at r_max comes first (task loss) and the rowwise pass's loss is
-            (1 - w) task + w KL(p_rmax || p_rows): two passes, one of them at every rank.
-- nested:   one pass at the expected scale E_b[s_b] (see `dylora.functional`).
-
-`DyLoraTrainer` runs the recipe in the HF Trainer, one backward per pass (so memory stays that of one
-pass and gradient checkpointing recomputes at the pass's rank); `dylora_loss` is the same recipe as one
-summed loss, for a Trainer of your own. After each optimizer step the model is back at r_max.
+A recipe (`dylora.recipes`) says what one optimizer step trains: its passes, each a forward and a loss at ranks
+that are a pure function of (seed, optimizer step). `DyLoraTrainer` runs the recipe in the HF Trainer, one
+backward per pass (so memory stays that of one pass and gradient checkpointing recomputes at the pass's rank);
+`dylora_loss` is the same recipe as one summed loss, for a Trainer of your own. `RecipeCallback` keeps the rank
+history and logs and puts the model back at r_max after each optimizer step; `DyLoraCallback` is that callback
+for the paper's recipe with the plain HF Trainer, setting each step's rank itself.
+The guard is `dylora.guard`, the rank sweep `dylora.sweep`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from .config import RECIPES
-from .layers import BASES
-from .model import (
-    at_rank,
-    attach_dylora_layers,
-    dylora_adapters,
-    get_rank,
-    select_adapters,
-    set_example_ranks,
-    set_expected_scale,
-    set_rank,
-    unwrap,
-)
+from .model import attach_dylora_layers, select_adapters, set_rank, unwrap
+from .recipes import RANK_KEY, RANKS_KEY, Paper, Recipe, RecipePass
 from .sampler import RankSampler
-
-RANK_KEY = "dylora/rank"
-RANKS_KEY = "dylora/ranks"
 
 
 def step_rank(model: torch.nn.Module, sampler: RankSampler, step: int) -> int:
@@ -52,98 +28,6 @@ def step_rank(model: torch.nn.Module, sampler: RankSampler, step: int) -> int:
     b = sampler.sample(step)
     set_rank(model, b)
     return b
-
-
-class DyLoraCallback(TrainerCallback):
-    """Samples the DyLoRA rank once per optimizer step with the HF Trainer.
-
-    `on_step_begin` fires once per optimizer step, so every gradient-accumulation micro-batch of a step
-    uses the same rank b = sampler.sample(global_step). After the step the rank goes back to `eval_rank`
-    (r_max by default), so evaluation inside training never runs at a leftover sampled rank. Each logged
-    training step gets a `dylora/rank` entry in `trainer.state.log_history`.
-    """
-
-    def __init__(self, sampler: RankSampler, eval_rank: int | None = None) -> None:
-        self.sampler = sampler
-        self.eval_rank = eval_rank if eval_rank is not None else sampler.r_max
-        self.current: int | None = None
-        self.history: list[tuple[int, int]] = []  # (optimizer step, rank) seen by this process
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.current = step_rank(model, self.sampler, state.global_step)
-        self.history.append((state.global_step, self.current))
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        set_rank(model, self.eval_rank)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs and self.current is not None and state.log_history:
-            state.log_history[-1][RANK_KEY] = self.current
-
-
-# ---------------------------------------------------------------- recipes
-
-
-@dataclass(frozen=True)
-class RecipePass:
-    """One forward of a recipe step: at one rank ("rank"), a rank per row ("rows"), or at E_b[s_b] ("expected").
-    `teacher`: its detached logits teach the later passes; `distill`: this pass learns from them."""
-
-    kind: str
-    ranks: tuple[int, ...] = ()
-    teacher: bool = False
-    distill: bool = False
-
-
-@dataclass
-class Recipe:
-    """A training recipe (`DyLoraConfig.recipe` and its settings) with its rank sampler."""
-
-    sampler: RankSampler
-    name: str = "paper"
-    sandwich_k: int = 1
-    distill: bool = False
-    distill_weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.name not in RECIPES:
-            raise ValueError(f"unknown recipe {self.name!r}: choose one of {', '.join(RECIPES)}")
-
-    @classmethod
-    def from_config(cls, config) -> Recipe:
-        return cls(RankSampler.from_config(config), config.recipe, config.sandwich_k, config.distill,
-                   config.distill_weight)
-
-    def passes(self, step: int, n_rows: int) -> list[RecipePass]:
-        """The passes of optimizer step `step` on a micro-batch of `n_rows` rows."""
-        if self.name == "paper":
-            return [RecipePass("rank", (self.sampler.sample(step),))]
-        if self.name == "rowwise":
-            rows = RecipePass("rows", tuple(int(b) for b in self.sampler.example_ranks(n_rows, step)),
-                              distill=self.distill)
-            return [RecipePass("rank", (self.sampler.r_max,), teacher=True), rows] if self.distill else [rows]
-        if self.name == "nested":
-            return [RecipePass("expected")]
-        top, *rest = self.sampler.sandwich_ranks(step, self.sandwich_k)
-        return [RecipePass("rank", (top,), teacher=self.distill and bool(rest)),
-                *(RecipePass("rank", (b,), distill=self.distill) for b in rest)]
-
-    def step_ranks(self, step: int) -> list[int] | None:
-        """The ranks a step trains one pass each (paper, sandwich), for logs and the rank history; else None."""
-        if self.name == "paper":
-            return [self.sampler.sample(step)]
-        if self.name == "sandwich":
-            return self.sampler.sandwich_ranks(step, self.sandwich_k)
-        return None
-
-    def apply(self, model: torch.nn.Module, p: RecipePass) -> None:
-        """Put the model in the state of pass `p`."""
-        if p.kind == "rank":
-            set_rank(model, p.ranks[0])
-        elif p.kind == "rows":
-            set_example_ranks(model, list(p.ranks))
-        else:
-            set_expected_scale(model, self.sampler.pmf())
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -226,10 +110,12 @@ def dylora_loss(model: torch.nn.Module, inputs: dict[str, Any], step: int, recip
 
 
 class RecipeCallback(TrainerCallback):
-    """Bookkeeping of a recipe run in the HF Trainer: the rank history and logs, and r_max after each step.
+    """The rank bookkeeping of a recipe run in the HF Trainer: the rank history and logs, and `eval_rank` (r_max by
+    default) after each optimizer step, so evaluation inside training never runs at a leftover sampled rank.
 
-    `history` holds (optimizer step, rank) for every pass of paper and sandwich steps (the format of
-    `DyLoraCallback.history`); logged training steps get `dylora/rank` (paper) or `dylora/ranks` (sandwich).
+    `history` holds (optimizer step, rank) for every pass of paper and sandwich steps seen by this process; logged
+    training steps get the recipe's `log_entry` in `trainer.state.log_history`: `dylora/rank` (paper) or
+    `dylora/ranks` (sandwich).
     """
 
     def __init__(self, recipe: Recipe, eval_rank: int | None = None) -> None:
@@ -247,10 +133,24 @@ class RecipeCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs and self.current is not None and state.log_history:
-            if self.recipe.name == "paper":
-                state.log_history[-1][RANK_KEY] = self.current[0]
-            else:
-                state.log_history[-1][RANKS_KEY] = list(self.current)
+            state.log_history[-1].update(self.recipe.log_entry(self.current))
+
+
+class DyLoraCallback(RecipeCallback):
+    """The paper's recipe with the HF Trainer: samples the DyLoRA rank once per optimizer step and sets it.
+
+    `on_step_begin` fires once per optimizer step, so every gradient-accumulation micro-batch of a step
+    uses the same rank b = sampler.sample(global_step); the rest is `RecipeCallback`'s (r_max after the step,
+    `dylora/rank` in the logs, the history).
+    """
+
+    def __init__(self, sampler: RankSampler, eval_rank: int | None = None) -> None:
+        super().__init__(Paper(sampler), eval_rank)
+        self.sampler = sampler
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        super().on_step_begin(args, state, control, **kwargs)
+        set_rank(model, self.current[0])
 
 
 class DyLoraTrainerMixin:
@@ -323,190 +223,5 @@ class DyLoraTrainer(DyLoraTrainerMixin, Trainer):
     `Trainer` + `DyLoraCallback`."""
 
 
-# ---------------------------------------------------------------- guard
-
-
-def nonfinite_adapter_weights(model: torch.nn.Module) -> list[str]:
-    """Names of trainable tensors holding NaN or inf."""
-    return [n for n, p in unwrap(model).named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-
-
-def _short(x: float) -> str:
-    mantissa, exponent = f"{x:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-def chance_weight(recipe: Recipe) -> float:
-    """The logged loss at chance as a fraction of ln K: the mean, over a step's passes, of the task loss's weight
-    (1 - distill_weight in a pass that learns from r_max, whose KL is 0 while every rank predicts alike; 1 else).
-    Rowwise with distillation (the CLI's default) logs 0.75 ln K at chance, not ln K."""
-    passes = recipe.passes(0, 1)
-    return sum(1 - recipe.distill_weight if p.distill else 1.0 for p in passes) / len(passes)
-
-
-def _zero_adapter(model: torch.nn.Module) -> bool:
-    """True when the model has LoRA B weights and every one is exactly 0: no update ever reached the adapter
-    (B starts at 0, so one step of any finite, non-zero gradient moves it)."""
-    bs = [p for n, p in unwrap(model).named_parameters() if p.requires_grad and p.numel()
-          and ("lora_B" in n or "lora_embedding_B" in n)]
-    return bool(bs) and not any(bool(p.detach().any()) for p in bs)
-
-
-MIN_MOVEMENT = 1e-4  # the guard's "lr too small": the lr summed over the steps below this moves no weight much
-
-
-class TrainingGuard(TrainerCallback):
-    """Stops a run that cannot be learning, and says why in `reason` (None while all is well).
-
-    Stops when a logged training loss or gradient norm is NaN/inf (a gradient norm of inf clips every update to
-    nothing; not judged under fp16, whose loss scaler skips such steps), or when, after warm-up and at least
-    `min_steps` optimizer steps, every one of the last `window` logged losses is still >= `chance_ratio` *
-    `chance_weight` * ln(num_classes) (chance for a classifier, weighted for a distilled recipe; not judged without
-    `num_classes`): a run whose loss has just started to fall is left alone (a mean over the window would stop it
-    while the plateau still fills the window). Short runs are never judged at chance. At the end it also checks
-    the trainable weights are finite and, in a single process, that the adapter moved at all (some lora_B is
-    not 0). The reason is one line naming the cause and what to try.
-    """
-
-    def __init__(self, num_classes: int | None = None, window: int = 5, min_steps: int = 50,
-                 chance_ratio: float = 0.97) -> None:
-        self.num_classes, self.window, self.min_steps, self.chance_ratio = num_classes, window, min_steps, chance_ratio
-        self.reason: str | None = None
-        self.weight = 1.0  # chance_weight of the model's recipe, read at the start of training
-        self.lora_alpha: float | None = None
-        self._losses: list[float] = []
-        self._bad_grad: float | None = None  # the last logged gradient norm, where it was not finite
-        self._moved, self._step = 0.0, 0  # the sum of the lr over the steps so far (logged lr x steps between logs)
-
-    @property
-    def stopped(self) -> bool:
-        return self.reason is not None
-
-    def _hint(self, args, clipped: bool = False) -> str:
-        """What to try: a third of the lr; where updates were clipped to nothing, first a smaller lora_alpha."""
-        lr = args.learning_rate
-        hint = f"try --lr {_short(lr / 3)} (a third of {_short(lr)})"
-        if (clipped or self._bad_grad is not None) and self.lora_alpha is not None:
-            hint = f"try a smaller --lora-alpha (it is {self.lora_alpha:g}; the scale at rank b is alpha / b) or " \
-                   f"{hint.removeprefix('try ')}"
-        return hint
-
-    def _stop(self, control, args, cause: str, hint: str | None = None) -> None:
-        if self.reason is None:
-            self.reason = f"{cause}; {hint or self._hint(args)}"
-        control.should_training_stop = True
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._losses, self._bad_grad, self._moved, self._step = [], None, 0.0, state.global_step
-        configs = list((getattr(unwrap(model), "peft_config", None) or {}).values()) if model is not None else []
-        self.lora_alpha = getattr(configs[0], "lora_alpha", None) if configs else None
-        adapters = dylora_adapters(model) if model is not None else {}
-        self.weight = chance_weight(Recipe.from_config(next(iter(adapters.values())))) if adapters else 1.0
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "train_loss" in logs and not math.isfinite(float(logs["train_loss"])):
-            self._stop(control, args, f"the mean training loss is {float(logs['train_loss'])}")
-        if not logs or "loss" not in logs:
-            return
-        loss = float(logs["loss"])
-        if "learning_rate" in logs:
-            self._moved += float(logs["learning_rate"]) * (state.global_step - self._step)
-            self._step = state.global_step
-        if not math.isfinite(loss):
-            self._stop(control, args, f"training loss is {loss} at step {state.global_step}")
-            return
-        grad = float(logs.get("grad_norm", 0.0))
-        if not math.isfinite(grad) and not args.fp16:
-            self._bad_grad = grad
-            self._stop(control, args, f"the gradient norm is {grad} at step {state.global_step}, so every update is "
-                                      "clipped to nothing")
-            return
-        if state.global_step <= args.get_warmup_steps(state.max_steps):
-            return
-        self._losses.append(loss)
-        if not self.num_classes or self.num_classes < 2 or state.global_step < self.min_steps:
-            return
-        if len(self._losses) >= self.window:
-            lowest = min(self._losses[-self.window:])
-            if lowest >= self.chance_ratio * self.weight * math.log(self.num_classes):
-                weighted = f"{self.chance_ratio} x {self.weight:g}" if self.weight != 1 else f"{self.chance_ratio}"
-                small = (f"the lr is too small to move the weights (AdamW moves each by at most the lr a step: "
-                         f"{self._moved:.0e} in all); try --lr 1e-4 or larger") if self._moved < MIN_MOVEMENT else None
-                self._stop(control, args, f"training loss stayed at chance ({lowest:.2f} >= {weighted} "
-                                          f"ln {self.num_classes}) after warm-up", small)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if model is None or self.reason is not None:
-            return
-        bad = nonfinite_adapter_weights(model)
-        if bad:
-            self.reason = f"{len(bad)} trainable tensors are not finite (e.g. {bad[0]}); {self._hint(args)}"
-        elif args.world_size == 1 and state.global_step > 0 and _zero_adapter(model):
-            self.reason = (f"no update reached the adapter in {state.global_step} steps (every lora_B is still 0: "
-                           f"the gradients were clipped to nothing or were 0); {self._hint(args, clipped=True)}")
-
-
-# ---------------------------------------------------------------- sweep
-
-
-@dataclass
-class SweepRow:
-    """One rank of a sweep: the rank, its metrics, the trainable parameters a rank-b adapter has, and the basis
-    of the rank ("prefix" or "svd")."""
-
-    rank: int
-    metrics: dict[str, float]
-    params: int
-    extra: dict[str, Any] = field(default_factory=dict)
-    basis: str = "prefix"
-
-
-def rank_parameters(model: torch.nn.Module, b: int) -> int:
-    """Trainable parameters of the model cut to rank b: b (in + out) per adapted layer, plus the rest."""
-    from peft.tuners.lora.layer import LoraLayer
-
-    peft_model = unwrap(model)
-    lora = 0
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer):
-            for name, r in module.r.items():
-                variant = module.lora_variant.get(name)
-                if hasattr(variant, "cost"):
-                    lora += b * variant.cost(module, name)
-                elif name in module.lora_A:  # a plain LoRA adapter has its own fixed rank
-                    lora += r * (module.lora_A[name].weight[0].numel() + module.lora_B[name].weight[:, 0].numel())
-                elif name in module.lora_embedding_A:
-                    lora += r * (module.lora_embedding_A[name].shape[1] + module.lora_embedding_B[name].shape[0])
-    others = sum(p.numel() for n, p in peft_model.named_parameters()
-                 if p.requires_grad and "lora_" not in n)
-    return lora + others
-
-
-def rank_sweep(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dict[str, float]],
-               ranks: Iterable[int] | None = None, adapter_name: str | None = None,
-               progress: bool = True, basis: str = "prefix") -> list[SweepRow]:
-    """Evaluate the model at each rank (default every b in [r_min, r]) and restore the previous rank.
-
-    `basis`: "prefix", "svd", or "both" (a row per rank and basis, prefix first).
-    """
-    cfg = next(iter(select_adapters(model, adapter_name).values()))
-    ranks = list(range(cfg.r_min, cfg.r + 1)) if ranks is None else list(ranks)
-    if basis not in (*BASES, "both"):
-        raise ValueError(f"basis must be one of {', '.join(BASES)}, both; got {basis!r}")
-    points = [(b, base) for b in ranks for base in (BASES if basis == "both" else (basis,))]
-    rows = []
-    iterator: Iterable[tuple[int, str]] = points
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(points, desc="rank sweep", unit="rank")
-    for b, base in iterator:
-        with at_rank(model, b, adapter_name, basis=base):
-            rows.append(SweepRow(b, dict(evaluate(model)), rank_parameters(model, b), basis=base))
-    return rows
-
-
 __all__ = ["RANKS_KEY", "RANK_KEY", "DyLoraCallback", "DyLoraTrainer", "DyLoraTrainerMixin", "Recipe",
-           "RecipeCallback", "RecipePass", "SweepRow", "TrainingGuard", "distill_kl", "dylora_adapters", "dylora_loss",
-           "get_rank", "model_loss", "nonfinite_adapter_weights", "rank_parameters", "rank_sweep", "run_pass",
-           "step_rank"]
+           "RecipeCallback", "RecipePass", "distill_kl", "dylora_loss", "model_loss", "run_pass", "step_rank"]

@@ -11,7 +11,8 @@ from typing import Any
 
 from trl import SFTTrainer
 
-from .training import DyLoraTrainerMixin, Recipe
+from .recipes import Recipe
+from .training import DyLoraTrainerMixin
 
 
 class DyLoraSFTTrainer(DyLoraTrainerMixin, SFTTrainer):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import files
-from ..training import SweepRow
+from ..sweep import SweepRow
 
 
 def pick_ranks(rows: list[SweepRow], metric: str, within: float, higher_is_better: bool = True) -> tuple[int, int]:

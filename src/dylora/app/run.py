@@ -32,9 +32,12 @@ from .. import files
 from ..cards import write_card
 from ..config import SIDECAR_NAME
 from ..functional import check_rank
+from ..guard import StopCause, TrainingGuard
 from ..layers import BASES
 from ..model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config, save
-from ..training import RANK_KEY, RANKS_KEY, DyLoraTrainer, SweepRow, TrainingGuard, rank_parameters, rank_sweep
+from ..recipes import RANK_KEY, RANKS_KEY
+from ..sweep import SweepRow, rank_parameters, rank_sweep
+from ..training import DyLoraTrainer
 from . import zoo
 from .checkpoint import CompleteCheckpointCallback, newest_complete
 from .data import GENERATION_DATASETS
@@ -169,6 +172,25 @@ class TrainingStopped(RuntimeError):
     """The guard stopped a run that could not be learning; nothing was published (one-line message)."""
 
 
+def _short(x: float) -> str:
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def stop_reason(cause: StopCause) -> str:
+    """The guard's cause in one line with what to try, in `dylora train`'s options: a third of the lr; first a
+    smaller lora_alpha where updates were clipped to nothing; a larger lr where its sum over the steps moved no
+    weight."""
+    if cause.lr_too_small:
+        return (f"{cause.what}; the lr is too small to move the weights (AdamW moves each by at most the lr a step: "
+                f"{cause.moved:.0e} in all); try --lr 1e-4 or larger")
+    hint = f"try --lr {_short(cause.lr / 3)} (a third of {_short(cause.lr)})"
+    if cause.clipped and cause.lora_alpha is not None:
+        hint = f"try a smaller --lora-alpha (it is {cause.lora_alpha:g}; the scale at rank b is alpha / b) or " \
+               f"{hint.removeprefix('try ')}"
+    return f"{cause.what}; {hint}"
+
+
 def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator: Any, partial: Path, quiet: bool,
                 resume: bool, num_classes: int | None = None,
                 callbacks: Sequence[Any] = ()) -> tuple[Any, list[tuple[int, int]]]:
@@ -190,8 +212,9 @@ def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator
     if resume_from:
         keeper.restore(resume_from)  # the rank history of the steps before the checkpoint
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if guard is not None and guard.reason:
-        raise TrainingStopped(f"training stopped: {guard.reason}; nothing was published (--no-guard to go on)")
+    if guard is not None and guard.cause is not None:
+        raise TrainingStopped(f"training stopped: {stop_reason(guard.cause)}; nothing was published (--no-guard to "
+                              "go on)")
     return trainer, (list(keeper.rank_callback.history) if keeper.rank_callback else [])
 
 

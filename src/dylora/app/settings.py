@@ -83,7 +83,9 @@ class Settings:
         values = dict(values)
         if "distribution" in values:
             values.setdefault("rank_distribution", values.pop("distribution"))
-        values.setdefault("recipe", "paper")  # runs written before recipes existed trained the paper's way
+        from ..config import DEFAULT_RECIPE
+
+        values.setdefault("recipe", DEFAULT_RECIPE)  # runs written before recipes existed trained the paper's way
         values.setdefault("distill", False)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -121,13 +123,16 @@ class Settings:
         return self
 
     def _default_recipe(self) -> None:
-        """recipe None: rowwise (with distill None: distilled from r_max, two passes a step), the recipe closest
-        to LoRA at every rank (docs/results.md, "Training recipes"); paper with `frozen`, which trains one
-        component a step. distill None: on where the recipe has it (sandwich, rowwise)."""
+        """recipe None: config.RECOMMENDED_RECIPE, rowwise (with distill None: distilled from r_max, two passes a
+        step), the recipe closest to LoRA at every rank (docs/results.md, "Training recipes"); with `frozen`, which
+        trains one component a step, config.DEFAULT_RECIPE (paper). distill None: on where the recipe has it
+        (config.DISTILL_RECIPES: sandwich, rowwise)."""
+        from ..config import DEFAULT_RECIPE, DISTILL_RECIPES, RECOMMENDED_RECIPE
+
         if self.recipe is None:
-            self.recipe = "paper" if self.frozen else "rowwise"
+            self.recipe = DEFAULT_RECIPE if self.frozen else RECOMMENDED_RECIPE
         if self.distill is None:
-            self.distill = self.recipe in ("sandwich", "rowwise")
+            self.distill = self.recipe in DISTILL_RECIPES
 
     def peft_config(self, targets: list[str], task_type: str = "SEQ_CLS") -> Any:
         """The adapter's config: a DyLoraConfig, or a plain LoraConfig for the LoRA baseline, whose r,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import dylora
+import dylora.functional
 
 SRC = Path(dylora.__file__).parent
 CORE = sorted(p for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__"))
@@ -92,3 +93,33 @@ def test_import_dylora_and_its_core_stays_light():
             f"print(sorted(m for m in {sorted(APP_DEPENDENCIES)!r} if m in set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_public_api_is_the_names_a_user_needs_and_editors_see_them():
+    # 15-25 names, no deprecated alias, each importable, and each named by a TYPE_CHECKING import
+    assert 15 <= len(dylora.__all__) <= 25 and len(set(dylora.__all__)) == len(dylora.__all__)
+    assert "rank" not in dylora.__all__ and not {"rank_scale", "set_expected_scale", "SweepRow"} & set(dylora.__all__)
+    checked = set()
+    for node in ast.walk(ast.parse((SRC / "__init__.py").read_text())):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            checked |= {alias.name for stmt in node.body for alias in stmt.names}
+    assert checked == set(dylora.__all__)
+    for name in set(dylora.__all__) - {"DyLoraSFTTrainer"}:  # that one needs trl (the eco extra)
+        assert getattr(dylora, name).__name__ == name
+
+
+def test_what_left_the_public_api_is_importable_from_its_module():
+    import dylora.guard
+    import dylora.model
+    import dylora.recipes
+    import dylora.resizing
+    import dylora.sweep
+    import dylora.training
+
+    for module, name in ((dylora.model, "set_example_ranks"), (dylora.model, "set_expected_scale"),
+                         (dylora.model, "dylora_adapters"), (dylora.training, "step_rank"),
+                         (dylora.training, "DyLoraTrainerMixin"), (dylora.recipes, "Recipe"),
+                         (dylora.guard, "TrainingGuard"), (dylora.sweep, "SweepRow"),
+                         (dylora.sweep, "rank_parameters"), (dylora.resizing, "resize_state_dict"),
+                         (dylora.functional, "rank_scale")):
+        assert callable(getattr(module, name)), name

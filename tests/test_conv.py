@@ -12,6 +12,7 @@ from peft import PeftModel
 import dylora
 from dylora import DyLoraConfig
 from dylora.layers import DyLoraConvVariant
+from dylora.model import set_expected_scale
 from dylora.sweep import rank_parameters
 
 
@@ -109,7 +110,7 @@ def test_conv2d_example_ranks_and_expected_scale(x):
         torch.testing.assert_close(rows[0], per_rank[4][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rows[1], per_rank[1][1], atol=1e-5, rtol=1e-5)
         pmf = torch.tensor([0.1, 0.2, 0.3, 0.4])
-        dylora.set_expected_scale(model, pmf)
+        set_expected_scale(model, pmf)
         mean = sum(p * per_rank[b] for b, p in zip(range(1, 5), pmf.tolist(), strict=True))
         torch.testing.assert_close(model(x), mean, atol=1e-5, rtol=1e-5)  # one layer: affine in s_b
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from peft.tuners.lora.layer import LoraLayer
 
 import dylora
+import dylora.model
 from dylora import DyLoraConfig
 
 
@@ -132,7 +133,7 @@ def test_rank_context_manager_restores():
 
 def test_rank_is_a_deprecated_alias_of_at_rank():
     model = dylora_model(tiny_bert())
-    with pytest.warns(DeprecationWarning, match="at_rank"), dylora.rank(model, 3):
+    with pytest.warns(DeprecationWarning, match="at_rank"), dylora.model.rank(model, 3):
         assert dylora.get_rank(model) == 3
     assert dylora.get_rank(model) == 8
 

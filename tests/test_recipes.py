@@ -20,6 +20,7 @@ from dylora import DyLoraConfig, RankSampler
 from dylora.app.run import stop_reason
 from dylora.functional import expected_scale, scale_table
 from dylora.guard import TrainingGuard
+from dylora.model import dylora_adapters, set_example_ranks, set_expected_scale
 from dylora.recipes import RANK_KEY, RANKS_KEY, Recipe
 from dylora.training import DyLoraCallback, DyLoraTrainer, RecipeCallback, distill_kl, dylora_loss
 
@@ -92,7 +93,7 @@ def test_rowwise_distill_is_a_pass_at_r_max_then_a_rowwise_pass_that_learns_from
     teacher = top.logits.detach()
     ranks = [int(b) for b in RankSampler(1, 8, seed=3).example_ranks(8, 2)]
     assert sorted(ranks) == list(range(1, 9))  # stratified: every rank in the step
-    dylora.set_example_ranks(model, ranks)
+    set_example_ranks(model, ranks)
     rows = model(**inputs)
     p_t, p_s = teacher.softmax(-1), rows.logits.softmax(-1)
     kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
@@ -187,7 +188,7 @@ def test_rowwise_on_2d_activations_and_its_gradient():
     layer = model.base_model.model[0]
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     x = torch.randn(3, 6)
-    dylora.set_example_ranks(model, torch.tensor([2, 4, 1]))
+    set_example_ranks(model, torch.tensor([2, 4, 1]))
     y = model(x)
     for j, b in enumerate([2, 4, 1]):
         torch.testing.assert_close(y[j], layer.base_layer(x[j]) + (8 / b) * B[:, :b] @ A[:b] @ x[j])
@@ -196,7 +197,7 @@ def test_rowwise_on_2d_activations_and_its_gradient():
     with pytest.raises(ValueError, match="set for 3 rows, but the batch has 2"):
         model(x[:2])
     with pytest.raises(ValueError, match=r"\[1, 4\]"):
-        dylora.set_example_ranks(model, [1, 5])
+        set_example_ranks(model, [1, 5])
 
 
 def test_rowwise_refuses_frozen_mode():
@@ -205,9 +206,9 @@ def test_rowwise_refuses_frozen_mode():
     assert "\n" not in str(err.value)
     model = dylora.get_dylora_model(tiny_bert(), DyLoraConfig(r=4, target_modules=["query"], frozen=True)).train()
     with pytest.raises(ValueError, match="full mode only"):
-        dylora.set_example_ranks(model, [1, 2])
+        set_example_ranks(model, [1, 2])
     model.eval()
-    dylora.set_example_ranks(model, [1, 2])  # inference is fine: frozen changes only gradients
+    set_example_ranks(model, [1, 2])  # inference is fine: frozen changes only gradients
 
 
 def test_torch_compile_one_graph_for_every_rank_vector():
@@ -222,7 +223,7 @@ def test_torch_compile_one_graph_for_every_rank_vector():
     graphs = []
     for step in range(4):
         ranks = RankSampler(1, 8, seed=0).example_ranks(4, step).tolist()
-        dylora.set_example_ranks(model, ranks)
+        set_example_ranks(model, ranks)
         with dynamo.config.patch(error_on_recompile=step > 0):
             out = compiled(**inputs).logits
         out.sum().backward()
@@ -253,12 +254,12 @@ def test_nested_forward_is_the_average_of_the_rank_b_forwards():
                                                  rank_distribution="geometric", geometric_p=0.4))
     randomise_lora(model)
     x = torch.randn(3, 6)
-    pmf = RankSampler.from_config(dylora.dylora_adapters(model)["default"]).pmf()
+    pmf = RankSampler.from_config(dylora_adapters(model)["default"]).pmf()
     direct = 0
     for b, p in zip(range(1, 5), pmf, strict=True):
         with dylora.at_rank(model, b):
             direct = direct + float(p) * model(x)
-    dylora.set_expected_scale(model, pmf)
+    set_expected_scale(model, pmf)
     out = model(x)
     torch.testing.assert_close(out, direct, atol=1e-5, rtol=1e-5)
     out.sum().backward()
@@ -290,7 +291,7 @@ def test_sqrt_scaling_forward_and_export_are_exact_in_vanilla_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(vanilla(x), model(x), atol=1e-6, rtol=1e-6)
     again = dylora.load(copy.deepcopy(pristine), tmp_path / "r3")  # an rsLoRA adapter loads with its scale
-    assert dylora.dylora_adapters(again)["default"].rank_scaling == "alpha/sqrt(b)"
+    assert dylora_adapters(again)["default"].rank_scaling == "alpha/sqrt(b)"
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), atol=1e-6, rtol=1e-6)
 
@@ -315,13 +316,13 @@ def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
                        distill_weight=0.25, rank_scaling="alpha/sqrt(b)")
     assert "recipe" not in cfg.to_dict() and cfg.dylora_dict()["distill_weight"] == 0.25
     dylora.save(dylora.get_dylora_model(tiny_bert(), cfg), tmp_path / "a")
-    assert dylora.dylora_adapters(dylora.load(tiny_bert(), tmp_path / "a"))["default"].dylora_dict() == \
+    assert dylora_adapters(dylora.load(tiny_bert(), tmp_path / "a"))["default"].dylora_dict() == \
         cfg.dylora_dict()
     side = tmp_path / "a" / "dylora_config.json"
     old = {k: v for k, v in json.loads(side.read_text()).items()
            if k not in ("recipe", "sandwich_k", "distill", "distill_weight", "rank_scaling")}
     side.write_text(json.dumps(old))
-    loaded = dylora.dylora_adapters(dylora.load(tiny_bert(), tmp_path / "a"))["default"]
+    loaded = dylora_adapters(dylora.load(tiny_bert(), tmp_path / "a"))["default"]
     assert (loaded.recipe, loaded.sandwich_k, loaded.distill, loaded.rank_scaling) == ("paper", 1, False, "alpha/b")
 
 

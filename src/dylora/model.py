@@ -332,7 +332,7 @@ def at_rank(model: torch.nn.Module, b: int, adapter_name: str | None = None, *,
 
 def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> contextlib.AbstractContextManager[None]:
     """Deprecated alias of `at_rank` (kept for one release)."""
-    warnings.warn("dylora.rank is deprecated; use dylora.at_rank", DeprecationWarning, stacklevel=2)
+    warnings.warn("dylora.model.rank is deprecated; use dylora.at_rank", DeprecationWarning, stacklevel=2)
     return at_rank(model, b, adapter_name)
 
 

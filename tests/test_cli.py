@@ -1,17 +1,15 @@
 """The `dylora` command line through its entry point `main` (in this process; `python -m dylora` where the process
 is what is tested), on a tiny random model and real polarity data."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from tiny import make_tiny_model
+from tiny import run_cli as cli
 
 from dylora.app.cli import main
 
@@ -21,17 +19,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return str(make_tiny_model("bert", tmp_path_factory.mktemp("models") / "tiny-bert"))
-
-
-def cli(*args, check=True):
-    """Run `dylora ARGS` in this process (the entry point's `main`), with its stdout and stderr captured."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    proc = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def cli_process(*args, check=True):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import randomise_lora
-from tiny import make_tiny_model
+from tiny import make_tiny_model, run_cli
 
 from dylora import DyLoraConfig, at_rank, get_dylora_model, get_rank
 from dylora.app import zoo
@@ -27,7 +24,6 @@ from dylora.app.tasks.generation import (
 )
 
 torch.set_num_threads(1)  # tiny matrices: threads only add contention on a shared machine
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 SOURCES = ["Shares in the company rose sharply on Monday after it reported record profits.",
            "Rain is expected.",
@@ -44,9 +40,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "gen"
-    proc = subprocess.run([sys.executable, "-m", "dylora", "train", "--model", tiny["gpt2"], "--data", "bbc-headlines",
-                           "--max-steps", "5", "--max-train", "40", "--r", "4", "--max-eval", "6", "--batch-size", "8",
-                           "--out", str(out), "--quiet"], capture_output=True, text=True, env=ENV, timeout=600)
+    proc = run_cli("train", "--model", tiny["gpt2"], "--data", "bbc-headlines", "--max-steps", "5", "--max-train",
+                   "40", "--r", "4", "--max-eval", "6", "--batch-size", "8", "--out", out, "--quiet", check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 

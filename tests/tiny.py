@@ -75,3 +75,21 @@ def make_tiny_model(kind: str, path: str | Path, *, num_labels: int = 2, seed: i
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def run_cli(*args: Any, check: bool = True) -> Any:
+    """Run `dylora ARGS` in this process (the entry point's `main`), stdout and stderr captured; returns an object
+    with `returncode`, `stdout` and `stderr`, like `subprocess.run`."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from dylora.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    proc = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -51,7 +51,7 @@ def test_the_rings_are_folders():
     assert {p.stem for p in CORE} >= {"functional", "layers", "config", "model", "recipes", "training", "guard",
                                       "sweep"}
     assert {module_name(p) for p in APP} >= {"dylora.app.cli", "dylora.app.run", "dylora.app.settings",
-                                             "dylora.app.tasks",
+                                             "dylora.app.rundir", "dylora.app.tasks",
                                              "dylora.app.tasks.classification", "dylora.app.tasks.generation"}
 
 

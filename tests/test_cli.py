@@ -359,3 +359,49 @@ def test_a_plain_lora_adapter_is_swept_by_its_svd_cut(tiny, tmp_path):
     assert default_basis(saved) == "svd" and export_basis(saved, 1) == "svd"
     rows, _, _ = sweep_run(tmp_path / "adapter", [1, 2], "test", None, tiny, progress=False)
     assert [(row.rank, row.basis) for row in rows] == [(1, "svd"), (2, "svd")]
+
+
+def test_a_run_directory_is_read_and_written_by_its_rundir(trained, tmp_path):
+    from dylora.app.rundir import RunDir, card_rows
+
+    out, _ = trained
+    run = RunDir(out)
+    assert run.is_run() and run.adapter == out / "adapter" and not RunDir(out / "adapter").is_run()
+    sweep = run.read_sweep()
+    assert sweep == json.loads((out / "sweep.json").read_text())
+    copy = RunDir(tmp_path / "copy")
+    copy.path.mkdir()
+    copy.write_sweep(sweep)
+    copy.write_record(run.read_record())
+    assert copy.read_sweep() == sweep and copy.read_record() == run.read_record()
+    assert (copy.path / "sweep.csv").read_text() == (out / "sweep.csv").read_text()
+    assert [row["rank"] for row in card_rows(sweep)] == [row["rank"] for row in sweep["rows"]]
+    assert copy.read_sweep() is not None and RunDir(tmp_path).read_sweep() is None
+    (copy.path / "sweep.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="corrupted sweep file .*got a list"):
+        copy.read_sweep()
+
+
+def test_the_adapter_card_is_written_once(tiny, tmp_path, monkeypatch):
+    # the adapter's README.md is the run's card (with its sweep), written once, not a bare card then rewritten
+    import dylora.app.cli
+    import dylora.app.run
+    import dylora.model
+    from dylora.cards import write_card
+
+    written = []
+
+    def counting(directory, *args, **kwargs):
+        written.append((Path(directory).name, kwargs.get("filename", "README.md")))
+        return write_card(directory, *args, **kwargs)
+
+    for module in (dylora.model, dylora.app.run):
+        monkeypatch.setattr(module, "write_card", counting)
+    out = tmp_path / "run"
+    cli("train", "--model", tiny, "--max-steps", "2", "--r", "2", "--max-train", "60", "--max-eval", "20",
+        "--out", out, "--quiet")
+    adapter_cards = [w for w in written if w[0] != "run.partial"]  # the run's own card is written in run.partial
+    assert len(adapter_cards) == 1 and ("run.partial", "README.md") in written
+    sweep = json.loads((out / "sweep.json").read_text())
+    card = (out / "adapter" / "README.md").read_text()
+    assert all(f"| {row['rank']} |" in card for row in sweep["rows"])

@@ -283,12 +283,10 @@ def export(
         typer.echo(f"wrote a kohya LoRA file of rank {b} ({basis}) to {out}")
     else:
         from ..cards import write_card
+        from .rundir import card_rows
 
-        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis)
-        rows = [{"rank": row["rank"], "params": row["params"],  # each rank's picked basis, as the run's card
-                 "metrics": {k: v for k, v in row.items() if k.startswith(("validation_", "test_"))}}
-                for row in (saved.sweep or {}).get("rows", [])]
-        write_card(out, cfg, rank=b, sweep=rows or None, command=sys.argv, base_model=saved.settings.model)
+        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis, card=False)
+        write_card(out, cfg, rank=b, sweep=card_rows(saved.sweep), command=sys.argv, base_model=saved.settings.model)
         typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} ({basis}) to {out}")
 
 
@@ -312,11 +310,11 @@ def allocate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --export directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
-    from .. import files
     from ..allocation import METHODS
     from ..model import export_lora
     from .report import plot_allocation
     from .run import allocate_run
+    from .rundir import RunDir
 
     _hush(quiet)
     if (budget is None) == (params is None):
@@ -347,8 +345,8 @@ def allocate(
         typer.echo(f"wrote a plain PEFT LoRA with these ranks to {export}")
     out = run_or_adapter
     plot_allocation(out / "allocation.png", record["ranks"], record["r"], f"{method}, budget {value:g} ({kind})")
-    files.write_json(out / "allocation.json", record)
-    typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {out / 'allocation.json'} and {out / 'allocation.png'}")
+    written = RunDir(out).write_allocation(record)
+    typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {written} and {out / 'allocation.png'}")
 
 
 @app.command(help="Shrink any PEFT LoRA adapter by the SVD cut (no base model): one rank, or per-layer ranks.")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -66,16 +64,6 @@ def sweep_rows(payload: dict[str, Any], split: str = "validation") -> list[Sweep
             out.append(SweepRow(int(row["rank"]), {m: float(row[key + m]) for m in metrics if key + m in row},
                                 int(row["params"]), basis=basis))
     return out
-
-
-def write_sweep(directory: Path, payload: dict[str, Any]) -> None:
-    """sweep.json and sweep.csv (the same rows) in `directory`."""
-    files.write_json(directory / "sweep.json", payload)
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(payload["rows"][0]))
-    writer.writeheader()
-    writer.writerows(payload["rows"])
-    files.write_text(directory / "sweep.csv", text.getvalue())
 
 
 def _pyplot() -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import platform
 import shutil
@@ -41,7 +40,8 @@ from ..training import DyLoraTrainer
 from . import zoo
 from .checkpoint import CompleteCheckpointCallback, newest_complete
 from .data import GENERATION_DATASETS
-from .report import pick_bases, pick_ranks, sweep_payload, write_sweep
+from .report import pick_bases, pick_ranks, sweep_payload
+from .rundir import RunDir
 from .settings import Settings
 from .tasks import Task, task_for
 
@@ -290,16 +290,17 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
     result = RunResult(out, val, test, best, smallest, metric, rank_history=rank_history, bases=bases)
     picked = [row for row in val if bases[row.rank] == row.basis]
 
+    run_dir = RunDir(partial)
     if s.method != "full":
-        save(model, partial / "adapter")
+        save(model, run_dir.adapter, card=False)  # its card is written once, below, with the sweep
         facts = {"data": s.data, "method": s.method, "recipe": s.recipe if s.method == "dylora" else None,
                  "steps": trainer.state.global_step, "lr": s.lr, "seed": s.seed}
-        for where, name in ((partial / "adapter", "README.md"), (partial, "README.md")):
+        for where, name in ((run_dir.adapter, RunDir.CARD), (partial, RunDir.CARD)):
             write_card(where, trainer.model.peft_config["default"], sweep=picked, command=sys.argv, base_model=s.model,
                        training={k: v for k, v in facts.items() if v is not None}, filename=name)
     if not keep_checkpoints:
         shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-    write_sweep(partial, sweep_payload(val, test, task.metrics, best, smallest, task.higher_is_better))
+    run_dir.write_sweep(sweep_payload(val, test, task.metrics, best, smallest, task.higher_is_better))
     task.plot(partial / "sweep.png", val, test, f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})")
     task.write_outputs(partial, best)
     result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),
@@ -309,7 +310,7 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
               "seed": s.seed, "timings": result.timings, "command": sys.argv, "world_size": args.world_size,
               **task.record(), "steps": trainer.state.global_step, "rank_history": rank_history,
               "log_history": trainer.state.log_history}
-    files.write_text(partial / "run.json", json.dumps(record, indent=2, default=str))
+    run_dir.write_record(record)
     files.replace_dir(partial, out)
     return result
 
@@ -321,16 +322,16 @@ def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
     """The settings, adapter directory, run.json record and sweep.json of a run directory, or of a bare
     adapter directory (settings then default to the task's model; `model` overrides either)."""
     path = files.readable(path)  # a run a kill left moved aside mid-publish is found (and put back) too
-    if (path / "run.json").is_file():
-        record = files.read_json(path / "run.json", "run file")
+    run_dir = RunDir(path)
+    if run_dir.is_run():
+        record = run_dir.read_record()
         try:
             settings = Settings.from_dict(record["settings"]).validate()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"corrupted run file {path / 'run.json'}: its settings are missing or invalid "
+            raise ValueError(f"corrupted run file {run_dir.run_file}: its settings are missing or invalid "
                              f"({' '.join(str(err).split())})") from None
-        sweep_file = path / "sweep.json"
-        sweep = _check_sweep(files.read_json(sweep_file, "sweep file"), sweep_file) if sweep_file.is_file() else None
-        saved = SavedRun(settings, path / "adapter", record, sweep)
+        sweep = run_dir.read_sweep()
+        saved = SavedRun(settings, run_dir.adapter, record, sweep)
     elif (path / files.ADAPTER_CONFIG).is_file():
         saved = SavedRun(Settings(), path)
         if saved.task_type == "CAUSAL_LM":
@@ -342,20 +343,6 @@ def read_run(path: str | os.PathLike, model: str | None = None) -> SavedRun:
     if model:
         saved.settings.model = model
     return saved
-
-
-def _check_sweep(sweep: Any, path: Path) -> dict[str, Any]:
-    """sweep.json as `write_sweep` writes it (an object whose "rows" is a list of objects), or one line."""
-    rows = sweep.get("rows", []) if isinstance(sweep, dict) else None
-    if not isinstance(sweep, dict):
-        got = f"a {type(sweep).__name__}"
-    elif not isinstance(rows, list):
-        got = f"rows that are a {type(rows).__name__}"
-    else:
-        got = next((f"a row that is a {type(row).__name__}" for row in rows if not isinstance(row, dict)), "")
-    if got:
-        raise ValueError(f"corrupted sweep file {path}: an object with a list of row objects was expected, got {got}")
-    return sweep
 
 
 def load_run(path: str | os.PathLike | SavedRun, model: str | None = None, *,

@@ -405,3 +405,17 @@ def test_the_adapter_card_is_written_once(tiny, tmp_path, monkeypatch):
     sweep = json.loads((out / "sweep.json").read_text())
     card = (out / "adapter" / "README.md").read_text()
     assert all(f"| {row['rank']} |" in card for row in sweep["rows"])
+
+
+def test_settings_are_resolved_once_and_the_callers_are_not_changed(tiny, tmp_path):
+    import dataclasses
+
+    from dylora.app.run import train
+    from dylora.app.settings import Settings
+
+    s = Settings(model=tiny, r=2, max_steps=2, max_train=60, max_eval=20)
+    before = dataclasses.asdict(s)
+    train(s, tmp_path / "run", quiet=True)
+    assert dataclasses.asdict(s) == before and s.target_modules is None and s.max_length is None
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert recorded["max_length"] == 64 and recorded["target_modules"]  # resolved against the base model

@@ -91,11 +91,17 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__, "platform": platform.platform()}
 
 
+def resolve(s: Settings, task: Task, base: Any) -> Settings:
+    """The run's final settings, resolved once against its base model (the token budget, the target modules);
+    nothing changes them after."""
+    targets = s.target_modules if s.method == "full" else s.target_modules or zoo.default_target_modules(base.config)
+    return dataclasses.replace(s, max_length=token_budget(s, task, base.config), target_modules=targets)
+
+
 def build_model(s: Settings, base: Any, task_type: str) -> Any:
-    """The base model with the run's adapter on it (targets resolved into `s`), or the base itself."""
+    """The base model with the run's adapter on it (resolved settings: see `resolve`), or the base itself."""
     if s.method == "full":
         return base
-    s.target_modules = s.target_modules or zoo.default_target_modules(base.config)
     config = s.peft_config(s.target_modules, task_type)
     return get_dylora_model(base, config) if s.method == "dylora" else peft_model(base, config)
 
@@ -242,7 +248,7 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
           quiet: bool = False, keep_checkpoints: bool = False, callbacks: Sequence[Any] = ()) -> RunResult | None:
     """Train, sweep every rank, write the run directory. Returns None on processes other than the first.
     `callbacks`: more Trainer callbacks for the training."""
-    s.validate()
+    s = dataclasses.replace(s).validate()  # a copy: the caller's settings are not changed
     out = Path(out)
     t0 = time.perf_counter()
     task = task_for(s)
@@ -252,7 +258,7 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
     task.load_data()
     task.progress = not quiet
     base, _ = task.load_base(model_dir)
-    s.max_length = token_budget(s, task, base.config)
+    s = task.s = resolve(s, task, base)
     model = build_model(s, base, task.task_type)
     args = training_arguments(s, out.with_name(out.name + ".partial") / "checkpoints", quiet)
     main = args.process_index == 0

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 demo: venv
 	$(BIN)/dylora train --overwrite --out runs/demo

@@ -17,6 +17,9 @@ from dylora.app import registry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, not two threads fighting per core
+    torch.set_num_threads(1)
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0):

@@ -67,7 +67,9 @@ def run_once(out: Path, s: Settings) -> dict:
     record = json.loads((out / "run.json").read_text())
     return {"rows": sweep["rows"], "metric": sweep["metric"], "timings": record["timings"],
             "best_rank": sweep["best_rank"], "path": str(out), "final_loss": final_loss(record["log_history"]),
-            "chance_loss": math.log(len(record["label_names"]))}
+            # a generation run has no classes, so no chance level: never "stuck"
+            "chance_loss": math.log(len(record["label_names"])) if len(record.get("label_names") or []) > 1
+            else math.inf}
 
 
 def final_loss(history: list[dict]) -> float:

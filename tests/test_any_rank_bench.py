@@ -82,3 +82,19 @@ def test_tables_render_run_and_not_run_tasks():
     assert "| DyLoRA rowwise, picked | 80.0 ± 0.0 |" in text and "| 1.20x |" in text
     assert "| paper | -0.2 | -0.2 | -0.2 | -0.2 | yes |" in text
     assert "Not run" in "\n".join(bench.table_lines("polarity-1ep", summary["polarity-1ep"]))
+
+
+def test_smollm2_on_bbc_headlines_is_one_seed_at_four_ranks_picked_on_rouge():
+    spec = bench.SCHEDULES["bbc-headlines", "1ep"]
+    assert ("bbc-headlines", "1ep") in bench.ORDER
+    assert bench.schedule_seeds("bbc-headlines", "1ep", range(0, 3)) == range(0, 1)
+    assert bench.schedule_seeds("bbc", "1ep", range(1, 3)) == range(1, 3)
+    jobs = bench.train_jobs([("bbc-headlines", "1ep")], range(3), Path("/nonexistent"))
+    assert {key[2] for key in jobs} == {0}  # one seed, every arm
+    assert {key[3] for key in jobs} == set(bench.ARMS)
+    s = jobs["bbc-headlines", "1ep", 0, "rowwise-distill"][2]
+    assert (s.model, s.data, s.r, s.max_eval, s.recipe, s.distill) == ("smollm2", "bbc-headlines", 8, 30, "rowwise",
+                                                                        True)
+    assert spec["ranks"] == bench.SHOWN and spec["metric"] == "rougeL"
+    # a curve at 1, 2, 4, 8: its AURAC is the trapezoid over those ranks
+    assert bench.aurac({1: 20.0, 2: 30.0, 4: 30.0, 8: 30.0}, [1, 2, 4, 8]) == pytest.approx((25 + 60 + 120) / 7)

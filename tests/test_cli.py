@@ -123,6 +123,8 @@ def test_help_on_every_command():
         (["train", "--epochs", "-1"], "epochs"),
         (["train", "--recipe", "sandwich", "--sandwich-k", "1000000", "--r", "4"],
          "--sandwich-k=1000000 is invalid: sandwich_k must lie in [0, 2]"),
+        (["train", "--distill-every", "0"], "--distill-every=0 is invalid"),
+        (["train", "--recipe", "paper", "--distill-every", "4"], "needs recipe='rowwise'"),
         (["train", "--ranks", "1,9"], "[1, 8]"),
         (["train", "--ranks", "one"], "comma-separated"),
         (["train", "--bogus-flag"], "bogus"),

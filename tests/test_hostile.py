@@ -401,6 +401,8 @@ def test_the_guard_reads_the_gradient_norm_and_the_recipes_chance_level(tmp_path
     assert chance_weight(recipe("rowwise", True)) == 0.75 and chance_weight(recipe("rowwise", False)) == 1
     assert chance_weight(recipe("sandwich", True)) == pytest.approx(2 / 3)  # r, r_min, one between; two distilled
     assert chance_weight(recipe("paper", False)) == 1
+    thinned = Recipe(RankSampler(1, 4), "rowwise", 1, True, 0.5, 4)  # one step in 4 distilled: (0.75 + 3) / 4
+    assert chance_weight(thinned) == pytest.approx(0.9375)
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[], use_cpu=True)
     guard, control = TrainingGuard(num_classes=2), TrainerControl()
     guard.on_log(args, TrainerState(global_step=10, max_steps=100), control, logs={"loss": 0.6, "grad_norm": 3.0})

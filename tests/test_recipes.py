@@ -105,6 +105,23 @@ def test_rowwise_distill_is_a_pass_at_r_max_then_a_rowwise_pass_that_learns_from
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_rowwise_distill_every_k_teaches_on_every_kth_step_and_is_plain_rowwise_between():
+    """distill_every = k: steps 0, k, 2k, ... are rowwise + distill (r_max pass, then the rowwise pass learning from
+    it); every other step is the rowwise pass alone, with the task loss only, at the same stratified ranks."""
+    sampler = RankSampler(1, 8, seed=3)
+    thinned = Recipe(sampler, "rowwise", distill=True, distill_every=3)
+    every = Recipe(sampler, "rowwise", distill=True)
+    plain = Recipe(sampler, "rowwise")
+    for step in range(7):
+        want = every if step % 3 == 0 else plain
+        assert thinned.passes(step, 8) == want.passes(step, 8), step
+    assert sum(len(thinned.passes(step, 8)) for step in range(30)) == 30 + 10  # 1 + 1/k passes a step
+    model, inputs = bert_model().train(), batch(n=8)
+    for step, want in ((3, every), (4, plain)):
+        got, _ = dylora_loss(model, inputs, step=step, recipe=thinned)
+        torch.testing.assert_close(got, dylora_loss(model, inputs, step=step, recipe=want)[0])
+
+
 def test_distillation_term_is_zero_when_student_and_teacher_agree():
     logits = torch.randn(5, 3)
     assert distill_kl(logits, logits).item() == pytest.approx(0.0, abs=1e-7)
@@ -304,6 +321,9 @@ def test_sqrt_scaling_forward_and_export_are_exact_in_vanilla_peft(tmp_path):
     ({"recipe": "paper", "distill": True}, "distill="),
     ({"recipe": "nested", "distill": True}, "distill="), ({"distill_weight": 1.5}, "distill_weight="),
     ({"rank_scaling": "alpha/r"}, "rank_scaling="), ({"recipe": "nested", "frozen": True}, "frozen="),
+    ({"distill_every": 0}, "distill_every="), ({"distill_every": 2.5}, "distill_every="),
+    ({"distill_every": 4}, "distill_every="), ({"recipe": "sandwich", "distill": True, "distill_every": 4},
+                                                 "distill_every="),
 ])
 def test_invalid_recipe_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field) as err:
@@ -312,7 +332,7 @@ def test_invalid_recipe_settings_name_the_field(kwargs, field):
 
 
 def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
-    cfg = DyLoraConfig(r=4, target_modules=["query"], recipe="sandwich", sandwich_k=2, distill=True,
+    cfg = DyLoraConfig(r=4, target_modules=["query"], recipe="rowwise", distill=True, distill_every=3,
                        distill_weight=0.25, rank_scaling="alpha/sqrt(b)")
     assert "recipe" not in cfg.to_dict() and cfg.dylora_dict()["distill_weight"] == 0.25
     dylora.save(dylora.get_dylora_model(tiny_bert(), cfg), tmp_path / "a")
@@ -320,10 +340,11 @@ def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
         cfg.dylora_dict()
     side = tmp_path / "a" / "dylora_config.json"
     old = {k: v for k, v in json.loads(side.read_text()).items()
-           if k not in ("recipe", "sandwich_k", "distill", "distill_weight", "rank_scaling")}
+           if k not in ("recipe", "sandwich_k", "distill", "distill_weight", "distill_every", "rank_scaling")}
     side.write_text(json.dumps(old))
     loaded = dylora_adapters(dylora.load(tiny_bert(), tmp_path / "a"))["default"]
-    assert (loaded.recipe, loaded.sandwich_k, loaded.distill, loaded.rank_scaling) == ("paper", 1, False, "alpha/b")
+    assert (loaded.recipe, loaded.sandwich_k, loaded.distill, loaded.distill_every, loaded.rank_scaling) == \
+        ("paper", 1, False, 1, "alpha/b")
 
 
 def test_the_recipe_table_is_the_one_list_of_recipes():

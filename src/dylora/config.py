@@ -84,7 +84,8 @@ class DyLoraConfig(LoraConfig):
     "sandwich" r_max + r_min + `sandwich_k` sampled ranks with the losses summed (with `distill`, every rank
     below r_max also learns from r_max's detached predictions, weight `distill_weight`), "rowwise" one
     pass with a stratified rank per example (with `distill`, a pass at r_max first, whose detached
-    predictions the rowwise pass also learns from), "nested" one pass at the expected scale E_b[s_b].
+    predictions the rowwise pass also learns from; `distill_every=k` runs that pass on every k-th step only),
+    "nested" one pass at the expected scale E_b[s_b].
     """
 
     r_min: int = field(default=1, metadata={"help": "Smallest rank trained and served (b >= r_min)."})
@@ -99,6 +100,8 @@ class DyLoraConfig(LoraConfig):
     sandwich_k: int = field(default=1, metadata={"help": "Sampled ranks per step besides r_min and r_max."})
     distill: bool = field(default=False, metadata={"help": "Sandwich, rowwise: smaller ranks also learn from r_max."})
     distill_weight: float = field(default=0.5, metadata={"help": "w in (1 - w) task loss + w KL(r_max || b)."})
+    distill_every: int = field(default=1, metadata={"help": "Rowwise with distill: the r_max pass runs on every k-th "
+                                                              "optimizer step only (1 + 1/k passes a step)."})
     rank_scaling: str = field(default="alpha/b", metadata={"help": "c(b): 'alpha/b' (paper) or 'alpha/sqrt(b)'."})
 
     def __post_init__(self) -> None:
@@ -168,6 +171,11 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("distill", f"distillation is implemented for recipes {' and '.join(DISTILL_RECIPES)} only")
     if not 0.0 <= float(c.distill_weight) <= 1.0:
         raise bad("distill_weight", "distill_weight must lie in [0, 1]")
+    if isinstance(c.distill_every, bool) or not isinstance(c.distill_every, int) or c.distill_every < 1:
+        raise bad("distill_every", "distill_every must be an integer >= 1")
+    if c.distill_every > 1 and not (c.distill and c.recipe == "rowwise"):
+        raise bad("distill_every", "distill_every > 1 thins rowwise's r_max pass: it needs recipe='rowwise' and "
+                                   "distill=True")
     if c.rank_scaling not in RANK_SCALINGS:
         raise bad("rank_scaling", f"choose one of {', '.join(RANK_SCALINGS)}")
     if c.frozen and c.recipe in ("rowwise", "nested"):

@@ -60,9 +60,14 @@ def nonfinite_adapter_weights(model: torch.nn.Module) -> list[str]:
 def chance_weight(recipe: Recipe) -> float:
     """The logged loss at chance as a fraction of ln K: the mean, over a step's passes, of the task loss's weight
     (1 - distill_weight in a pass that learns from r_max, whose KL is 0 while every rank predicts alike; 1 else).
-    Rowwise with distillation (the CLI's default) logs 0.75 ln K at chance, not ln K."""
-    passes = recipe.passes(0, 1)
-    return sum(1 - recipe.distill_weight if p.distill else 1.0 for p in passes) / len(passes)
+    Rowwise with distillation (the CLI's default) logs 0.75 ln K at chance, not ln K; with `distill_every` k, the mean
+    over the k steps of its period."""
+    def weight(step: int) -> float:
+        passes = recipe.passes(step, 1)
+        return sum(1 - recipe.distill_weight if p.distill else 1.0 for p in passes) / len(passes)
+
+    period = getattr(recipe, "distill_every", 1)
+    return sum(weight(step) for step in range(period)) / period
 
 
 def _zero_adapter(model: torch.nn.Module) -> bool:

@@ -8,7 +8,9 @@ A recipe's step is a list of passes (a forward, a loss) at ranks that are a pure
             p_rmax being r_max's detached predictions of the same micro-batch.
 - rowwise:  one pass, row j of the batch at rank b_j (stratified: every rank in every step). With
             `distill`, a pass at r_max comes first (task loss) and the rowwise pass's loss is
-            (1 - w) task + w KL(p_rmax || p_rows): two passes, one of them at every rank.
+            (1 - w) task + w KL(p_rmax || p_rows): two passes, one of them at every rank. With
+            `distill_every` k > 1, only steps 0, k, 2k, ... have the r_max pass (about 1 + 1/k passes a step);
+            the others are the rowwise pass alone.
 - nested:   one pass at the expected scale E_b[s_b] (see `dylora.functional`).
 
 Each class says its passes (`passes`), how a pass sets the model's ranks (`apply`), and what a step logs
@@ -55,6 +57,7 @@ class Recipe:
     sandwich_k: int = 1
     distill: bool = False
     distill_weight: float = 0.5
+    distill_every: int = 1
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Recipe:
         if cls is Recipe:  # the class of the recipe named (the second argument, as in the dataclass's __init__)
@@ -69,7 +72,7 @@ class Recipe:
     def from_config(cls, config: Any) -> Recipe:
         """The recipe of a DyLoraConfig, with its rank sampler."""
         return Recipe(RankSampler.from_config(config), config.recipe, config.sandwich_k, config.distill,
-                      config.distill_weight)
+                      config.distill_weight, getattr(config, "distill_every", 1))
 
     def passes(self, step: int, n_rows: int) -> list[RecipePass]:
         """The passes of optimizer step `step` on a micro-batch of `n_rows` rows."""
@@ -121,14 +124,15 @@ class Sandwich(Recipe):
 
 @dataclass
 class Rowwise(Recipe):
-    """One pass with a rank per row (every rank in every step); with `distill`, a pass at r_max teaches it."""
+    """One pass with a rank per row (every rank in every step); with `distill`, a pass at r_max teaches it (on
+    every `distill_every`-th step)."""
 
     name: str = "rowwise"
 
     def passes(self, step: int, n_rows: int) -> list[RecipePass]:
-        rows = RecipePass("rows", tuple(int(b) for b in self.sampler.example_ranks(n_rows, step)),
-                          distill=self.distill)
-        return [RecipePass("rank", (self.sampler.r_max,), teacher=True), rows] if self.distill else [rows]
+        taught = self.distill and step % self.distill_every == 0
+        rows = RecipePass("rows", tuple(int(b) for b in self.sampler.example_ranks(n_rows, step)), distill=taught)
+        return [RecipePass("rank", (self.sampler.r_max,), teacher=True), rows] if taught else [rows]
 
     def apply(self, model: torch.nn.Module, p: RecipePass) -> None:
         if p.kind == "rows":

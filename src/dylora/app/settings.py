@@ -15,7 +15,7 @@ from typing import Any
 
 METHODS = ("dylora", "lora", "full")
 DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", "sandwich_k", "distill",
-               "distill_weight", "rank_scaling", "ranks", "basis")
+               "distill_weight", "distill_every", "rank_scaling", "ranks", "basis")
 SWEEP_ONLY = ("ranks", "basis")  # DyLoRA settings of the sweep, not of the adapter
 BASES = ("prefix", "svd", "both")
 
@@ -46,6 +46,8 @@ class Settings:
     distill: bool | None = _option(None, "Sandwich, rowwise: smaller ranks also learn from r's predictions (in-place "
                                    "distillation; default: on for those recipes).", "--distill/--no-distill")
     distill_weight: float = _option(0.5, "Weight of the distillation term.")
+    distill_every: int = _option(1, "Rowwise with --distill: run the r pass (the teacher) on every k-th step only; "
+                                 "a step costs about 1 + 1/k passes instead of 2.")
     rank_scaling: str = _option("alpha/b", "Scale at rank b: alpha/b or alpha/sqrt(b).")
     lora_dropout: float = _option(0.0, "LoRA dropout.")
     target_modules: list[str] | None = _option(None, "Comma-separated module names to adapt.")

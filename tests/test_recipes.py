@@ -332,7 +332,7 @@ def test_invalid_recipe_settings_name_the_field(kwargs, field):
 
 
 def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
-    cfg = DyLoraConfig(r=4, target_modules=["query"], recipe="rowwise", distill=True, distill_every=3,
+    cfg = DyLoraConfig(r=4, target_modules=["query"], recipe="sandwich", sandwich_k=2, distill=True,
                        distill_weight=0.25, rank_scaling="alpha/sqrt(b)")
     assert "recipe" not in cfg.to_dict() and cfg.dylora_dict()["distill_weight"] == 0.25
     dylora.save(dylora.get_dylora_model(tiny_bert(), cfg), tmp_path / "a")
@@ -345,6 +345,9 @@ def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
     loaded = dylora_adapters(dylora.load(tiny_bert(), tmp_path / "a"))["default"]
     assert (loaded.recipe, loaded.sandwich_k, loaded.distill, loaded.distill_every, loaded.rank_scaling) == \
         ("paper", 1, False, 1, "alpha/b")
+    thinned = DyLoraConfig(r=4, target_modules=["query"], recipe="rowwise", distill=True, distill_every=3)
+    dylora.save(dylora.get_dylora_model(tiny_bert(), thinned), tmp_path / "b")
+    assert dylora_adapters(dylora.load(tiny_bert(), tmp_path / "b"))["default"].distill_every == 3
 
 
 def test_the_recipe_table_is_the_one_list_of_recipes():

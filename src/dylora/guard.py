@@ -66,8 +66,7 @@ def chance_weight(recipe: Recipe) -> float:
         passes = recipe.passes(step, 1)
         return sum(1 - recipe.distill_weight if p.distill else 1.0 for p in passes) / len(passes)
 
-    period = getattr(recipe, "distill_every", 1)
-    return sum(weight(step) for step in range(period)) / period
+    return sum(weight(step) for step in range(recipe.distill_every)) / recipe.distill_every
 
 
 def _zero_adapter(model: torch.nn.Module) -> bool:

@@ -72,7 +72,7 @@ class Recipe:
     def from_config(cls, config: Any) -> Recipe:
         """The recipe of a DyLoraConfig, with its rank sampler."""
         return Recipe(RankSampler.from_config(config), config.recipe, config.sandwich_k, config.distill,
-                      config.distill_weight, getattr(config, "distill_every", 1))
+                      config.distill_weight, config.distill_every)
 
     def passes(self, step: int, n_rows: int) -> list[RecipePass]:
         """The passes of optimizer step `step` on a micro-batch of `n_rows` rows."""

@@ -11,12 +11,13 @@ from dylora.app.zoo import ModelError
 TINY_KINDS = ("bert", "gpt2", "llama")
 
 
-def make_tiny_model(kind: str, path: str | Path, *, num_labels: int = 2, seed: int = 0) -> Path:
+def make_tiny_model(kind: str, path: str | Path, *, num_labels: int = 2, seed: int = 0, hidden_size: int = 32) -> Path:
     """Write a tiny random model of `kind` ("bert", "gpt2", "llama") plus the MiniLM wordpiece tokenizer.
 
     The checkpoint is a *ForSequenceClassification model (so the classification head is saved and
     deterministic); gpt2/llama tie their LM head to the embeddings, so AutoModelForCausalLM loads the
-    same directory too. Hidden size 32, 2 layers: fast enough for unit and CLI tests.
+    same directory too. Hidden size 32 (64 for a 4-bit base: bitsandbytes' CPU kernel needs rows of at least
+    its block size, 64), 2 layers: fast enough for unit and CLI tests.
     """
     import torch
     from transformers import (
@@ -56,11 +57,11 @@ def make_tiny_model(kind: str, path: str | Path, *, num_labels: int = 2, seed: i
     else:
         config = LlamaConfig(
             vocab_size=vocab,
-            hidden_size=32,
+            hidden_size=hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            intermediate_size=64,
+            intermediate_size=2 * hidden_size,
             max_position_embeddings=max_len,
             tie_word_embeddings=True,
             **ids,

@@ -360,11 +360,26 @@ class DyLoraConvVariant(_DyLoraVariant):
         return result + lora_B(h)
 
 
+def quantized_linear_layers() -> tuple[type, ...]:
+    """PEFT's LoRA layers over bitsandbytes' `Linear4bit` / `Linear8bitLt` (empty without bitsandbytes).
+
+    They call the variant's forward / merge_safe / unmerge exactly like `lora.Linear` (fan_in_fan_out False),
+    dequantizing W0 for a merge, so DyLoRA's Linear variant serves them unchanged.
+    """
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+    if not is_bnb_available():
+        return ()
+    from peft.tuners.lora import bnb as lora_bnb
+
+    return (lora_bnb.Linear8bitLt, *((lora_bnb.Linear4bit,) if is_bnb_4bit_available() else ()))
+
+
 def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
     """The DyLoRA variant class for a PEFT LoRA layer, or None where DyLoRA has none."""
     if isinstance(module, lora_layer.Embedding):
         return DyLoraEmbeddingVariant
-    if isinstance(module, lora_layer.Linear):
+    if isinstance(module, (lora_layer.Linear, *quantized_linear_layers())):
         return DyLoraLinearVariant
     if isinstance(module, lora_layer._ConvNd) and module.get_base_layer().groups == 1:
         return DyLoraConvVariant

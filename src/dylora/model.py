@@ -19,6 +19,7 @@ from peft.tuners.lora.layer import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from . import quantized
 from .cards import write_card
 from .config import SIDECAR_NAME, DyLoraConfig
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights
@@ -528,11 +529,15 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
 
 
 def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | None = None,
-          inplace: bool = False, *, ranks: Mapping[str, int] | None = None, basis: str = "prefix") -> torch.nn.Module:
+          inplace: bool = False, *, ranks: Mapping[str, int] | None = None, basis: str = "prefix",
+          requantize: bool = False) -> torch.nn.Module:
     """The base model with (alpha / b) B_b A_b folded into W0 (a copy, unless `inplace`).
 
     With `ranks` ({module name: b_l}, unlisted layers keep their current rank) each layer folds in its own
     (alpha / b_l) B[:, :b_l] A[:b_l]; with `basis="svd"` the best rank-b (b_l) approximation of its update.
+    On a bitsandbytes (4-bit / 8-bit) base the result is dequantized: every layer is a plain `nn.Linear` in its
+    compute dtype holding dequant(W0) + the update. `requantize=True` keeps PEFT's merge instead, which puts
+    the sum back into the quantized format (smaller, but the rounding loses part of the update).
     """
     check_basis(basis)
     peft_model = unwrap(model)
@@ -550,4 +555,34 @@ def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | N
         set_rank(peft_model, rank, adapter_name, basis=basis)
     else:
         set_layer_ranks(peft_model, ranks, name, basis=basis)
-    return peft_model.merge_and_unload(adapter_names=list(picked) if adapter_name else None)
+    adapters = list(picked) if adapter_name else None
+    if not quantized.is_quantized(peft_model):
+        return peft_model.merge_and_unload(adapter_names=adapters)
+    quantized.unpack_cpu_weights(peft_model)
+    if requantize:
+        return peft_model.merge_and_unload(adapter_names=adapters)
+    default = _dense_dtype(peft_model)
+    for key, module in [(k, m) for k, m in peft_model.named_modules() if isinstance(m, LoraLayer)]:
+        layer = module.get_base_layer()
+        if not quantized.bnb_kind(layer):
+            continue
+        names = [a for a in adapters or module.active_adapters if a in module.lora_A]
+        if any(module.lora_bias.get(a) for a in names):
+            raise ValueError(f"{key}: a LoRA bias (lora_bias=True) on a quantized layer is merged by PEFT only; "
+                             "use requantize=True")
+        weight = quantized.dequantized_weight(layer)
+        for adapter in names:
+            weight = weight + module.get_delta_weight(adapter).float()
+        peft_model.set_submodule(key, quantized.dense_linear(layer, weight, quantized.compute_dtype(layer, default)))
+    base = peft_model.merge_and_unload(adapter_names=adapters)
+    quantized.dequantize_layers(base, default)
+    return base
+
+
+def _dense_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating, unquantized parameter (its embeddings, usually): what the
+    layers of a dequantized merge hold when they have no compute dtype of their own."""
+    for p in model.parameters():
+        if p.is_floating_point() and type(p).__name__ not in ("Params4bit", "Int8Params"):
+            return p.dtype
+    return torch.float32

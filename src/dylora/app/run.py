@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .. import files
+from .. import files, quantized
 from ..cards import write_card
 from ..config import SIDECAR_NAME
 from ..functional import check_rank
@@ -103,7 +104,17 @@ def build_model(s: Settings, base: Any, task_type: str) -> Any:
     if s.method == "full":
         return base
     config = s.peft_config(s.target_modules, task_type)
-    return get_dylora_model(base, config) if s.method == "dylora" else peft_model(base, config)
+    if s.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = get_dylora_model(base, config) if s.method == "dylora" else peft_model(base, config)
+    if s.quantize and not any(quantized.bnb_kind(m.get_base_layer()) for m in model.modules()
+                              if isinstance(m, LoraLayer)):
+        raise ValueError(f"--quantize {s.quantize}: no target module ({', '.join(s.target_modules)}) of "
+                         f"{type(base).__name__} is a quantized layer; bitsandbytes quantizes nn.Linear layers only, "
+                         "so target those (e.g. q_proj,v_proj) or drop --quantize")
+    return model
 
 
 def prepare_out(out: Path, overwrite: bool, resume: bool, main_process: bool) -> Path:
@@ -300,7 +311,9 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
     if s.method != "full":
         save(model, run_dir.adapter, card=False)  # its card is written once, below, with the sweep
         facts = {"data": s.data, "method": s.method, "recipe": s.recipe if s.method == "dylora" else None,
-                 "steps": trainer.state.global_step, "lr": s.lr, "seed": s.seed}
+                 "steps": trainer.state.global_step, "lr": s.lr, "seed": s.seed,
+                 "base quantized": zoo.describe_quantization(s.quantize, s.quant_type, s.double_quant,
+                                                             s.compute_dtype)}
         for where, name in ((run_dir.adapter, RunDir.CARD), (partial, RunDir.CARD)):
             write_card(where, trainer.model.peft_config["default"], sweep=picked, command=sys.argv, base_model=s.model,
                        training={k: v for k, v in facts.items() if v is not None}, filename=name)

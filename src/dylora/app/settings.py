@@ -18,6 +18,9 @@ DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", 
                "distill_weight", "distill_every", "rank_scaling", "ranks", "basis")
 SWEEP_ONLY = ("ranks", "basis")  # DyLoRA settings of the sweep, not of the adapter
 BASES = ("prefix", "svd", "both")
+QUANTIZE = ("4bit", "8bit")  # bitsandbytes' Linear4bit / Linear8bitLt
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _option(default: Any, help: str, *flags: str) -> Any:
@@ -77,6 +80,14 @@ class Settings:
     basis: str | None = _option(None, "Bases the sweep evaluates at each rank: prefix (the first b components), svd "
                                 "(the best rank-b approximation of the r_max update) or both (the default), each "
                                 "rank then exported in the one better on validation.")
+    quantize: str | None = _option(None, "Load the base model quantized by bitsandbytes, 4bit (QLoRA; QDyLoRA with "
+                                   "dylora train) or 8bit; the adapter stays in full precision. Needs "
+                                   "'dylora[quant]'.")
+    quant_type: str = _option("nf4", "4-bit data type: nf4 or fp4.")
+    double_quant: bool = _option(True, "4-bit: quantize the quantization constants too (QLoRA's double quantization).",
+                                 "--double-quant/--no-double-quant")
+    compute_dtype: str | None = _option(None, "dtype the quantized layers compute in: float32, bfloat16 or float16 "
+                                        "(default: float32 on CPU, bfloat16 on CUDA).")
     guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard); CLI --no-guard
 
     @classmethod
@@ -113,6 +124,7 @@ class Settings:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.basis is not None and self.basis not in BASES:
             raise ValueError(f"--basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        self._validate_quantization()
         if self.method != "full":
             self.peft_config(["x"])  # DyLoraConfig / LoraConfig name the field and the valid range
         if self.method == "dylora" and self.ranks is not None:
@@ -123,6 +135,23 @@ class Settings:
             for b in self.ranks:
                 check_rank(b, self.r_min, self.r)
         return self
+
+    def _validate_quantization(self) -> None:
+        if self.quantize is None:
+            return
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"--quant-type must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.method == "full":
+            raise ValueError("--quantize trains an adapter on a frozen quantized base: use it with dylora train or "
+                             "dylora lora, not full fine-tuning")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError(f"--quantize {self.quantize} needs bitsandbytes: pip install 'dylora[quant]'")
 
     def _default_recipe(self) -> None:
         """recipe None: config.RECOMMENDED_RECIPE, rowwise (with distill None: distilled from r_max, two passes a

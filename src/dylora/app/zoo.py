@@ -319,3 +319,40 @@ def load_tokenizer(path: str | Path, *, for_generation: bool = False, padding_si
                 padding_side = "left"
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def load_kwargs(quantize: str | None, quant_type: str = "nf4", double_quant: bool = True,
+                compute_dtype: str | None = None) -> dict[str, Any]:
+    """`from_pretrained` keywords that load a base model quantized by bitsandbytes (nothing for None).
+
+    4bit: QLoRA's `Linear4bit` (nf4 or fp4, double quantization optional); 8bit: `Linear8bitLt`. The layers
+    compute in `compute_dtype` (default float32 on CPU, bfloat16 on CUDA). Task heads (classifier, score,
+    lm_head) stay unquantized, so they can be trained and saved beside the adapter.
+    """
+    if quantize is None:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = getattr(torch, compute_dtype or ("bfloat16" if cuda else "float32"))
+    skip = ["classifier", "score", "lm_head", "pooler"]
+    if quantize == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                    bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype,
+                                    llm_int8_skip_modules=skip)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}, "dtype": dtype}
+
+
+def describe_quantization(quantize: str | None, quant_type: str = "nf4", double_quant: bool = True,
+                          compute_dtype: str | None = None) -> str | None:
+    """One line for model cards: how the base was quantized (None when it was not)."""
+    if quantize is None:
+        return None
+    if quantize == "8bit":
+        return "8-bit (bitsandbytes LLM.int8)"
+    dq = ", double quantization" if double_quant else ""
+    return f"4-bit (bitsandbytes {quant_type}{dq}, compute dtype {compute_dtype or 'float32 on CPU, bfloat16 on CUDA'})"

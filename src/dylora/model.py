@@ -558,8 +558,8 @@ def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | N
     adapters = list(picked) if adapter_name else None
     if not quantized.is_quantized(peft_model):
         return peft_model.merge_and_unload(adapter_names=adapters)
-    quantized.unpack_cpu_weights(peft_model)
     if requantize:
+        quantized.unpack_cpu_weights(peft_model)  # PEFT's merge reads the standard 4-bit layout
         return peft_model.merge_and_unload(adapter_names=adapters)
     default = _dense_dtype(peft_model)
     for key, module in [(k, m) for k, m in peft_model.named_modules() if isinstance(m, LoraLayer)]:

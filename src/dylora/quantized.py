@@ -9,6 +9,8 @@ model (PEFT's requantizing merge rounds the update into the 4-bit grid and loses
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 BITS = ("4bit", "8bit")
@@ -34,34 +36,49 @@ def compute_dtype(layer: torch.nn.Module, default: torch.dtype = torch.float32) 
 
 def unpack_cpu_weights(model: torch.nn.Module) -> int:
     """Put every 4-bit weight that bitsandbytes repacked for its CPU inference kernel back in the standard
-    layout, and return how many it restored.
+    layout (what PEFT's requantizing merge reads), and return how many it restored.
 
-    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit` weight on its first inference forward; its
-    own state-dict save undoes that, but `dequantize_4bit` (and so PEFT's merge) reads the repacked bytes as
-    if they were standard and returns a wrong W0.
+    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit` weight on its first inference forward (its
+    absmax rounded to bfloat16); its state-dict save undoes that, as this does, with a best-effort inverse that
+    quantizes absmax again under double quantization, so W0 moves by that rounding.
     """
-    import bitsandbytes.functional as bnb_functional
-
-    inverse = getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
+    inverse = _cpu_inverse()
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if bnb_kind(module) == "4bit" and inverse is not None and getattr(state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = inverse(weight.data, state)
+        if bnb_kind(module) == "4bit" and inverse is not None and _cpu_packed(weight):
+            weight.data, weight.quant_state = inverse(weight.data, weight.quant_state)
             if getattr(module, "quant_state", None) is not None:
                 module.quant_state = weight.quant_state
             count += 1
     return count
 
 
+def _cpu_inverse():
+    import bitsandbytes.functional as bnb_functional
+
+    return getattr(bnb_functional, "_convert_weight_packed_for_cpu_inverse", None)
+
+
+def _cpu_packed(weight: torch.Tensor) -> bool:
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
 def dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """W0 of a bitsandbytes layer as a float32 (out, in) matrix (bitsandbytes' own dequantization)."""
+    """W0 of a bitsandbytes layer as a float32 (out, in) matrix: exactly the W0 its own kernel uses, the layer
+    left as it is (a 4-bit weight repacked for the CPU kernel is read in that layout, its bfloat16 absmax kept)."""
+    import bitsandbytes.functional as bnb_functional
     from peft.utils.integrations import dequantize_bnb_weight
 
-    unpack_cpu_weights(layer)
+    weight = layer.weight
+    if bnb_kind(layer) == "4bit" and _cpu_packed(weight):
+        packed = copy.copy(weight.quant_state)
+        packed.original_nested = False  # undo the nibble layout only; absmax stays as the kernel reads it
+        qweight, state = _cpu_inverse()(weight.data, packed)
+        state.absmax = weight.quant_state.absmax.T.reshape(-1).float()
+        return bnb_functional.dequantize_4bit(qweight, state).float()
     state = getattr(layer, "state", None) if bnb_kind(layer) == "8bit" else None
-    return dequantize_bnb_weight(layer.weight, state=state).float()
+    return dequantize_bnb_weight(weight, state=state).float()
 
 
 def dense_linear(layer: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> torch.nn.Linear:

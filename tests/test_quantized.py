@@ -86,7 +86,7 @@ def layers(model):
 @pytest.mark.parametrize("kind", list(QUANT))
 def test_at_every_rank_and_basis_a_quantized_layer_is_dequant_w0_x_plus_the_rank_b_update(base_dir, kind):
     model = dylora_model(base_dir, kind)
-    assert {quantized.bnb_kind(m.get_base_layer()) for m in layers(model).values()} == {BITS[kind]}
+    assert {quantized.quant_kind(m.get_base_layer()) for m in layers(model).values()} == {BITS[kind]}
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
     for layer in layers(model).values():
         A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
@@ -349,3 +349,57 @@ def test_bad_quantize_input_is_one_line_and_writes_nothing(tiny_llama, tmp_path,
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "pip install 'dylora[quant]'" in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- torchao (int8 weight-only)
+
+
+def torchao_model(path):
+    ao = pytest.importorskip("torchao", reason="the torchao base needs torchao: make venv installs 'dylora[quant]'")
+    from transformers import TorchAoConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=TorchAoConfig(quant_type=ao.quantization.Int8WeightOnlyConfig()), device_map="cpu")
+    config = dylora.DyLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = dylora.get_dylora_model(base, config)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def test_a_torchao_int8_base_takes_every_rank_and_merges_dequantized(base_dir):
+    model = torchao_model(base_dir)
+    layer = model.base_model.model.model.layers[0].self_attn.v_proj
+    assert quantized.quant_kind(layer.get_base_layer()) == "torchao"
+    h = torch.randn(3, 64, generator=torch.Generator().manual_seed(4))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    w0 = quantized.dequantized_weight(layer.get_base_layer())
+    with torch.no_grad():
+        for b in (1, 3, R):
+            dylora.set_rank(model, b)
+            torch.testing.assert_close(layer(h) - layer.get_base_layer()(h), (ALPHA / b) * h @ A[:b].T @ B[:, :b].T,
+                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.get_base_layer()(h), h @ w0.T, atol=1e-4, rtol=1e-4)
+        dylora.set_rank(model, 3)
+        reference = model(IDS).logits
+        dense = dylora.merge(model, rank=3)
+        requantized = dylora.merge(model, rank=3, requantize=True)
+        err_dense = (dense(IDS).logits - reference).abs().max()
+        err_requant = (requantized(IDS).logits - reference).abs().max()
+    assert not quantized.is_quantized(dense) and quantized.is_quantized(requantized)
+    assert err_dense <= 1e-4 * reference.abs().max() and err_dense < err_requant
+
+
+def test_a_torchao_merge_through_peft_still_fixes_the_rank(base_dir):
+    """PEFT's torchao layer merges through get_delta_weight, not the variant: the rank is still locked while
+    merged (unmerging at another rank would subtract the wrong update from W0)."""
+    model = torchao_model(base_dir)
+    dylora.set_rank(model, 3)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged into the base weights"):
+        dylora.set_rank(model, 2)
+    model.unmerge_adapter()
+    dylora.set_rank(model, 2)

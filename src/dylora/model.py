@@ -196,13 +196,14 @@ def select_adapters(model: torch.nn.Module, adapter_name: str | None) -> dict[st
 def _refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | Mapping[str, int] | None = None,
                       basis: str | None = None) -> None:
     """A merged adapter's output is fixed at the merged rank: refuse to change it (to `rank` in `basis`, to
-    per-layer ranks {module name: b_l} in the layers named, or at all)."""
+    per-layer ranks {module name: b_l} in the layers named, or at all). PEFT's `merged_adapters` counts too: its
+    torchao layer merges through `get_delta_weight`, not the variant, and unmerges at the rank of the moment."""
     for name in names:
         for key, module in _named_layers(model, name).items():
             variant = module.lora_variant[name]
             wanted = rank.get(key, variant.rank) if isinstance(rank, Mapping) else rank
-            if variant.merged is not None and (variant.rank != wanted or (basis or variant.state.basis)
-                                               != variant.state.basis):
+            merged = variant.merged is not None or name in getattr(module, "merged_adapters", ())
+            if merged and (variant.rank != wanted or (basis or variant.state.basis) != variant.state.basis):
                 raise ValueError(f"DyLoRA adapter {name!r} is merged into the base weights ({key}), so its rank "
                                  "cannot change; call unmerge_adapter() first")
 
@@ -564,7 +565,7 @@ def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | N
     default = _dense_dtype(peft_model)
     for key, module in [(k, m) for k, m in peft_model.named_modules() if isinstance(m, LoraLayer)]:
         layer = module.get_base_layer()
-        if not quantized.bnb_kind(layer):
+        if not quantized.quant_kind(layer):
             continue
         names = [a for a in adapters or module.active_adapters if a in module.lora_A]
         if any(module.lora_bias.get(a) for a in names):

@@ -1,8 +1,9 @@
-"""Quantized bases (bitsandbytes `Linear4bit` / `Linear8bitLt`): QDyLoRA, DyLoRA on a 4-bit or 8-bit W0.
+"""Quantized bases: QDyLoRA, DyLoRA on a 4-bit or 8-bit W0 (bitsandbytes `Linear4bit` / `Linear8bitLt`, or a
+torchao weight-only quantized `nn.Linear`).
 
-PEFT's bnb LoRA layers call the variant's forward, merge_safe and unmerge like `lora.Linear` does, so training,
-every rank state, export and PEFT's own (requantizing) merge need nothing here. What this module adds is the
-merge that does not requantize: each adapted layer becomes an `nn.Linear` in the compute dtype holding
+PEFT's LoRA layers over these call the variant's forward like `lora.Linear` does (bnb's call its merge too), so
+training, every rank state, export and PEFT's own (requantizing) merge need nothing here. What this module adds
+is the merge that does not requantize: each adapted layer becomes an `nn.Linear` in the compute dtype holding
 dequant(W0) + c(b) B_b A_b, and every other quantized layer is dequantized too, so the merged model is a plain
 model (PEFT's requantizing merge rounds the update into the 4-bit grid and loses part of it).
 """
@@ -16,20 +17,26 @@ import torch
 BITS = ("4bit", "8bit")
 
 
-def bnb_kind(layer: torch.nn.Module) -> str | None:
-    """"4bit" or "8bit" for a bitsandbytes linear layer (its weight is `Params4bit` / `Int8Params`), else None."""
+def quant_kind(layer: torch.nn.Module) -> str | None:
+    """"4bit" or "8bit" for a bitsandbytes linear layer (its weight is `Params4bit` / `Int8Params`), "torchao" for
+    a layer whose weight is a torchao quantized tensor, else None."""
     weight = getattr(layer, "weight", None)
     name = type(weight).__name__
-    return "4bit" if name == "Params4bit" else "8bit" if name == "Int8Params" else None
+    if name in ("Params4bit", "Int8Params"):
+        return "4bit" if name == "Params4bit" else "8bit"
+    return "torchao" if type(weight).__module__.startswith("torchao.") else None
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
-    """Whether any layer of `model` holds a bitsandbytes-quantized weight."""
-    return any(bnb_kind(m) for m in model.modules())
+    """Whether any layer of `model` holds a quantized weight (bitsandbytes or torchao)."""
+    return any(quant_kind(m) for m in model.modules())
 
 
 def compute_dtype(layer: torch.nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype a bitsandbytes layer computes in: a 4-bit layer's `compute_dtype`, else `default`."""
+    """The dtype a quantized layer computes in: a 4-bit layer's `compute_dtype`, a torchao weight's dtype, else
+    `default`."""
+    if quant_kind(layer) == "torchao":
+        return layer.weight.dtype
     dtype = getattr(layer, "compute_dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else default
 
@@ -46,7 +53,7 @@ def unpack_cpu_weights(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if bnb_kind(module) == "4bit" and inverse is not None and _cpu_packed(weight):
+        if quant_kind(module) == "4bit" and inverse is not None and _cpu_packed(weight):
             weight.data, weight.quant_state = inverse(weight.data, weight.quant_state)
             if getattr(module, "quant_state", None) is not None:
                 module.quant_state = weight.quant_state
@@ -65,19 +72,21 @@ def _cpu_packed(weight: torch.Tensor) -> bool:
 
 
 def dequantized_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """W0 of a bitsandbytes layer as a float32 (out, in) matrix: exactly the W0 its own kernel uses, the layer
+    """W0 of a quantized layer as a float32 (out, in) matrix: exactly the W0 its own kernel uses, the layer
     left as it is (a 4-bit weight repacked for the CPU kernel is read in that layout, its bfloat16 absmax kept)."""
+    weight = layer.weight
+    if quant_kind(layer) == "torchao":
+        return weight.dequantize().float()
     import bitsandbytes.functional as bnb_functional
     from peft.utils.integrations import dequantize_bnb_weight
 
-    weight = layer.weight
-    if bnb_kind(layer) == "4bit" and _cpu_packed(weight):
+    if quant_kind(layer) == "4bit" and _cpu_packed(weight):
         packed = copy.copy(weight.quant_state)
         packed.original_nested = False  # undo the nibble layout only; absmax stays as the kernel reads it
         qweight, state = _cpu_inverse()(weight.data, packed)
         state.absmax = weight.quant_state.absmax.T.reshape(-1).float()
         return bnb_functional.dequantize_4bit(qweight, state).float()
-    state = getattr(layer, "state", None) if bnb_kind(layer) == "8bit" else None
+    state = getattr(layer, "state", None) if quant_kind(layer) == "8bit" else None
     return dequantize_bnb_weight(weight, state=state).float()
 
 
@@ -95,9 +104,9 @@ def dense_linear(layer: torch.nn.Module, weight: torch.Tensor, dtype: torch.dtyp
 
 
 def dequantize_layers(model: torch.nn.Module, default: torch.dtype) -> int:
-    """Replace every bitsandbytes linear layer of `model` by its dense `nn.Linear` (in its compute dtype, else
+    """Replace every quantized linear layer of `model` by its dense `nn.Linear` (in its compute dtype, else
     `default`), drop the model's quantization config, and return how many layers were replaced."""
-    names = [name for name, module in model.named_modules() if bnb_kind(module)]
+    names = [name for name, module in model.named_modules() if quant_kind(module)]
     for name in names:
         layer = model.get_submodule(name)
         model.set_submodule(name, dense_linear(layer, dequantized_weight(layer), compute_dtype(layer, default)))

@@ -109,7 +109,7 @@ def build_model(s: Settings, base: Any, task_type: str) -> Any:
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = get_dylora_model(base, config) if s.method == "dylora" else peft_model(base, config)
-    if s.quantize and not any(quantized.bnb_kind(m.get_base_layer()) for m in model.modules()
+    if s.quantize and not any(quantized.quant_kind(m.get_base_layer()) for m in model.modules()
                               if isinstance(m, LoraLayer)):
         raise ValueError(f"--quantize {s.quantize}: no target module ({', '.join(s.target_modules)}) of "
                          f"{type(base).__name__} is a quantized layer; bitsandbytes quantizes nn.Linear layers only, "

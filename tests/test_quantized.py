@@ -403,3 +403,33 @@ def test_a_torchao_merge_through_peft_still_fixes_the_rank(base_dir):
         dylora.set_rank(model, 2)
     model.unmerge_adapter()
     dylora.set_rank(model, 2)
+
+
+def test_the_llm_page_recipe_qdylora_with_trl_and_gradient_checkpointing(tiny_llama, tmp_path):
+    """docs/llm.md: a 4-bit base, prepare_model_for_kbit_training with gradient checkpointing, TRL's
+    SFTTrainer with the rowwise recipe, then every rank exported as a plain LoRA."""
+    trl = pytest.importorskip("trl", reason="the TRL path needs trl: make venv installs 'dylora[eco]'")
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoTokenizer
+
+    from dylora.trl import DyLoraSFTTrainer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, **zoo.load_kwargs("4bit"))
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    config = dylora.DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                 recipe="rowwise", distill=False)
+    texts = ["the cat sat on the mat", "a dog ran in the park", "rain fell all day long", "the sun rises early"]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                         report_to=[], save_strategy="no", max_length=16, use_cpu=True, logging_steps=1,
+                         gradient_checkpointing=True)
+    trainer = DyLoraSFTTrainer(model=base, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                               processing_class=tokenizer, peft_config=config)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    model = trainer.model.eval()
+    for b in (1, 4):
+        dylora.export_lora(model, rank=b, path=tmp_path / f"r{b}")
+        assert json.loads((tmp_path / f"r{b}" / "adapter_config.json").read_text())["r"] == b

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -432,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: list[str]) -> int:
     command = typer.main.get_command(app)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from registry packages, never from a hub at run time
+    # imported by PEFT when installed, bitsandbytes and torchao warn at import about kernels this machine lacks
+    # (a CPU kernel fetched from a hub, CUDA libraries), and torch about torchao's enums: not the user's concern
+    for name in ("bitsandbytes", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         rv = command.main(args=args, prog_name="dylora", standalone_mode=False)
         if rv == 130:  # typer's answer to Ctrl-C

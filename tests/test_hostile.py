@@ -478,9 +478,13 @@ def test_export_onto_a_full_disk_is_one_errno_28_line(run, capsys, tmp_path, mon
         Path(filename).write_bytes(b"\0" * 100)
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
+    import transformers.modeling_utils
+
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    for fmt in ("peft", "kohya"):
-        args = ["export", str(run), "--rank", "2", "--out", str(tmp_path / "e"), "--format", fmt]
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # the name transformers imported
+    for fmt in ("peft", "kohya", "merge"):  # merge: transformers' save_pretrained meets the SafetensorError
+        args = ["export", str(run), "--rank", "2", "--out", str(tmp_path / "e")]
+        args += ["--merge"] if fmt == "merge" else ["--format", fmt]
         if fmt == "kohya":  # a BERT has no kohya naming: the refusal comes first, still one line
             refused(args, capsys, needle="kohya")
         else:

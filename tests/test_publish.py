@@ -92,21 +92,22 @@ def test_a_second_resize_into_one_new_out_gets_exists_at_publish(tmp_path, capsy
     out = tmp_path / "out"
     real = resizing.read_adapter
 
+    theirs: dict[str, str] = {}
+
     def slow_read(path):
         monkeypatch.setattr(resizing, "read_adapter", real)
         assert main(["resize", str(path), "--rank", "3", "--out", str(out)]) == 0  # the fast one, meanwhile
+        theirs.update(snapshot(out))
         return real(path)
 
     monkeypatch.setattr(resizing, "read_adapter", slow_read)
-    before = None
     capsys.readouterr()
     code = main(["resize", str(tmp_path / "in"), "--rank", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "exists" in err and "Traceback" not in err, err
-    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3  # the other's output, whole
-    before = snapshot(tmp_path)
+    assert theirs and snapshot(out) == theirs  # the other's output, whole and untouched
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
-    assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------- mixed dtypes: each tensor its own dtype, never inf

@@ -160,6 +160,36 @@ def test_the_svd_is_computed_again_after_an_optimizer_step():
                                    rtol=1e-4)
 
 
+@pytest.mark.parametrize("write", ["A.data.add_", "B.data.add_", "load_state_dict"])
+def test_the_svd_cache_sees_writes_that_bump_no_version_counter(write):
+    """`p.data.add_` bumps the version counter of the tensor `.data` returns, not p's (checked below), so a cache
+    keyed on p._version kept the old factors (issue 29: logits 2.3e-4 off a fresh model with the same weights)."""
+    model, x = build("linear")
+    layer = lora_layer(model)
+    dylora.set_rank(model, 2, basis="svd")
+    with torch.no_grad():
+        model(x)  # the cache is filled
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    before = (A._version, B._version)
+    if write == "load_state_dict":
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        key = next(k for k in state if "lora_A" in k)
+        state[key] += 0.3
+        for name, param in model.named_parameters():  # load through `.data` views, as some checkpoint loaders do
+            if name in state:
+                param.data.copy_(state[name])
+    else:
+        (A if write.startswith("A") else B).data.add_(0.3 * torch.randn_like(A if write.startswith("A") else B))
+    assert (A._version, B._version) == before  # the write is invisible to the version counters
+    fresh, _ = build("linear")
+    fresh.load_state_dict(model.state_dict())
+    dylora.set_rank(fresh, 2, basis="svd")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(x), with_weight(model, x, best(full_update(model), 2)), atol=1e-4,
+                                   rtol=1e-4)
+
+
 def test_per_example_ranks_in_the_svd_basis_and_the_state_restored():
     model, x = build("linear")
     dylora.set_rank(model, 3, basis="svd")

@@ -293,3 +293,73 @@ def test_add_weighted_adapter_is_right_at_rank_b_or_refused(kind, b, combination
         return
     model.base_model.set_adapter("mix")
     close(run(model, x), expected)
+
+
+# ---------------------------------------------------------------- LoRA variants set after the config was made (#29)
+
+
+VARIANT_OPTIONS = [("use_dora", True), ("use_rslora", True), ("lora_bias", True), ("kasa_config", {})]
+
+
+@pytest.mark.parametrize(("option", "value"), VARIANT_OPTIONS, ids=[o for o, _ in VARIANT_OPTIONS])
+def test_a_variant_set_after_the_config_was_made_is_refused_wherever_layers_are_attached(option, value):
+    """`DyLoraConfig` refuses these when it is made; set afterwards they were accepted and silently replaced by
+    DyLoRA's own layer (outputs off by up to 1.7), and `attach_dylora_layers` on the DoRA model PEFT built
+    returned [] (issue 29)."""
+    from peft.tuners.lora.config import KasaConfig
+
+    def config() -> DyLoraConfig:
+        c = DyLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["layer"])
+        setattr(c, option, KasaConfig() if option == "kasa_config" else value)
+        return c
+
+    base = base_net("linear")
+    with pytest.raises(ValueError, match=f"DyLoraConfig.{option}=") as err:
+        dylora.get_dylora_model(base, config())
+    assert "\n" not in str(err.value)
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())  # refused before PEFT changed the base
+    model = dylora_net("linear")
+    with pytest.raises(ValueError, match=f"DyLoRA.*{option}=|DyLoraConfig.{option}="):
+        dylora.add_dylora_adapter(model, "other", config())
+    assert "other" not in model.peft_config
+    built = get_peft_model(base_net("linear"), config())  # PEFT alone builds the variant's layers
+    with pytest.raises(ValueError, match=f"DyLoraConfig.{option}="):
+        dylora.model.attach_dylora_layers(built)
+
+
+def test_a_layer_carrying_another_variant_is_refused_by_name(tmp_path):
+    config = DyLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["layer"])
+    config.use_dora = True
+    built = get_peft_model(base_net("linear"), config)  # DoRA layers
+    config.use_dora = False  # the config now reads as plain DyLoRA; the layers still carry DoRA
+    with pytest.raises(ValueError, match="'base_model.model.layer' already carries PEFT's DoraLinearVariant"):
+        dylora.model.attach_dylora_layers(built)
+    dora = get_peft_model(base_net("linear"), LoraConfig(r=R, target_modules=["layer"], use_dora=True))
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match="use_dora"):
+        dylora.load(base_net("linear"), tmp_path / "dora")
+
+
+def test_adapted_no_layer_names_the_targets_and_what_they_matched():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    class Custom(torch.nn.Module, BaseTunerLayer):
+        """A custom PEFT layer (LoraConfig._register_custom_module) that is not a LoRA layer."""
+
+        adapter_layer_names = ("custom_w",)
+
+        def __init__(self, target, adapter_name, config=None, **kwargs):
+            super().__init__()
+            self.base_layer = target
+            self.custom_w = torch.nn.ParameterDict({adapter_name: torch.nn.Parameter(torch.zeros(1))})
+            self._active_adapter = adapter_name
+
+        def forward(self, x):
+            return self.base_layer(x)
+
+    config = DyLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["layer"])
+    config._register_custom_module({torch.nn.Linear: Custom})
+    with pytest.raises(ValueError, match=r"adapted no layer: target_modules \{'layer'\} matched "
+                                         r"base_model.model.layer \(Custom, not a LoRA layer\)") as err:
+        dylora.get_dylora_model(base_net("linear"), config)
+    assert "\n" not in str(err.value)

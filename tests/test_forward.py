@@ -199,15 +199,17 @@ def test_multihead_attention_is_refused_by_name():
 
 
 def test_a_parameter_target_is_refused_by_name():
-    """target_parameters is refused in the config; a config changed afterwards meets PEFT's ParamWrapper named
-    as such (it used to read "'lin1' is a Linear")."""
+    """target_parameters is refused in the config, and again where layers are attached when it was set on the
+    config afterwards (issue 29: checked before PEFT changes the base; it used to read "'lin1' is a Linear")."""
     with pytest.raises(ValueError, match="target_parameters=.*ParamWrapper"):
         DyLoraConfig(r=2, target_parameters=["lin1.weight"])
     cfg = DyLoraConfig(r=2, target_modules=["lin1"])
     cfg.target_modules, cfg.target_parameters = None, ["lin1.weight"]
-    with pytest.raises(ValueError, match=r"'base_model.model.lin1' is an nn.Parameter target \('weight', "
-                                         r"target_parameters\): PEFT's ParamWrapper"):
-        dylora.get_dylora_model(_AttentionNet(), cfg)
+    base = _AttentionNet()
+    with pytest.raises(ValueError, match=r"DyLoraConfig.target_parameters=\['lin1.weight'\] is invalid: LoRA on "
+                                         r"nn.Parameter targets \(PEFT's ParamWrapper\)"):
+        dylora.get_dylora_model(base, cfg)
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())
 
 
 def test_minilm_real_weights_at_every_rank():

@@ -14,6 +14,7 @@ from .functional import RANK_SCALINGS
 
 DISTRIBUTIONS = ("uniform", "geometric")
 MAX_RANK = 4096  # far above any useful LoRA rank; larger values only exhaust memory
+MAX_DISTILL_EVERY = 1_000_000  # a teacher pass every million steps is already none after step 0
 # The recipes (what an optimizer step trains): the names of dylora.recipes.RECIPE_CLASSES, in its order (stated
 # here, where DyLoraConfig checks them, since the recipe classes import the model); and the defaults, in one place.
 RECIPES = ("paper", "sandwich", "rowwise", "nested")
@@ -127,7 +128,12 @@ class DyLoraConfig(LoraConfig):
 
     @classmethod
     def from_lora_config(cls, lora: dict[str, Any], dylora: dict[str, Any]) -> DyLoraConfig:
-        """Rebuild from an `adapter_config.json` dict and a sidecar dict."""
+        """Rebuild from an `adapter_config.json` dict and a sidecar dict (whose r and lora_alpha, where it has
+        them, must be adapter_config.json's: a sidecar of another adapter is refused, not ignored)."""
+        for name in ("r", "lora_alpha"):
+            if name in dylora and dylora[name] != lora.get(name):
+                raise ValueError(f"its {SIDECAR_NAME} has {name}={dylora[name]!r} but adapter_config.json has "
+                                 f"{name}={lora.get(name)!r}: the sidecar belongs to another adapter")
         known = {f.name for f in fields(cls) if f.init}
         kwargs = {k: v for k, v in lora.items() if k in known and k != "peft_type"}
         if kwargs.pop("use_rslora", False):  # a plain rsLoRA adapter (e.g. exported): its scale at every rank
@@ -138,6 +144,12 @@ class DyLoraConfig(LoraConfig):
 
 def dylora_field_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(DyLoraConfig) if f.name not in LoraConfig.__dataclass_fields__)
+
+
+def check_config(config: DyLoraConfig) -> None:
+    """Refuse a DyLoraConfig whose values are invalid now (a ValueError naming the field): the checks of its
+    construction, run again where layers are attached, for options set on it after it was made."""
+    _validate(config)
 
 
 def _validate(c: DyLoraConfig) -> None:
@@ -171,8 +183,9 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("distill", f"distillation is implemented for recipes {' and '.join(DISTILL_RECIPES)} only")
     if not 0.0 <= float(c.distill_weight) <= 1.0:
         raise bad("distill_weight", "distill_weight must lie in [0, 1]")
-    if isinstance(c.distill_every, bool) or not isinstance(c.distill_every, int) or c.distill_every < 1:
-        raise bad("distill_every", "distill_every must be an integer >= 1")
+    if isinstance(c.distill_every, bool) or not isinstance(c.distill_every, int) \
+            or not 1 <= c.distill_every <= MAX_DISTILL_EVERY:
+        raise bad("distill_every", f"distill_every must be an integer in [1, {MAX_DISTILL_EVERY}]")
     if c.distill_every > 1 and not (c.distill and c.recipe == "rowwise"):
         raise bad("distill_every", "distill_every > 1 thins rowwise's r_max pass: it needs recipe='rowwise' and "
                                    "distill=True")

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +35,91 @@ def _exchange(a: Path, b: Path) -> bool:
         return libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
     except (OSError, AttributeError):
         return False
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` in one step that fails with FileExistsError when `dst` exists (Linux renameat2
+    RENAME_NOREPLACE; elsewhere a hard link for a file, a check then a rename for a directory)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0  # AT_FDCWD, RENAME_NOREPLACE
+        code = 0 if done else ctypes.get_errno()
+    except (OSError, AttributeError):
+        done, code = False, errno.ENOSYS
+    if done:
+        return
+    if code == errno.EEXIST:
+        raise FileExistsError(f"{dst} exists (another process wrote it meanwhile); pass overwrite=True (CLI: "
+                              "--overwrite) to replace it")
+    if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        raise OSError(code, os.strerror(code))
+    if src.is_dir():
+        if dst.exists() or dst.is_symlink():
+            raise FileExistsError(f"{dst} exists (another process wrote it meanwhile); pass overwrite=True (CLI: "
+                                  "--overwrite) to replace it")
+        os.rename(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise FileExistsError(f"{dst} exists (another process wrote it meanwhile); pass overwrite=True (CLI: "
+                              "--overwrite) to replace it") from None
+    os.unlink(src)
+
+
+def publish(src: Path, dst: Path, overwrite: bool) -> None:
+    """Rename the finished temporary `src` (a file or a directory) to `dst`: replacing an existing `dst` only
+    with `overwrite` (a directory: only one dylora wrote), else failing with FileExistsError if one appeared."""
+    if not overwrite:
+        _rename_noreplace(src, dst)
+    elif src.is_dir():
+        replace_dir(src, dst)
+    else:
+        os.replace(src, dst)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> None:
+    """Remove the temporaries of `path` (`.NAME.tmp-PID-*`) that a killed dylora process left: those whose
+    process no longer runs. A live writer's temporaries are left alone."""
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+            m = re.match(r"(\d+)-", tmp.name[len(path.name) + 6:])
+            if not m or int(m[1]) == os.getpid() or _pid_alive(int(m[1])):
+                continue
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def os_error(err: Exception) -> OSError:
+    """An OSError for a safetensors write error ("... (os error 28)" becomes "[Errno 28] No space left on device")."""
+    m = re.search(r"os error (\d+)", str(err))
+    if m:
+        code = int(m[1])
+        return OSError(code, os.strerror(code))
+    return OSError(f"cannot write the weights: {(str(err).splitlines() or [type(err).__name__])[0]}")
+
+
+def save_weights(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, its write errors (a full disk) raised as OSError (SafetensorError is not one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        raise os_error(err) from None
 
 
 def _moved_aside(path: Path) -> list[Path]:
@@ -117,7 +205,8 @@ def lock(path: Path) -> Iterator[None]:
 def atomic_path(path: str | os.PathLike, *, directory: bool = False, overwrite: bool = True,
                 fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write a file (or, with `directory`, a directory) into;
-    rename it into place when the block succeeds, remove it when it fails."""
+    rename it into place when the block succeeds, remove it when it fails. Without `overwrite` the rename
+    fails (FileExistsError) if `path` appeared meanwhile. Temporaries a killed process left are removed first."""
     path = Path(path)
     if directory:
         recover(path)
@@ -129,11 +218,12 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False, overwrite: 
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
+    clean_stale(path)
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
         tmp.chmod(0o755)
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
         tmp.chmod(0o644)  # mkstemp makes 0600; dylora's files are plain shared data
@@ -142,10 +232,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False, overwrite: 
         if fsync and not directory:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        if directory:
-            replace_dir(tmp, path)
-        else:
-            os.replace(tmp, path)
+        publish(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if directory else tmp.unlink(missing_ok=True)
         raise

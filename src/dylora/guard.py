@@ -61,12 +61,14 @@ def chance_weight(recipe: Recipe) -> float:
     """The logged loss at chance as a fraction of ln K: the mean, over a step's passes, of the task loss's weight
     (1 - distill_weight in a pass that learns from r_max, whose KL is 0 while every rank predicts alike; 1 else).
     Rowwise with distillation (the CLI's default) logs 0.75 ln K at chance, not ln K; with `distill_every` k, the mean
-    over the k steps of its period."""
+    over the k steps of its period: step 0 is taught, the k - 1 others are not, so (w(0) + (k - 1) w(1)) / k, in
+    closed form (a sum over the k steps would not end for a huge k)."""
     def weight(step: int) -> float:
         passes = recipe.passes(step, 1)
         return sum(1 - recipe.distill_weight if p.distill else 1.0 for p in passes) / len(passes)
 
-    return sum(weight(step) for step in range(recipe.distill_every)) / recipe.distill_every
+    k = recipe.distill_every
+    return weight(0) if k == 1 else (weight(0) + (k - 1) * weight(1)) / k
 
 
 def _zero_adapter(model: torch.nn.Module) -> bool:
@@ -117,14 +119,23 @@ class TrainingGuard(TrainerCallback):
         control.should_training_stop = True
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._losses, self._moved, self._step = [], 0.0, state.global_step
+        """Read the model's recipe; on a resumed run, judge the logs of the steps before the checkpoint as they
+        came (the Trainer restores them in `state.log_history`), so a run stopped at chance stops again."""
+        self._losses, self._moved, self._step = [], 0.0, 0
         configs = list((getattr(unwrap(model), "peft_config", None) or {}).values()) if model is not None else []
         self.lora_alpha = getattr(configs[0], "lora_alpha", None) if configs else None
         adapters = dylora_adapters(model) if model is not None else {}
         self.weight = chance_weight(Recipe.from_config(next(iter(adapters.values())))) if adapters else 1.0
+        for logs in state.log_history or []:
+            if isinstance(logs, dict) and isinstance(logs.get("step"), int):
+                self._judge(args, logs["step"], state.max_steps, control, logs)
+        self._step = self._step or state.global_step  # the last logged step, else where training starts
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        step = state.global_step
+        self._judge(args, state.global_step, state.max_steps, control, logs)
+
+    def _judge(self, args, step: int, max_steps: int, control, logs) -> None:
+        """One log entry at optimizer step `step`: stop where it shows a run that cannot be learning."""
         if logs and "train_loss" in logs and not math.isfinite(float(logs["train_loss"])):
             mean = float(logs["train_loss"])
             self._stop(control, args, StopKind.MEAN_LOSS_NOT_FINITE, f"the mean training loss is {mean}", step, mean)
@@ -142,7 +153,7 @@ class TrainingGuard(TrainerCallback):
             self._stop(control, args, StopKind.GRAD_NORM_NOT_FINITE, f"the gradient norm is {grad} at step {step}, so "
                        "every update is clipped to nothing", step, grad, clipped=True)
             return
-        if step <= args.get_warmup_steps(state.max_steps):
+        if step <= args.get_warmup_steps(max_steps):
             return
         self._losses.append(loss)
         if not self.num_classes or self.num_classes < 2 or step < self.min_steps:

@@ -15,14 +15,16 @@ which diffusers, ComfyUI and A1111 all map to their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .files import atomic_path
+from . import files
 from .functional import check_rank, rank_coefficient
 from .model import PREFIX, _named_layers, _one, unwrap
 
@@ -74,6 +76,7 @@ def kohya_state_dict(models: torch.nn.Module | Mapping[str, torch.nn.Module], ra
         raise ValueError(f"unknown pipeline component {unknown[0]!r}: choose among {', '.join(PREFIXES)}")
     prefixes = dict(PREFIXES, text_encoder="lora_te1") if "text_encoder_2" in models else PREFIXES
     state: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}  # kohya key -> the module it came from
     alphas, meta = set(), {}
     for component, model in models.items():
         name, cfg = _one(model, adapter_name)
@@ -85,6 +88,11 @@ def kohya_state_dict(models: torch.nn.Module | Mapping[str, torch.nn.Module], ra
                                  f"({type(layer.get_base_layer()).__name__})")
             variant = layer.lora_variant[name]
             key = prefixes[component] + "_" + kohya_name(model, module_name.removeprefix(PREFIX))
+            here = f"{component}:{module_name.removeprefix(PREFIX)}"
+            if key in owner:
+                raise ValueError(f"modules {owner[key]!r} and {here!r} both get the kohya name {key} (kohya turns "
+                                 "dots into underscores): a kohya file cannot hold both; nothing written")
+            owner[key] = here
             alpha = rank_coefficient(rank, variant.lora_alpha, variant.rank_scaling) * rank
             alphas.add(alpha)
             down, up = variant.rank_factors(layer, name, rank, basis)
@@ -105,8 +113,10 @@ def export_kohya(models: torch.nn.Module | Mapping[str, torch.nn.Module], rank: 
     A1111, ComfyUI and diffusers (`pipe.load_lora_weights`) load it as a plain rank-b LoRA whose output is
     DyLoRA's at rank b. The metadata has kohya's ss_network_dim (= b) and ss_network_alpha, the base model
     (ss_sd_model_name) and dylora_r_max / dylora_rank. `dtype` casts the weights (e.g. torch.float16);
-    `card` writes a model card beside the file, `<name>.md`. `basis="svd"`: the best rank-b approximation of
-    each module's update instead of its first b components.
+    `card` writes a model card beside the file, `<name>.md` (an existing one is replaced only with `overwrite`,
+    and only if dylora wrote it). Both are complete before either is renamed into place; without `overwrite`
+    neither replaces a file that exists, even one that appeared meanwhile. `basis="svd"`: the best rank-b
+    approximation of each module's update instead of its first b components.
     """
     state, meta = kohya_state_dict(models, rank, adapter_name, basis)
     if dtype is not None:
@@ -117,11 +127,61 @@ def export_kohya(models: torch.nn.Module | Mapping[str, torch.nn.Module], rank: 
     if base_model:
         meta["ss_sd_model_name"] = str(base_model)
     path = Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", **meta})
-    if card:
-        from .cards import write_card
+    card_path = path.with_suffix(".md")
+    targets = [path, card_path] if card else [path]
+    if card and card_path == path:
+        raise ValueError(f"{path}: a kohya file named .md would be its own model card; name it .safetensors")
+    for target in targets:
+        if not overwrite and (target.exists() or target.is_symlink()):
+            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        if target.is_dir():
+            raise FileExistsError(f"{target} is a directory; choose another path")
+    if card and card_path.exists() and not _is_dylora_card(card_path):
+        raise FileExistsError(f"{card_path} exists and is not a model card dylora wrote; the card of {path.name} would "
+                              "replace it: choose another name, or pass card=False")
+    with _staging(path) as stage:  # every file complete before the first is published
+        files.save_weights(state, stage / path.name, metadata={"format": "pt", **meta})
+        if card:
+            from .cards import write_card
 
-        write_card(path.parent, cfg, rank=rank, command=command, base_model=base_model,
-                   filename=path.with_suffix(".md").name, files=[path.name], kohya=True)
+            if card_path.is_file():  # overwrite: the existing card's front matter is kept, as write_card does
+                shutil.copyfile(card_path, stage / card_path.name)
+            write_card(stage, cfg, rank=rank, command=command, base_model=base_model, filename=card_path.name,
+                       files=[path.name], kohya=True)
+        published: list[Path] = []
+        try:
+            for target in reversed(targets):  # the card first: the weights appear only with their card beside
+                files.publish(stage / target.name, target, overwrite)
+                published.append(target)
+        except BaseException:
+            if not overwrite:  # what this call published did not exist before it
+                for target in published:
+                    target.unlink(missing_ok=True)
+            raise
     return path
+
+
+def _is_dylora_card(path: Path) -> bool:
+    """Whether `path` is a model card dylora wrote (its front matter tags it `dylora`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    head = text.split("\n---", 2)[0] if text.startswith("---") else ""
+    return "- dylora" in head.splitlines()
+
+
+@contextlib.contextmanager
+def _staging(path: Path) -> Iterator[Path]:
+    """A hidden temporary directory beside `path` (`.NAME.tmp-PID-*`, removed after; a killed run's is removed by
+    the next write), where the file and its card are written before being renamed into place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
+    files.clean_stale(path)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -81,6 +81,7 @@ class _DyLoraVariant(LoraVariant):
         self.table = scale_table(r, lora_alpha, rank_scaling)  # row b-1 is s_b
         self.masks = torch.tril(torch.ones(r, r))  # row b-1 is m_b, the SVD basis's mask
         self._svd_key: tuple | None = None
+        self._svd_of: tuple[torch.Tensor, torch.Tensor] | None = None  # copies of the A, B the cache was made from
         self._svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._cast: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -160,12 +161,14 @@ class _DyLoraVariant(LoraVariant):
 
     def svd(self, module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M_in, M_out, S) of the SVD cut of c(r) B A (`functional.svd_mixers`), float64, computed once and
-        again only when A or B changed (their version counters or storage)."""
+        again only when A or B changed: their storage, or any value (compared with a copy kept of them, since
+        a write through `.data` or `load_state_dict` into a `.data` view bumps no version counter A shows)."""
         A, B = self.factors(module, adapter)
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.device, self.lora_alpha)
-        if key != self._svd_key:
+        key = (A.data_ptr(), B.data_ptr(), A.device, A.dtype, B.dtype, A.shape, B.shape, self.lora_alpha)
+        seen = self._svd_of
+        if key != self._svd_key or seen is None or not (torch.equal(A, seen[0]) and torch.equal(B, seen[1])):
             self._svd = svd_mixers(A, B, rank_coefficient(self.r, self.lora_alpha, self.rank_scaling))
-            self._svd_key, self._cast = key, {}
+            self._svd_key, self._svd_of, self._cast = key, (A.detach().clone(), B.detach().clone()), {}
         return self._svd
 
     def mixers(self, module: lora_layer.LoraLayer, adapter: str, like: torch.Tensor

@@ -17,14 +17,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.layer import LoraLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save_file
 
 from . import quantized
 from .cards import write_card
-from .config import SIDECAR_NAME, DyLoraConfig
-from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights
+from .config import SIDECAR_NAME, DyLoraConfig, check_config
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights, save_weights
 from .functional import check_rank, rank_coefficient
-from .layers import RankState, check_basis, set_layer_rank, variant_for
+from .layers import RankState, _DyLoraVariant, check_basis, set_layer_rank, variant_for
 
 PREFIX = "base_model.model."  # a PeftModel's module names are its base model's, under this prefix
 
@@ -41,10 +40,15 @@ def dylora_adapters(model: torch.nn.Module) -> dict[str, DyLoraConfig]:
 
 
 def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
+    check_config(config)  # again: an option set on the config after it was made (config.use_dora = True)
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.r:
             continue
+        other = module.lora_variant.get(adapter)
+        if other is not None and not isinstance(other, _DyLoraVariant):
+            raise ValueError(f"{name!r} already carries PEFT's {type(other).__name__} for adapter {adapter!r}: a LoRA "
+                             "variant DyLoRA does not combine with; build the model from a DyLoraConfig alone")
         cls = variant_for(module)
         if cls is None:
             raise ValueError(
@@ -56,10 +60,22 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
         cls(config.r, config.r_min, alpha, config.frozen, config.rank_scaling).attach(module, adapter, device)
         count += 1
     if count == 0:
-        raise ValueError(f"adapter {adapter!r} adapted no layer")
+        raise ValueError(f"adapter {adapter!r} adapted no layer: target_modules {config.target_modules!r} matched "
+                         f"{_matched(model, adapter)}; DyLoRA takes PEFT's LoRA layers on nn.Linear, GPT-2 Conv1D, "
+                         "nn.Embedding and nn.Conv1d/2d/3d")
     lora_model = getattr(model, "base_model", None)
     if lora_model is not None and hasattr(lora_model, "add_weighted_adapter"):
         lora_model.add_weighted_adapter = types.MethodType(_add_weighted_adapter, lora_model)
+
+
+def _matched(model: torch.nn.Module, adapter: str) -> str:
+    """What PEFT made of the targets of `adapter`: its tuner layers that are not LoRA layers, named."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = [f"{name} ({type(m).__name__}, not a LoRA layer)" for name, m in model.named_modules()
+             if isinstance(m, BaseTunerLayer) and not isinstance(m, LoraLayer)
+             and any(adapter in (getattr(m, attr, None) or {}) for attr in m.adapter_layer_names)]
+    return ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "") if found else "no module"
 
 
 def plain_config(config: LoraConfig) -> LoraConfig:
@@ -143,6 +159,7 @@ def get_dylora_model(base: torch.nn.Module, config: DyLoraConfig, adapter_name: 
     """Wrap `base` with a DyLoRA adapter (a `peft.PeftModel`); its rank starts at r_max."""
     if not isinstance(config, DyLoraConfig):
         raise ValueError(f"config must be a dylora.DyLoraConfig, got {type(config).__name__}")
+    check_config(config)  # before PEFT changes the base: options set after the config was made are checked too
     _refuse_adapted_base(base)
     model = peft_model(base, config, adapter_name)
     _attach(model, adapter_name, config)
@@ -172,13 +189,14 @@ def attach_dylora_layers(model: torch.nn.Module) -> list[str]:
 
 def add_dylora_adapter(model: PeftModel, adapter_name: str, config: DyLoraConfig) -> None:
     """Add a second DyLoRA adapter to a PeftModel (PEFT's `add_adapter`, plus the DyLoRA variant)."""
+    check_config(config)
     model.add_adapter(adapter_name, config)
     _attach(model, adapter_name, config)
 
 
 def _layers(model: torch.nn.Module, adapter: str) -> Iterator[LoraLayer]:
     for module in unwrap(model).modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_variant:
+        if isinstance(module, LoraLayer) and isinstance(module.lora_variant.get(adapter), _DyLoraVariant):
             yield module
 
 
@@ -472,7 +490,8 @@ def pattern_key(module_name: str) -> str:
 
 def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.PathLike | None = None,
                 adapter_name: str | None = None, *, ranks: Mapping[str, int] | None = None,
-                bake_scale: bool = False, overwrite: bool = False, card: bool = True, basis: str = "prefix") -> Path:
+                bake_scale: bool = False, overwrite: bool = False, card: bool | Mapping = True,
+                basis: str = "prefix") -> Path:
     """Write a DyLoRA adapter cut to rank b (or to rank b_l in each layer) as a plain PEFT LoRA.
 
     Keeps A[:b_l], B[:, :b_l] of each layer (`basis="svd"`: the factors of its best rank-b_l approximation).
@@ -482,8 +501,8 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     at b_l = 0 are left out (`exclude_modules`). `bake_scale=True` folds alpha_l / b_l into B and writes
     lora_alpha = r, alpha_pattern = rank_pattern (PEFT's scale 1), for consumers that ignore `alpha_pattern`.
     With rank_scaling "alpha/sqrt(b)" it writes use_rslora=True: PEFT's alpha / sqrt(b_l) is then DyLoRA's c(b_l).
-    With `card`, a README.md model card is written beside (`dylora.cards.write_card`, which can rewrite it with
-    the sweep and the command).
+    With `card`, a README.md model card is written in it (`card` a mapping: more `dylora.cards.write_card`
+    arguments, e.g. the sweep and the command); the directory is published whole, card included, or not at all.
     """
     peft_model = unwrap(model)
     name, cfg = _one(peft_model, adapter_name)
@@ -523,9 +542,9 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     plain.inference_mode = True
     with atomic_dir(path, overwrite=overwrite) as tmp:
         plain.save_pretrained(str(tmp))
-        save_file(sliced, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_weights(sliced, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         if card:
-            write_card(tmp, cfg, rank=rank if ranks is None else b_of)
+            write_card(tmp, cfg, rank=rank if ranks is None else b_of, **(card if isinstance(card, Mapping) else {}))
     return Path(path)
 
 

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +42,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .config import SIDECAR_NAME
-from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights, write_json
+from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights, save_weights, write_json
 from .functional import RANK_SCALINGS, check_rank, svd_factors
 from .model import PREFIX, pattern_key
 
@@ -54,13 +55,15 @@ NOT_PLAIN = ("use_dora", "use_qalora", "lora_bias", "target_parameters", "megatr
 
 
 class Layer(NamedTuple):
-    """One layer's SVD cut: A_s (k x in), B_s (out x k), S (k) in float64 with k = r_l, and how to store it."""
+    """One layer's SVD cut: A_s (k x in), B_s (out x k), S (k) in float64 with k = r_l, and how to store it
+    (each factor in its own dtype)."""
 
     a_key: str
     b_key: str
     a_shape: tuple[int, ...]
     b_shape: tuple[int, ...]
-    dtype: torch.dtype
+    a_dtype: torch.dtype
+    b_dtype: torch.dtype
     r: int
     alpha: float
     A_s: torch.Tensor
@@ -106,8 +109,25 @@ def check_config(config: Any, where: str = "adapter_config.json") -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
         raise ValueError(f"corrupted {where}: lora_alpha must be a finite number, got {alpha!r}")
     for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, Mapping):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, Mapping):
             raise ValueError(f"corrupted {where}: {name} must be an object, got {config.get(name)!r}")
+        for key, value in pattern.items():
+            _check_pattern_entry(where, name, key, value)
+
+
+def _check_pattern_entry(where: str, name: str, key: Any, value: Any) -> None:
+    """Refuse a rank_pattern / alpha_pattern entry PEFT cannot use: a key that is not a regular expression
+    (PEFT matches `(.*\\.)?(KEY)$`), a rank that is not an integer >= 1, an alpha that is not a finite number."""
+    try:
+        re.compile(rf"(.*\.)?({key})$")
+    except (re.error, TypeError) as err:
+        raise ValueError(f"corrupted {where}: {name} key {key!r} is not a valid regular expression ({err})") from None
+    if name == "rank_pattern" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"corrupted {where}: rank_pattern[{key!r}] must be an integer >= 1, got {value!r}")
+    if name == "alpha_pattern" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                    or not math.isfinite(value)):
+        raise ValueError(f"corrupted {where}: alpha_pattern[{key!r}] must be a finite number, got {value!r}")
 
 
 @contextlib.contextmanager
@@ -170,7 +190,8 @@ def layers(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
         coefficient = alpha / (math.sqrt(r) if rslora else r)
         with one_thread():
             A_s, B_s, S = svd_factors(A.reshape(r, -1), B.reshape(B.shape[0], r), coefficient)
-        out[module] = Layer(key, b_key, tuple(A.shape), tuple(B.shape), A.dtype, r, float(alpha), A_s, B_s, S)
+        out[module] = Layer(key, b_key, tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, r, float(alpha), A_s, B_s,
+                            S)
     if not out:
         raise ValueError("the adapter holds no LoRA weights (no lora_A / lora_embedding_A tensors)")
     return out
@@ -285,7 +306,8 @@ def _resize(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], method
         sign = -1.0 if cut.alpha < 0 else 1.0
         A = (cut.A_s[:b] / root).reshape(b, *cut.a_shape[1:])
         B = (cut.B_s[:, :b] * (sign / root)).reshape(cut.b_shape[0], b, *cut.b_shape[2:])
-        new_state[cut.a_key], new_state[cut.b_key] = (t.to(cut.dtype).contiguous() for t in (A, B))
+        new_state[cut.a_key], new_state[cut.b_key] = _in_dtypes(m.removeprefix(PREFIX), A, B, cut.a_dtype,
+                                                                cut.b_dtype)
     r_out = max(ranks.values())
     out = dict(config)
     out.update(r=r_out, use_rslora=rslora, alpha_pattern=dict(config.get("alpha_pattern") or {}),
@@ -293,6 +315,28 @@ def _resize(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], method
     kept, per_layer = kept_fraction(cuts, ranks)
     return Resized(out, new_state, {m.removeprefix(PREFIX): b for m, b in ranks.items()}, kept,
                    min(per_layer.values()), sum(b * cuts[m].cost for m, b in ranks.items()))
+
+
+def _in_dtypes(name: str, A: torch.Tensor, B: torch.Tensor, a_dtype: torch.dtype, b_dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 factors A, B of a cut in their own dtypes (lora_A's, lora_B's). Where one would not fit its
+    dtype (fp16 tops out at 65504), the scale is split otherwise between them (A k, B / k: the same update B A)
+    so that both use the same fraction of their range; a cut that fits no split is refused, never written inf."""
+    def cast(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        a, b = a.to(a_dtype).contiguous(), b.to(b_dtype).contiguous()
+        return (a, b) if bool(torch.isfinite(a).all() and torch.isfinite(b).all()) else None
+
+    done = cast(A, B)
+    a_max, b_max = A.abs().max().item(), B.abs().max().item()
+    if done is None and a_max > 0 and b_max > 0:
+        fa, fb = torch.finfo(a_dtype).max, torch.finfo(b_dtype).max
+        k = math.sqrt((b_max / fb) / (a_max / fa))
+        done = cast(A * k, B / k)
+    if done is None:
+        raise ValueError(f"{name}: the cut does not fit the adapter's dtypes (lora_A {a_dtype}, lora_B {b_dtype}; its "
+                         f"largest values {a_max:.3g} and {b_max:.3g}): nothing written; convert the adapter to "
+                         "float32 first")
+    return done
 
 
 def resize_state_dict(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *, rank: int | None = None,
@@ -338,6 +382,17 @@ def _summary(ranks: Mapping[str, int]) -> str:
             f"median {values[len(values) // 2]})")
 
 
+def _check_out(source: Path, out: Path) -> None:
+    """Refuse an `out` that is the adapter directory read, lies inside it or holds it: resize never writes over
+    its own input, even with overwrite."""
+    src, dst = source.resolve(), out.resolve()
+    where = ("is the adapter directory it reads" if dst == src else "lies inside the adapter directory it reads"
+             if src in dst.parents else "holds the adapter directory it reads" if dst in src.parents else None)
+    if where:
+        raise ValueError(f"out {out} {where} ({source}): resize never writes over its own input; choose another "
+                         "--out")
+
+
 def resize(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, rank: int | None = None,
            sv_fro: float | None = None, sv_ratio: float | None = None, params: int | None = None,
            overwrite: bool = False, command: str | list[str] | None = None) -> Path:
@@ -346,12 +401,11 @@ def resize(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, rank: int 
     One of `rank` (b in every layer), `sv_fro`, `sv_ratio` or `params` (per-layer ranks); see
     `resize_state_dict`. Nothing is written unless it all succeeds; `out` must not exist unless `overwrite`.
     """
-    from safetensors.torch import save_file
-
     from .cards import write_card
 
     method, value = _one_method(rank, sv_fro, sv_ratio, params)
     out = Path(out)
+    _check_out(Path(adapter_dir), out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     config, state, scaling = read_adapter(adapter_dir)
@@ -370,9 +424,9 @@ def resize(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, rank: int 
              "kept": f"{done.kept:.4f} of the update's Frobenius norm (sqrt of kept / total squared singular values; "
                      f"at least {done.kept_min:.4f} in every layer)",
              "params": f"{done.params:,} (sum of b_l (in_l + out_l))"}
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:  # published last, never over a directory that appeared
         write_json(tmp / ADAPTER_CONFIG, new_config, sort_keys=True)
-        save_file(done.state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_weights(done.state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         write_card(tmp, card_config, rank=next(iter(ranks.values())) if one else ranks, command=command,
                    resize=facts)
     return out

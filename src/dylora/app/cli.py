@@ -270,24 +270,25 @@ def export(
     out = out or Path(run_or_adapter) / default
     if out.exists() and not overwrite:
         raise UsageFailure(f"{out} exists; pass --overwrite to replace it")
+    from .rundir import card_rows
+
+    rows = card_rows(saved.sweep)  # checked before anything is written
     peft_model, tokenizer, _, _ = load_run(saved)
     if merge:
         merged = model_api.merge(peft_model, rank=b, inplace=True, basis=basis)
-        with files.atomic_dir(out) as tmp:
+        with files.atomic_dir(out, overwrite=overwrite) as tmp:
             merged.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         typer.echo(f"wrote the base model with rank {b} ({basis}) merged to {out}")
     elif fmt == "kohya":
         from ..kohya import export_kohya
 
-        export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(sys.argv), basis=basis)
+        export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(sys.argv), basis=basis,
+                     overwrite=overwrite)
         typer.echo(f"wrote a kohya LoRA file of rank {b} ({basis}) to {out}")
-    else:
-        from ..cards import write_card
-        from .rundir import card_rows
-
-        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis, card=False)
-        write_card(out, cfg, rank=b, sweep=card_rows(saved.sweep), command=sys.argv, base_model=saved.settings.model)
+    else:  # the card is written in the temporary directory: the adapter is published with it or not at all
+        card = {"sweep": rows, "command": sys.argv, "base_model": saved.settings.model}
+        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis, card=card)
         typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} ({basis}) to {out}")
 
 
@@ -464,6 +465,13 @@ def _main(args: list[str]) -> int:
         if os.environ.get("DYLORA_DEBUG"):
             raise
         print(f"dylora: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError" or os.environ.get("DYLORA_DEBUG"):
+            raise
+        from ..files import os_error  # a write error in safetensors (a full disk under PEFT's save_pretrained)
+
+        print(f"dylora: error: {os_error(e)}", file=sys.stderr)
         return 1
     return 0
 

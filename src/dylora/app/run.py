@@ -279,9 +279,12 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
         try:
             return _train_and_publish(s, out, partial, task, model, model_dir, args, t0, quiet, resume,
                                       keep_checkpoints, callbacks)
-        except BaseException:
-            if main and newest_complete(partial / "checkpoints", warn=lambda _: None) is None:
-                shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming from
+        except BaseException as err:
+            # a run the guard stopped is not worth resuming (docs/errors.md: no OUT.partial); else keep what a
+            # resume can start from
+            if main and (isinstance(err, TrainingStopped)
+                         or newest_complete(partial / "checkpoints", warn=lambda _: None) is None):
+                shutil.rmtree(partial, ignore_errors=True)
             raise
 
 

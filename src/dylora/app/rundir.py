@@ -99,11 +99,14 @@ def check_sweep(sweep: Any, path: Path) -> dict[str, Any]:
 
 
 def card_rows(sweep: dict[str, Any] | None) -> list[dict[str, Any]] | None:
-    """The rows a model card shows of a sweep.json: per rank, its picked basis's parameters and metrics."""
-    rows = [{"rank": row["rank"], "params": row["params"],
+    """The rows a model card shows of a sweep.json: per rank, its picked basis's parameters (where the row has
+    them) and metrics; a row without its rank is refused in one line."""
+    rows = (sweep or {}).get("rows", [])
+    if any("rank" not in row for row in rows):
+        raise ValueError("corrupted sweep file: a row has no rank; give the rank as an integer, or re-run the sweep")
+    return [{"rank": row["rank"], "params": row.get("params"),
              "metrics": {k: v for k, v in row.items() if k.startswith(("validation_", "test_"))}}
-            for row in (sweep or {}).get("rows", [])]
-    return rows or None
+            for row in rows] or None
 
 
 __all__ = ["RunDir", "card_rows", "check_sweep"]

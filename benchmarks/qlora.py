@@ -131,9 +131,19 @@ def worker(spec: dict) -> dict:
     times: list[float] = []
 
     class Clock(TrainerCallback):
-        """Step times: CUDA events on a GPU, the wall clock on a CPU; the peak memory from the first timed step."""
+        """Step times: CUDA events on a GPU, the wall clock on a CPU; the peak memory from the first timed step.
+        On a CPU one more step, untimed, runs under `PeakTensorMemory` (benchmarks/step_time.py): the peak of live
+        tensor bytes, an allocator-independent figure beside the RSS."""
+
+        tensors = None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if not cuda and state.global_step == spec["warmup"] + spec["steps"]:
+                from step_time import PeakTensorMemory
+
+                self.tensors = PeakTensorMemory()
+                self.tensors.__enter__()
+                return
             if state.global_step == spec["warmup"]:
                 torch.cuda.reset_peak_memory_stats() if cuda else _reset_peak()
             if cuda:
@@ -142,6 +152,11 @@ def worker(spec: dict) -> dict:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if self.tensors is not None:
+                self.tensors.__exit__(None, None, None)
+                out_extra["tensor_peak_bytes"] = self.tensors.peak
+                self.tensors = None
+                return
             if state.global_step <= spec["warmup"]:
                 return
             if cuda:
@@ -152,12 +167,15 @@ def worker(spec: dict) -> dict:
             else:
                 times.append(time.perf_counter() - self.t0)
 
-    args = TrainingArguments(output_dir=spec["tmp"], max_steps=spec["warmup"] + spec["steps"], learning_rate=1e-4,
+    out_extra: dict = {}
+    extra_step = 0 if cuda else 1
+    args = TrainingArguments(output_dir=spec["tmp"], max_steps=spec["warmup"] + spec["steps"] + extra_step,
+                             learning_rate=1e-4,
                              per_device_train_batch_size=spec["batch"], report_to=[], save_strategy="no",
                              disable_tqdm=True, logging_steps=10_000, use_cpu=not cuda, seed=0,
                              bf16=cuda or spec["precision"] == "bf16", dataloader_pin_memory=False)
     trainer_cls(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
-    out = {**spec, **loaded, "step_s": statistics.median(times), "step_times": times,
+    out = {**spec, **loaded, **out_extra, "step_s": statistics.median(times), "step_times": times,
            "tokens_per_s": spec["batch"] * spec["seq"] / statistics.median(times)}
     if cuda:
         out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -190,7 +208,7 @@ def summarise(results: list[dict]) -> list[dict]:
         by_arm = {arm: [r for r in group if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in group)}
         med = {arm: {m: statistics.median(r[m] for r in runs) for m in runs[0]
                      if m in ("step_s", "tokens_per_s", "rss_loaded", "rss_load_peak", "rss_steps_peak",
-                              "gpu_peak_bytes")}
+                              "gpu_peak_bytes", "tensor_peak_bytes")}
                for arm, runs in by_arm.items()}
         memory = "gpu_peak_bytes" if "gpu_peak_bytes" in med.get("lora", {}) else "rss_steps_peak"
         for arm, values in med.items():
@@ -199,6 +217,8 @@ def summarise(results: list[dict]) -> list[dict]:
             if "lora" in med:
                 row["time_ratio"] = values["step_s"] / med["lora"]["step_s"]
                 row["memory_ratio"] = values[memory] / med["lora"][memory]
+                if "tensor_peak_bytes" in values and "tensor_peak_bytes" in med["lora"]:
+                    row["tensor_ratio"] = values["tensor_peak_bytes"] / med["lora"]["tensor_peak_bytes"]
             rows.append(row)
     return rows
 
@@ -206,16 +226,19 @@ def summarise(results: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     gpu = any("gpu_peak_bytes" in r for r in rows)
     head = ("| model | precision | r | seq | arm | step (s) | tokens/s | "
-            + ("GPU peak (MB) |" if gpu else "RSS loaded (MB) | load peak (MB) | steps peak (MB) |")
-            + " time / LoRA | memory / LoRA |")
+            + ("GPU peak (MB) |" if gpu else "RSS loaded (MB) | load peak (MB) | steps peak (MB) | step tensors (MB) |")
+            + " time / LoRA | memory / LoRA |" + ("" if gpu else " tensors / LoRA |"))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        mb = {k: f"{r[k] / 2**20:.0f}" for k in ("gpu_peak_bytes", "rss_loaded", "rss_load_peak", "rss_steps_peak")
-              if k in r}
-        mem = (f"{mb['gpu_peak_bytes']} |" if gpu
-               else f"{mb['rss_loaded']} | {mb['rss_load_peak']} | {mb['rss_steps_peak']} |")
+        mb = {k: f"{r[k] / 2**20:.0f}" for k in ("gpu_peak_bytes", "rss_loaded", "rss_load_peak", "rss_steps_peak",
+                                                  "tensor_peak_bytes") if k in r}
+        rss = f"{mb['rss_loaded']} | {mb['rss_load_peak']} | {mb['rss_steps_peak']}" if not gpu else ""
+        tensor_mb = f"{r['tensor_peak_bytes'] / 2**20:.1f}" if "tensor_peak_bytes" in r else "-"
+        mem = f"{mb['gpu_peak_bytes']} |" if gpu else f"{rss} | {tensor_mb} |"
+        tensors = "" if gpu else f" {r['tensor_ratio']:.3f} |" if "tensor_ratio" in r else " - |"
         lines.append(f"| {r['model']} | {r['precision']} | {r['r']} | {r['seq']} | {r['arm']} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {mem} {r.get('time_ratio', 1):.3f} | {r.get('memory_ratio', 1):.3f} |")
+                     f"{r['tokens_per_s']:.0f} | {mem} {r.get('time_ratio', 1):.3f} | {r.get('memory_ratio', 1):.3f} |"
+                     + tensors)
     return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ def test_the_gpu_benchmark_runs_end_to_end_on_a_tiny_config(tmp_path):
     assert set(rows) == {"lora", "dylora-rowwise"}
     for row in rows.values():
         assert row["step_s"] > 0 and row["rss_steps_peak"] > 0 and row["rss_loaded"] > 0
+        assert row["tensor_peak_bytes"] > 0 and row["tensor_ratio"] > 0
     assert rows["lora"]["time_ratio"] == 1.0 and rows["dylora-rowwise"]["time_ratio"] > 0
     assert "| tiny | 4bit | 4 | 32 | dylora-rowwise |" in proc.stdout
 

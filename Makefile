@@ -7,7 +7,7 @@ export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench recipes allocate-bench any-rank clean
+.PHONY: venv test demo lint bench reproduce-quick reproduce search-cost generation-bench recipes allocate-bench any-rank qlora-bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,12 @@ allocate-bench: venv
 
 any-rank: venv
 	$(BIN)/python benchmarks/any_rank.py
+
+qlora-bench: venv
+	$(BIN)/python benchmarks/qlora.py
+
+gpu-bench: venv
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,7 +9,9 @@ own trainers). It reports:
 - time: the median step time. Arms run in the order LoRA, DyLoRA..., LoRA, DyLoRA... (`--repeats`), so machine
   drift hits all alike; the ratio DyLoRA / LoRA is the ratio of the medians over repeats.
 
-    python benchmarks/qlora.py [--models smollm2,llama-1b] [--precisions fp32,bf16,8bit,4bit] [--steps 6]
+    python benchmarks/qlora.py [--models smollm2] [--precisions fp32,bf16,8bit,4bit] [--steps 6]
+    python benchmarks/qlora.py --models llama-1b --precisions fp32,4bit --arms lora,dylora-rowwise,dylora-default \
+        --steps 2 --warmup 1 --repeats 1 --batch 1          # the ~1B config (minutes an arm on a CPU)
     python benchmarks/qlora.py --models tiny --steps 2   # the CPU test's quick version
 
 Numbers go to benchmarks/results/qlora.json (`--out`). `benchmarks/gpu.py` runs the same worker on a GPU.
@@ -244,7 +246,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None, *, device: str = "cpu", default_out: str = "benchmarks/results/qlora.json",
          defaults: dict | None = None) -> list[dict]:
-    d = {"models": "smollm2,llama-1b", "precisions": ",".join(PRECISIONS), "arms": ",".join(ARMS), "r": "8",
+    d = {"models": "smollm2", "precisions": ",".join(PRECISIONS), "arms": ",".join(ARMS), "r": "8",
          "seq": "64", "batch": 2, "steps": 6, "warmup": 2, "repeats": 2, **(defaults or {})}
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -80,7 +80,7 @@ def test_tables_render_run_and_not_run_tasks():
     text = "\n".join(bench.table_lines("bbc-1ep", summary["bbc-1ep"]))
     assert "| LoRA r=8 + SVD cut | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 1.00x |" in text
     assert "| DyLoRA rowwise, picked | 80.0 ± 0.0 |" in text and "| 1.20x |" in text
-    assert "| paper | -0.2 | -0.2 | -0.2 | -0.2 | yes |" in text
+    assert "| paper | -0.2 (0.0) | -0.2 (0.0) | -0.2 (0.0) | -0.2 (0.0) | yes |" in text  # (paired SE over seeds)
     assert "Not run" in "\n".join(bench.table_lines("polarity-1ep", summary["polarity-1ep"]))
 
 

@@ -56,3 +56,15 @@ def test_rules_without_per_example_losses_fall_back_to_the_metric_and_bad_rules_
     assert "\n" not in str(err.value)
     payload = sweep_payload(plain, plain, ["accuracy"], 1, 1, picked={1: "prefix"}, rule="paired")
     assert payload["picked"] == {"1": "prefix"} and payload["basis_rule"] == "paired"
+
+
+def test_rank_sweep_keeps_per_example_scores_out_of_the_metrics():
+    from conftest import tiny_bert
+
+    import dylora
+
+    model = dylora.get_dylora_model(tiny_bert(), dylora.DyLoraConfig(r=2, target_modules=["query"]))
+    got = dylora.rank_sweep(model, lambda m: {"accuracy": 50.0, "example_loss": [0.1, 0.2]}, progress=False,
+                            basis="both")
+    assert [(row.rank, row.basis) for row in got] == [(1, "prefix"), (1, "svd"), (2, "prefix"), (2, "svd")]
+    assert all(row.metrics == {"accuracy": 50.0} and row.extra == {"example_loss": [0.1, 0.2]} for row in got)

@@ -5,6 +5,14 @@ the SVD basis or the better of the two on validation ("picked"), at every b = 1.
     python benchmarks/any_rank.py --phase train         # only train (resumable: a cached arm is skipped)
     python benchmarks/any_rank.py --phase eval,docs     # evaluate every cached arm, write the json and the docs
     python benchmarks/any_rank.py --tasks bbc --seeds 1 # a cut
+    python benchmarks/any_rank.py --tasks bbc-1ep --arms lora-r8,rowwise-distill,lora-first,lora-r1,lora-r2,lora-r4 \
+        --ranks 1,2,4,8 --results /tmp/x.json --docs /tmp/docs   # some arms only, swept at four ranks
+
+The re-basis arms (rowwise-rebasis10, lora-first, lora-first-distill) and the picks by validation loss
+("picked-loss": the lower mean loss; "picked-paired": the prefix unless the SVD cut's per-example losses are lower
+beyond noise, `dylora.app.report.pick_bases`) come with per-example validation losses in each arm's sweep; "oracle"
+is the better basis on test, for scale. The summary counts, per recipe and rule, the cells (seed x b) where the
+rule chose the worse basis and the points it lost there, and gives the standard error over seeds of each paired gap.
 
 Three phases. train: every arm (task, schedule, seed, method) is one `dylora.app.run.train` run whose adapter (at r)
 and run.json (its train time) land in `<cache>/<task>-<schedule>/<arm>-s<seed>/` (default
@@ -560,6 +568,8 @@ def main() -> int:
     ap.add_argument("--progress", type=Path, default=None, help="append a line per trained arm to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the one worker (default 1: the "
                     "machine is shared, and one thread degrades least under load)")
+    ap.add_argument("--ranks", default=None, help="eval: comma-separated ranks to sweep (default: 1..8; e.g. 1,2,4,8 "
+                    "to halve the sweeps; AURAC is then the trapezoids over those ranks)")
     ap.add_argument("--arms", default=None, help=f"comma-separated arms to train and compare (default: all of "
                     f"{', '.join(ARMS)})")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/any_rank.json"))
@@ -571,6 +581,9 @@ def main() -> int:
             select_arms(args.arms.split(","))
         except ValueError as err:
             ap.error(str(err))
+    if args.ranks:
+        for spec in SCHEDULES.values():
+            spec["ranks"] = [int(b) for b in args.ranks.split(",")]
     phases = set(args.phase.split(","))
     if phases - {"train", "timing", "eval", "docs"}:
         ap.error(f"unknown phase(s) {sorted(phases - {'train', 'timing', 'eval', 'docs'})}; choose from train, "

@@ -5,6 +5,14 @@ the SVD basis or the better of the two on validation ("picked"), at every b = 1.
     python benchmarks/any_rank.py --phase train         # only train (resumable: a cached arm is skipped)
     python benchmarks/any_rank.py --phase eval,docs     # evaluate every cached arm, write the json and the docs
     python benchmarks/any_rank.py --tasks bbc --seeds 1 # a cut
+    python benchmarks/any_rank.py --tasks bbc-1ep --arms lora-r8,rowwise-distill,lora-first,lora-r1,lora-r2,lora-r4 \
+        --ranks 1,2,4,8 --results /tmp/x.json --docs /tmp/docs   # some arms only, swept at four ranks
+
+The re-basis arms (rowwise-rebasis10, lora-first, lora-first-distill) and the picks by validation loss
+("picked-loss": the lower mean loss; "picked-paired": the prefix unless the SVD cut's per-example losses are lower
+beyond noise, `dylora.app.report.pick_bases`) come with per-example validation losses in each arm's sweep; "oracle"
+is the better basis on test, for scale. The summary counts, per recipe and rule, the cells (seed x b) where the
+rule chose the worse basis and the points it lost there, and gives the standard error over seeds of each paired gap.
 
 Three phases. train: every arm (task, schedule, seed, method) is one `dylora.app.run.train` run whose adapter (at r)
 and run.json (its train time) land in `<cache>/<task>-<schedule>/<arm>-s<seed>/` (default
@@ -60,6 +68,12 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     # the r_max teacher pass on one step in 5: about 1 + 0.84 / 5 = 1.2x a LoRA step (the paired timing: the
     # teacher pass costs 0.84 of a LoRA step), the cost target
     "rowwise-distill-k5": dict(recipe="rowwise", distill=True, distill_every=5),
+    # re-basis into singular-value order after every 10th step, optimizer state of A and B reset: 1 pass a step
+    "rowwise-rebasis10": dict(recipe="rowwise", distill=False, rebasis_every=10),
+    # LoRA at r for half the steps, one re-basis, then rowwise: 1 pass a step
+    "lora-first": dict(recipe="rowwise", distill=False, lora_first=0.5),
+    # LoRA at r for 80% of the steps, one re-basis, then rowwise with the r teacher: 0.8 + 0.2 x 1.84 = 1.17x
+    "lora-first-distill": dict(recipe="rowwise", distill=True, lora_first=0.8),
 }
 DEFAULT_RECIPE = "rowwise-distill"
 SWEPT = ("lora-r8", *RECIPES)  # the arms the eval phase sweeps at every b
@@ -67,6 +81,18 @@ SWEPT = ("lora-r8", *RECIPES)  # the arms the eval phase sweeps at every b
 ARMS = {"lora-r8": dict(method="lora", r=8), **{k: dict(method="dylora", **v) for k, v in RECIPES.items()},
         **{f"lora-r{b}": dict(method="lora", r=b) for b in (1, 2, 4)}}
 NOT_RUN: list[str] = []
+
+
+def select_arms(names: list[str]) -> None:
+    """Keep only the arms `names` (in their order here; --arms): ARMS, RECIPES and SWEPT are cut in place."""
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join(ARMS)}")
+    for table in (ARMS, RECIPES):
+        for arm in [a for a in table if a not in names]:
+            del table[arm]
+    global SWEPT
+    SWEPT = tuple(a for a in SWEPT if a in names)
 
 
 def schedule_seeds(task: str, schedule: str, seeds: range) -> range:
@@ -199,8 +225,10 @@ def eval_job(path: Path, run: Path, ranks: list[int] = RANKS) -> dict:
     model, _, saved, task = load_run(run, with_data=True)
     task.encode(token_budget(saved.settings, task, model.config))
 
-    def evaluate(m) -> dict:
-        return {f"{split}_{k}": v for split in ("validation", "test") for k, v in task.evaluate(m, split).items()}
+    def evaluate(m) -> dict:  # with per-example losses on validation where the task gives them (the paired pick)
+        return {f"{split}_{k}": v for split in ("validation", "test") for k, v in
+                (task.evaluate(m, split, examples=True) if split == "validation" and
+                 getattr(task, "example_scores", False) else task.evaluate(m, split)).items()}
 
     # a plain LoRA: the SVD cut only (its prefix cut is the paper's truncated LoRA, not an arm here)
     basis = default_basis(saved)
@@ -247,6 +275,14 @@ def eval_all(plan: list[tuple[str, str]], seeds: range, root: Path, pool: Pool, 
 # ---------------------------------------------------------------- summaries (pure: tested in tests/)
 
 
+# the rows of a DyLoRA arm: each basis, the pick on validation by the better accuracy (today's "picked"), by the mean
+# loss and by the paired test (dylora.app.report.pick_bases' rules), and the better basis on test (an oracle)
+BASIS_ROWS = ("prefix", "svd", "picked", "picked-loss", "picked-paired", "oracle")
+PICK_RULES = ("picked", "picked-loss", "picked-paired", "prefix", "svd")
+PICK_LABELS = {"picked": "accuracy (today's)", "picked-loss": "mean loss", "picked-paired": "paired loss test",
+               "prefix": "always prefix", "svd": "always SVD"}
+
+
 def aurac(acc: dict[int, float], ranks: list[int] = RANKS) -> float:
     """Area under the rank-accuracy curve over `ranks` (trapezoids on b), over 100 x the width of the range: in
     [0, 100], 100 for a curve at 100% everywhere (MatryoshkaLoRA's AURAC)."""
@@ -266,8 +302,21 @@ def curves(sweep: list[dict], metric: str) -> dict[str, dict[str, dict[int, floa
         return out
     pre, svd = out["prefix"], out["svd"]
     choice = {b: "svd" if svd["validation"][b] > pre["validation"][b] else "prefix" for b in pre["validation"]}
-    out["picked"] = {split: {b: out[choice[b]][split][b] for b in choice} for split in ("validation", "test")}
-    out["picked"]["choice"] = choice
+    rules = {"picked": choice,
+             # the better basis on test: an oracle, for scale (prefix on a tie)
+             "oracle": {b: "svd" if svd["test"][b] > pre["test"][b] else "prefix" for b in pre["test"]}}
+    losses = {(int(row["rank"]), row["basis"]): row["validation_example_loss"] for row in sweep
+              if "validation_example_loss" in row}
+    if losses:  # per-example validation losses: the pick by mean loss and the paired pick (dylora.app.report)
+        from dylora.app.report import paired_better
+
+        rules["picked-loss"] = {b: "svd" if statistics.fmean(losses[b, "svd"]) < statistics.fmean(losses[b, "prefix"])
+                                else "prefix" for b in choice}
+        rules["picked-paired"] = {b: "svd" if paired_better(losses[b, "prefix"], losses[b, "svd"]) else "prefix"
+                                  for b in choice}
+    for name, rule in rules.items():
+        out[name] = {split: {b: out[rule[b]][split][b] for b in rule} for split in ("validation", "test")}
+        out[name]["choice"] = rule
     return out
 
 
@@ -286,6 +335,7 @@ def summarise(evaluated: dict) -> dict:
         costs: dict[str, list[float]] = {}
         spectra: dict[str, list[list[float]]] = {}
         choices: dict[str, list[dict[int, str]]] = {}
+        picks: dict[str, dict[str, list[float]]] = {}
         stuck_runs = []
         for seed, runs in seeds.items():
             stuck_runs += [f"{arm}-s{seed}" for arm, r in runs.items() if r["stuck"]]
@@ -300,8 +350,13 @@ def summarise(evaluated: dict) -> dict:
                 if arm not in runs:
                     continue
                 c = curves(runs[arm]["sweep"], metric)
-                for basis in ("prefix", "svd", "picked"):
-                    per_arm.setdefault(f"{arm}-{basis}", []).append(c[basis]["test"])
+                for basis in BASIS_ROWS:
+                    if basis in c:
+                        per_arm.setdefault(f"{arm}-{basis}", []).append(c[basis]["test"])
+                for rule in PICK_RULES:
+                    if rule in c:  # cells (b in SHOWN) where the rule chose the worse basis on test, and the loss
+                        lost = [c["oracle"]["test"][b] - c[rule]["test"][b] for b in SHOWN]
+                        picks.setdefault(arm, {}).setdefault(rule, []).extend(lost)
                 choices.setdefault(arm, []).append(c["picked"]["choice"])
                 spectra.setdefault(arm, []).append(runs[arm]["spectrum"]["mean"])
                 if "lora-r8" in runs:
@@ -321,7 +376,11 @@ def summarise(evaluated: dict) -> dict:
                                      for arm, v in spectra.items()},
                         "choices": {arm: {b: sum(c[b] == "svd" for c in v) for b in sorted(v[0])}
                                     for arm, v in choices.items()},
-                        "stuck": stuck_runs, "targets": targets(arms), "incomplete": entry.get("incomplete", {})}
+                        "stuck": stuck_runs, "targets": targets(arms, paired_gaps(per_arm)),
+                        "picks": {arm: {rule: {"wrong": sum(x > 0 for x in v), "cells": len(v),
+                                               "lost": statistics.fmean(v)} for rule, v in rules.items()}
+                                  for arm, rules in picks.items()},
+                        "incomplete": entry.get("incomplete", {})}
     return summary
 
 
@@ -334,9 +393,27 @@ def mean_std(xs: list[float]) -> list[float]:
     return [statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
 
 
-def targets(arms: dict) -> dict:
+def paired_gaps(per_arm: dict[str, list[dict[int, float]]]) -> dict[str, dict[int, float]]:
+    """Per DyLoRA recipe and b: the standard error over seeds of (picked - the LoRA arm better on the mean at b), the
+    two paired by seed (same seed, same split)."""
+    out: dict = {}
+    if "lora-at-b" not in per_arm or "lora-r8-svd" not in per_arm:
+        return out
+    for arm in RECIPES:
+        picked = per_arm.get(f"{arm}-picked")
+        if not picked or len(picked) != len(per_arm["lora-at-b"]) or len(picked) < 2:
+            continue
+        out[arm] = {}
+        for b in SHOWN:
+            best = max(("lora-at-b", "lora-r8-svd"), key=lambda a: statistics.fmean(c[b] for c in per_arm[a]))
+            d = [p[b] - q[b] for p, q in zip(picked, per_arm[best], strict=True)]
+            out[arm][b] = statistics.stdev(d) / len(d) ** 0.5
+    return out
+
+
+def targets(arms: dict, se: dict | None = None) -> dict:
     """Per DyLoRA recipe: picked at b minus max(LoRA trained at b, LoRA r=8 + SVD cut) at b = 1, 2, 4, 8 (means over
-    seeds); the target is >= -0.5 at every b."""
+    seeds), with the paired difference's standard error over seeds where given; the target is >= -0.5 at every b."""
     out = {}
     if "lora-at-b" not in arms or "lora-r8-svd" not in arms:
         return out
@@ -346,6 +423,8 @@ def targets(arms: dict) -> dict:
         gaps = {b: arms[f"{arm}-picked"]["test"][b][0] - max(arms["lora-at-b"]["test"][b][0],
                                                              arms["lora-r8-svd"]["test"][b][0]) for b in SHOWN}
         out[arm] = {"gap": gaps, "met": all(g >= -0.5 for g in gaps.values())}
+        if se and arm in se:
+            out[arm]["se"] = se[arm]
     return out
 
 
@@ -354,7 +433,7 @@ def targets(arms: dict) -> dict:
 LABELS = {
     "lora-at-b": "LoRA trained at r = b",
     "lora-r8-svd": "LoRA r=8 + SVD cut",
-    **{f"{arm}-{basis}": f"DyLoRA {arm}, {basis}" for arm in RECIPES for basis in ("prefix", "svd", "picked")},
+    **{f"{arm}-{basis}": f"DyLoRA {arm}, {basis}" for arm in RECIPES for basis in BASIS_ROWS},
 }
 
 
@@ -392,8 +471,23 @@ def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
                   "", "| recipe | " + " | ".join(f"b={b}" for b in SHOWN) + " | met |",
                   "|---|" + "---|" * (len(SHOWN) + 1)]
         for arm, g in t["targets"].items():
-            lines.append(f"| {arm} | " + " | ".join(f"{g['gap'][b]:+.1f}" for b in SHOWN)
+            se = g.get("se") or {}
+            lines.append(f"| {arm} | " + " | ".join(f"{g['gap'][b]:+.1f}" + (f" ({se[b]:.1f})" if b in se else "")
+                                                     for b in SHOWN)
                          + f" | {'yes' if g['met'] else 'no'} |")
+        if any(g.get("se") for g in t["targets"].values()):
+            lines += ["", "In brackets: the standard error over seeds of the paired difference (same seed and split) "
+                      "between the picked DyLoRA and the LoRA arm better on the mean at that b."]
+    if t.get("picks"):
+        lines += ["", "Basis picks on validation, against the better basis on test: cells (seed x b in "
+                  f"{', '.join(map(str, SHOWN))}) where the pick was the worse basis / all cells, and the mean test "
+                  "points lost per cell:", "",
+                  "| recipe | " + " | ".join(PICK_LABELS[r] for r in PICK_RULES) + " |",
+                  "|---|" + "---|" * len(PICK_RULES)]
+        for arm, rules in t["picks"].items():
+            lines.append(f"| {arm} | " + " | ".join(
+                f"{rules[r]['wrong']}/{rules[r]['cells']}, {rules[r]['lost']:.2f}" if r in rules else ""
+                for r in PICK_RULES) + " |")
     if t["cost"]:
         lines += ["", "Cost per seed (training time over the same seed's LoRA r=8 run, trained minutes before it; "
                   "dominated by the shared machine's load, not a cost figure): "
@@ -474,10 +568,22 @@ def main() -> int:
     ap.add_argument("--progress", type=Path, default=None, help="append a line per trained arm to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the one worker (default 1: the "
                     "machine is shared, and one thread degrades least under load)")
+    ap.add_argument("--ranks", default=None, help="eval: comma-separated ranks to sweep (default: 1..8; e.g. 1,2,4,8 "
+                    "to halve the sweeps; AURAC is then the trapezoids over those ranks)")
+    ap.add_argument("--arms", default=None, help=f"comma-separated arms to train and compare (default: all of "
+                    f"{', '.join(ARMS)})")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/any_rank.json"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.arms:
+        try:
+            select_arms(args.arms.split(","))
+        except ValueError as err:
+            ap.error(str(err))
+    if args.ranks:
+        for spec in SCHEDULES.values():
+            spec["ranks"] = [int(b) for b in args.ranks.split(",")]
     phases = set(args.phase.split(","))
     if phases - {"train", "timing", "eval", "docs"}:
         ap.error(f"unknown phase(s) {sorted(phases - {'train', 'timing', 'eval', 'docs'})}; choose from train, "

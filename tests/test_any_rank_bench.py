@@ -80,7 +80,7 @@ def test_tables_render_run_and_not_run_tasks():
     text = "\n".join(bench.table_lines("bbc-1ep", summary["bbc-1ep"]))
     assert "| LoRA r=8 + SVD cut | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 79.0 ± 0.0 | 1.00x |" in text
     assert "| DyLoRA rowwise, picked | 80.0 ± 0.0 |" in text and "| 1.20x |" in text
-    assert "| paper | -0.2 | -0.2 | -0.2 | -0.2 | yes |" in text
+    assert "| paper | -0.2 (0.0) | -0.2 (0.0) | -0.2 (0.0) | -0.2 (0.0) | yes |" in text  # (paired SE over seeds)
     assert "Not run" in "\n".join(bench.table_lines("polarity-1ep", summary["polarity-1ep"]))
 
 
@@ -98,3 +98,44 @@ def test_smollm2_on_bbc_headlines_is_one_seed_at_four_ranks_picked_on_rouge():
     assert spec["ranks"] == bench.SHOWN and spec["metric"] == "rougeL"
     # a curve at 1, 2, 4, 8: its AURAC is the trapezoid over those ranks
     assert bench.aurac({1: 20.0, 2: 30.0, 4: 30.0, 8: 30.0}, [1, 2, 4, 8]) == pytest.approx((25 + 60 + 120) / 7)
+
+
+def test_curves_pick_by_loss_and_by_the_paired_test_and_the_oracle_reads_test():
+    rows = sweep([80] * 8, [81] * 8, [70] * 8, [60] * 8)  # svd better on validation accuracy, worse on test
+    for row in rows:  # at b = 1 the SVD cut's losses are lower beyond noise; elsewhere lower by a hair, within noise
+        shift = 0.5 if row["rank"] == 1 else 0.01
+        noise = [(-1) ** i * 0.5 for i in range(40)]
+        row["validation_example_loss"] = [1.0 + x - (shift if row["basis"] == "svd" else 0.0) for x in noise]
+        if row["rank"] != 1 and row["basis"] == "svd":
+            row["validation_example_loss"] = [x + (0.3 if i % 3 else -0.6) for i, x in
+                                              enumerate(row["validation_example_loss"])]
+    c = bench.curves(rows, "accuracy")
+    assert set(c["picked"]["choice"].values()) == {"svd"}
+    assert c["picked-paired"]["choice"][1] == "svd" and c["picked-paired"]["choice"][2] == "prefix"
+    assert c["oracle"]["choice"] == dict.fromkeys(RANKS, "prefix") and c["oracle"]["test"][1] == 70
+
+
+def test_paired_gaps_are_the_standard_error_of_the_per_seed_difference():
+    per_arm = {"lora-at-b": [dict.fromkeys(bench.SHOWN, 80.0), dict.fromkeys(bench.SHOWN, 82.0)],
+               "lora-r8-svd": [dict.fromkeys(bench.SHOWN, 70.0)] * 2,
+               "rowwise-distill-picked": [dict.fromkeys(bench.SHOWN, 81.0), dict.fromkeys(bench.SHOWN, 81.0)]}
+    se = bench.paired_gaps(per_arm)["rowwise-distill"]
+    assert se == {b: pytest.approx(1.0) for b in bench.SHOWN}  # differences +1, -1: sd sqrt(2), over sqrt(2)
+
+
+def test_select_arms_keeps_the_named_arms():
+    import copy
+
+    saved = copy.deepcopy((bench.ARMS, bench.RECIPES, bench.SWEPT))
+    try:
+        bench.select_arms(["lora-r8", "lora-first", "lora-r1"])
+        assert list(bench.ARMS) == ["lora-r8", "lora-first", "lora-r1"] and list(bench.RECIPES) == ["lora-first"]
+        assert bench.SWEPT == ("lora-r8", "lora-first")
+        with pytest.raises(ValueError, match="unknown arm"):
+            bench.select_arms(["nope"])
+    finally:
+        bench.ARMS.clear()
+        bench.ARMS.update(saved[0])
+        bench.RECIPES.clear()
+        bench.RECIPES.update(saved[1])
+        bench.SWEPT = saved[2]

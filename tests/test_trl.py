@@ -84,6 +84,20 @@ def test_dylora_sft_trainer_runs_the_sandwich_recipe(llama_dir, tmp_path):
     assert [r.rank for r in rows] == [1, 4]
 
 
+def test_dylora_sft_trainer_runs_lora_first_and_the_rebasis(llama_dir, tmp_path):
+    from dylora.trl import DyLoraSFTTrainer
+
+    base, tok = causal_lm(llama_dir)
+    cfg = DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], recipe="rowwise", lora_first=0.5,
+                       rebasis_every=3)
+    trainer = DyLoraSFTTrainer(model=base, args=sft_args(tmp_path, steps=6), train_dataset=dataset(),
+                               processing_class=tok, peft_config=cfg)
+    trainer.train()
+    assert trainer.recipe.switch_step == 3 and trainer.recipe_callback.rebased == [3]  # the switch, and step 3 of 6
+    rows = dylora.rank_sweep(trainer.model, lambda m: perplexity(m, tok), ranks=[1, 4], progress=False)
+    assert all(torch.isfinite(torch.tensor(r.metrics["loss"])) for r in rows)
+
+
 def test_dylora_sft_trainer_refuses_distillation(llama_dir, tmp_path):
     from dylora.trl import DyLoraSFTTrainer
 

@@ -22,6 +22,7 @@ DISTILL_RECIPES = ("sandwich", "rowwise")  # the recipes that can distill from r
 DEFAULT_RECIPE = "paper"  # DyLoraConfig's: the paper's Algorithm 1; a sidecar or run.json without a recipe trained so
 RECOMMENDED_RECIPE = "rowwise"  # dylora train's (with distill), the closest to LoRA at every rank (docs/results.md)
 SIDECAR_NAME = "dylora_config.json"
+REBASIS_STATES = ("reset", "rotate")  # what a re-basis does to the optimizer state of A and B (dylora.rebasis)
 
 # The one list of what DyLoRA takes from peft.LoraConfig. Every field of PEFT's LoraConfig is in
 # SUPPORTED_LORA_FIELDS (any value works) or in REFUSED_LORA_OPTIONS (refused once set away from PEFT's
@@ -87,6 +88,11 @@ class DyLoraConfig(LoraConfig):
     pass with a stratified rank per example (with `distill`, a pass at r_max first, whose detached
     predictions the rowwise pass also learns from; `distill_every=k` runs that pass on every k-th step only),
     "nested" one pass at the expected scale E_b[s_b].
+
+    Rowwise only: `rebasis_every=k` rotates every layer's A and B after every k-th optimizer step so that their
+    components come in singular-value order (B A unchanged; `functional.svd_rebasis`), the optimizer state of A and B
+    reset or rotated (`rebasis_state`); `lora_first=f` trains plain LoRA at r_max for the first round(f * steps)
+    optimizer steps, re-bases once after them, then trains the recipe (with its teacher, if `distill`).
     """
 
     r_min: int = field(default=1, metadata={"help": "Smallest rank trained and served (b >= r_min)."})
@@ -104,6 +110,12 @@ class DyLoraConfig(LoraConfig):
     distill_every: int = field(default=1, metadata={"help": "Rowwise with distill: the r_max pass runs on every k-th "
                                                               "optimizer step only (1 + 1/k passes a step)."})
     rank_scaling: str = field(default="alpha/b", metadata={"help": "c(b): 'alpha/b' (paper) or 'alpha/sqrt(b)'."})
+    rebasis_every: int = field(default=0, metadata={"help": "Rowwise: after every k-th optimizer step, rotate A and B "
+                                                              "into singular-value order (0: never)."})
+    rebasis_state: str = field(default="reset", metadata={"help": "The optimizer state of A and B at a re-basis: "
+                                                                  "'reset' or 'rotate'."})
+    lora_first: float = field(default=0.0, metadata={"help": "Rowwise: train plain LoRA at r_max for this fraction "
+                                                               "of the steps, re-basis once, then the recipe."})
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -189,6 +201,15 @@ def _validate(c: DyLoraConfig) -> None:
     if c.distill_every > 1 and not (c.distill and c.recipe == "rowwise"):
         raise bad("distill_every", "distill_every > 1 thins rowwise's r_max pass: it needs recipe='rowwise' and "
                                    "distill=True")
+    if isinstance(c.rebasis_every, bool) or not isinstance(c.rebasis_every, int) or c.rebasis_every < 0:
+        raise bad("rebasis_every", "rebasis_every must be an integer >= 0 (0: never)")
+    if c.rebasis_state not in REBASIS_STATES:
+        raise bad("rebasis_state", f"choose one of {', '.join(REBASIS_STATES)}")
+    if isinstance(c.lora_first, bool) or not isinstance(c.lora_first, int | float) or not 0.0 <= c.lora_first < 1.0:
+        raise bad("lora_first", "lora_first must be a fraction of the steps in [0, 1)")
+    for name in ("rebasis_every", "lora_first"):
+        if getattr(c, name) and c.recipe != "rowwise":
+            raise bad(name, f"{name} is implemented for recipe rowwise only, not {c.recipe}")
     if c.rank_scaling not in RANK_SCALINGS:
         raise bad("rank_scaling", f"choose one of {', '.join(RANK_SCALINGS)}")
     if c.frozen and c.recipe in ("rowwise", "nested"):

@@ -169,3 +169,31 @@ def prefix_mask(rank: int, r: int) -> torch.Tensor:
     m = torch.zeros(r)
     m[:rank] = 1.0
     return m
+
+
+def svd_rebasis(lora_A: torch.Tensor, lora_B: torch.Tensor, row_norm: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A', B', S) in float64: the same update, B' A' = B A, with its r components in singular-value order.
+
+    With A^T = Q_A R_A, B = Q_B R_B (thin QR) and R_B R_A^T = U' S V'^T (an r x r SVD), B A = (Q_B U') S (Q_A V')^T,
+    so (the `svd_mixers` rotation, in another gauge)
+
+        A' = a V'^T Q_A^T,    B' = Q_B U' S / a,    B' A' = Q_B U' S V'^T Q_A^T = B A,
+
+    and component i of B' A' is u_i s_i v_i^T with s_1 >= s_2 >= ...: the prefix basis of (A', B') is the SVD cut of
+    B A (Eckart-Young) at every rank. Every row of A' has norm a (default: the root-mean-square row norm of A), so a
+    component with s_i = 0 keeps a live A row (its B column is zero, as LoRA starts) instead of vanishing from both
+    factors, which the balanced factors sqrt(S) V^T, U sqrt(S) would do. Needs r <= in and r <= out.
+    """
+    A, B = lora_A.detach().double(), lora_B.detach().double()
+    r = A.shape[0]
+    if A.shape[1] < r or B.shape[0] < r:
+        raise ValueError(f"a re-basis needs r <= in and r <= out; this layer has r = {r}, in = {A.shape[1]}, "
+                         f"out = {B.shape[0]}")
+    q_a, r_a = torch.linalg.qr(A.T)
+    q_b, r_b = torch.linalg.qr(B)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    a = float(A.norm() / math.sqrt(r)) if row_norm is None else float(row_norm)
+    if not a > 0:
+        a = 1.0
+    return a * vh @ q_a.T, q_b @ u * (s / a)[None, :], s

@@ -13,6 +13,12 @@ A recipe's step is a list of passes (a forward, a loss) at ranks that are a pure
             the others are the rowwise pass alone.
 - nested:   one pass at the expected scale E_b[s_b] (see `dylora.functional`).
 
+Rowwise's re-basis options (`dylora.rebasis`): with `lora_first` f > 0, the first `switch_step` = round(f * steps)
+optimizer steps are one plain pass at r_max (LoRA), the layers are re-based into singular-value order once after
+them, and the recipe trains the rest; with `rebasis_every` k > 0, every k-th optimizer step is followed by a re-basis
+(`rebasis_after`: which steps; `RecipeCallback` runs it). Both need the run's step count, `total_steps`, which the
+Trainer gives `RecipeCallback` (a loop of your own sets it).
+
 Each class says its passes (`passes`), how a pass sets the model's ranks (`apply`), and what a step logs
 (`step_ranks`, `log_entry`). `RECIPE_CLASSES` maps a name to its class; `Recipe(sampler, name, ...)` builds the
 class of `name`. `dylora.training` runs them in the HF Trainer.
@@ -58,6 +64,10 @@ class Recipe:
     distill: bool = False
     distill_weight: float = 0.5
     distill_every: int = 1
+    rebasis_every: int = 0
+    rebasis_state: str = "reset"
+    lora_first: float = 0.0
+    total_steps: int | None = None  # the run's optimizer steps (set by RecipeCallback at the start of training)
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Recipe:
         if cls is Recipe:  # the class of the recipe named (the second argument, as in the dataclass's __init__)
@@ -72,7 +82,25 @@ class Recipe:
     def from_config(cls, config: Any) -> Recipe:
         """The recipe of a DyLoraConfig, with its rank sampler."""
         return Recipe(RankSampler.from_config(config), config.recipe, config.sandwich_k, config.distill,
-                      config.distill_weight, config.distill_every)
+                      config.distill_weight, config.distill_every, getattr(config, "rebasis_every", 0),
+                      getattr(config, "rebasis_state", "reset"), getattr(config, "lora_first", 0.0))
+
+    @property
+    def switch_step(self) -> int:
+        """The first optimizer step after the LoRA phase of `lora_first` (0 without one): round(f * total_steps)."""
+        if not self.lora_first:
+            return 0
+        if self.total_steps is None:
+            raise ValueError("lora_first needs the run's step count: set recipe.total_steps (the Trainer does)")
+        return round(self.lora_first * self.total_steps)
+
+    def rebasis_after(self, done: int) -> bool:
+        """Whether the layers are re-based after `done` optimizer steps: at the switch of `lora_first`, and on every
+        `rebasis_every`-th step before the last."""
+        if self.lora_first and done == self.switch_step:
+            return True
+        last = self.total_steps is not None and done >= self.total_steps
+        return bool(self.rebasis_every) and done % self.rebasis_every == 0 and done > 0 and not last
 
     def passes(self, step: int, n_rows: int) -> list[RecipePass]:
         """The passes of optimizer step `step` on a micro-batch of `n_rows` rows."""
@@ -130,6 +158,8 @@ class Rowwise(Recipe):
     name: str = "rowwise"
 
     def passes(self, step: int, n_rows: int) -> list[RecipePass]:
+        if step < self.switch_step:  # lora_first: plain LoRA at r_max
+            return [RecipePass("rank", (self.sampler.r_max,))]
         taught = self.distill and step % self.distill_every == 0
         rows = RecipePass("rows", tuple(int(b) for b in self.sampler.example_ranks(n_rows, step)), distill=taught)
         return [RecipePass("rank", (self.sampler.r_max,), teacher=True), rows] if taught else [rows]

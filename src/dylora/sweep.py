@@ -54,7 +54,8 @@ def rank_sweep(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dic
                progress: bool = True, basis: str = "prefix") -> list[SweepRow]:
     """Evaluate the model at each rank (default every b in [r_min, r]) and restore the previous rank.
 
-    `basis`: "prefix", "svd", or "both" (a row per rank and basis, prefix first).
+    `basis`: "prefix", "svd", or "both" (a row per rank and basis, prefix first). Per-example scores that
+    `evaluate` returns (keys "example_*", lists) go to the row's `extra`, not its metrics (the paired basis pick).
     """
     cfg = next(iter(select_adapters(model, adapter_name).values()))
     ranks = list(range(cfg.r_min, cfg.r + 1)) if ranks is None else list(ranks)
@@ -69,7 +70,9 @@ def rank_sweep(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], dic
         iterator = tqdm(points, desc="rank sweep", unit="rank")
     for b, base in iterator:
         with at_rank(model, b, adapter_name, basis=base):
-            rows.append(SweepRow(b, dict(evaluate(model)), rank_parameters(model, b), basis=base))
+            scores = dict(evaluate(model))
+            extra = {k: scores.pop(k) for k in [k for k in scores if k.startswith("example_")]}
+            rows.append(SweepRow(b, scores, rank_parameters(model, b), extra, basis=base))
     return rows
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from .model import attach_dylora_layers, select_adapters, set_rank, unwrap
+from .rebasis import rebasis
 from .recipes import RANK_KEY, RANKS_KEY, Paper, Recipe, RecipePass
 from .sampler import RankSampler
 
@@ -123,12 +124,20 @@ class RecipeCallback(TrainerCallback):
         self.eval_rank = eval_rank if eval_rank is not None else recipe.sampler.r_max
         self.current: list[int] | None = None
         self.history: list[tuple[int, int]] = []
+        self.rebased: list[int] = []  # the optimizer steps after which the layers were re-based (dylora.rebasis)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.recipe.total_steps is None:
+            self.recipe.total_steps = state.max_steps
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.current = self.recipe.step_ranks(state.global_step)
         self.history += [(state.global_step, b) for b in self.current or []]
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.recipe.rebasis_after(state.global_step):
+            rebasis(model, optimizer, self.recipe.rebasis_state)
+            self.rebased.append(state.global_step)
         set_rank(model, self.eval_rank)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -170,6 +179,9 @@ class DyLoraTrainerMixin:
         if recipe is None:
             recipe = Recipe.from_config(next(iter(select_adapters(self.model, None).values())))
         self.recipe = recipe
+        if (recipe.rebasis_every or recipe.lora_first) and (self.args.fsdp or self.args.deepspeed):
+            raise ValueError("a re-basis (rebasis_every, lora_first) rotates whole A and B matrices: it cannot run on "
+                             "FSDP or DeepSpeed shards; train without them")
         self.recipe_callback = RecipeCallback(recipe)
         self.add_callback(self.recipe_callback)
         self._pass: RecipePass | None = None

@@ -19,6 +19,8 @@ class DyLoraSFTTrainer(DyLoraTrainerMixin, SFTTrainer):
     """TRL's SFTTrainer with the DyLoRA recipe of the model's adapter (or `recipe=`), SFT's own loss at each pass.
 
     Distillation (sandwich with `distill`) is refused: SFTTrainer's fused LM head builds no logits with gradient.
+    The re-basis options (`rebasis_every`, `lora_first` without `distill`) run here as in `DyLoraTrainer` (a callback
+    after the optimizer step); both trainers refuse them under FSDP or DeepSpeed, whose shards hold no whole A or B.
     """
 
     def __init__(self, *args: Any, recipe: Recipe | None = None, **kwargs: Any) -> None:

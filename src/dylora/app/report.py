@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import files
 from ..sweep import SweepRow
+from .settings import BASIS_RULES
 
 
 def pick_ranks(rows: list[SweepRow], metric: str, within: float, higher_is_better: bool = True) -> tuple[int, int]:
@@ -19,8 +20,42 @@ def pick_ranks(rows: list[SweepRow], metric: str, within: float, higher_is_bette
     return best.rank, smallest
 
 
-def pick_bases(rows: list[SweepRow], metric: str, higher_is_better: bool = True) -> dict[int, str]:
-    """{rank: the basis with the better metric on these (validation) rows}; a tie goes to the prefix."""
+PAIRED_Z = 2.0  # "paired": the SVD cut only where its mean loss is lower by more than this many standard errors
+
+
+def paired_better(base: list[float], other: list[float], z: float = PAIRED_Z) -> bool:
+    """Whether `other`'s per-example losses are lower than `base`'s beyond noise, paired by example: with
+    d_i = base_i - other_i over the n examples, mean(d) > z * sd(d) / sqrt(n) (a one-sided paired z-test)."""
+    if len(base) != len(other) or len(base) < 2:
+        raise ValueError(f"a paired pick needs the same examples (at least 2) in both bases, got {len(base)} and "
+                         f"{len(other)}")
+    d = [x - y for x, y in zip(base, other, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
+    return mean > z * sd / n ** 0.5
+
+
+def pick_bases(rows: list[SweepRow], metric: str, higher_is_better: bool = True, rule: str = "metric"
+               ) -> dict[int, str]:
+    """{rank: the basis picked on these (validation) rows}. `rule`: "metric", the better metric (a tie goes to the
+    prefix); "loss", the lower mean per-example loss; "paired", the prefix unless the SVD cut's per-example losses
+    are lower beyond noise (`paired_better`). "loss" and "paired" need the rows' per-example losses
+    (`extra["example_loss"]`, from a task that gives them); a rank without them falls back to "metric"."""
+    if rule not in BASIS_RULES:
+        raise ValueError(f"basis rule must be one of {', '.join(BASIS_RULES)}, got {rule!r}")
+    if rule != "metric":
+        by = {(row.rank, row.basis): row.extra.get("example_loss") for row in rows}
+        out = pick_bases(rows, metric, higher_is_better)
+        for b in out:
+            pre, svd = by.get((b, "prefix")), by.get((b, "svd"))
+            if pre is None or svd is None:
+                continue
+            if rule == "loss":
+                out[b] = "svd" if sum(svd) / len(svd) < sum(pre) / len(pre) else "prefix"
+            else:
+                out[b] = "svd" if paired_better(pre, svd) else "prefix"
+        return out
     sign = 1 if higher_is_better else -1
     picked: dict[int, SweepRow] = {}
     for row in rows:
@@ -32,10 +67,12 @@ def pick_bases(rows: list[SweepRow], metric: str, higher_is_better: bool = True)
 
 
 def sweep_payload(validation: list[SweepRow], test: list[SweepRow], metrics: list[str], best: int,
-                  smallest: int, higher_is_better: bool = True) -> dict[str, Any]:
-    """The sweep.json content: one row per rank with its basis picked on validation and that basis's validation
-    and test metrics; with two bases swept, each basis's metrics too, as `<basis>_validation_<metric>`."""
-    picked = pick_bases(validation, metrics[0], higher_is_better)
+                  smallest: int, higher_is_better: bool = True, picked: dict[int, str] | None = None,
+                  rule: str = "metric") -> dict[str, Any]:
+    """The sweep.json content: one row per rank with its basis picked on validation (`picked`, else
+    `pick_bases`) and that basis's validation and test metrics; with two bases swept, each basis's metrics too, as
+    `<basis>_validation_<metric>`; "basis_rule" names the rule of the pick."""
+    picked = picked if picked is not None else pick_bases(validation, metrics[0], higher_is_better)
     bases = list(dict.fromkeys(row.basis for row in validation))
     val_by = {(row.rank, row.basis): row for row in validation}
     test_by = {(row.rank, row.basis): row for row in test}
@@ -49,6 +86,7 @@ def sweep_payload(validation: list[SweepRow], test: list[SweepRow], metrics: lis
                 if len(bases) > 1 else {})} for b, basis in picked.items()]
     return {"metric": metrics[0], "metrics": list(metrics), "best_rank": best, "best_basis": picked[best],
             "smallest_rank_within": smallest, "bases": bases, "picked": {str(b): x for b, x in picked.items()},
+            "basis_rule": rule,
             "rows": rows}
 
 

@@ -238,8 +238,10 @@ def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator
 def sweep(s: Settings, model: Any, task: Task, split: str, ranks: list[int] | None, progress: bool) -> list[SweepRow]:
     """The task's metrics on a split at each rank (DyLoRA), or at the adapter's one rank (baselines)."""
     if dylora_adapters(model):
-        return rank_sweep(model, lambda m: task.evaluate(m, split), ranks=ranks, progress=progress,
-                          basis=s.basis or "both")
+        # per-example losses on validation, for a basis pick by loss (s.basis_rule), where the task gives them
+        examples = split == "validation" and s.basis_rule != "metric" and getattr(task, "example_scores", False)
+        return rank_sweep(model, lambda m: task.evaluate(m, split, examples=True) if examples else
+                          task.evaluate(m, split), ranks=ranks, progress=progress, basis=s.basis or "both")
     params = rank_parameters(model, s.r) if s.method == "lora" else sum(
         p.numel() for p in model.parameters() if p.requires_grad)
     return [SweepRow(s.r if s.method == "lora" else 0, task.evaluate(model, split), params)]
@@ -306,7 +308,7 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
     t_sweep = time.perf_counter() - t1
     metric = task.metrics[0]
     best, smallest = pick_ranks(val, metric, s.within, task.higher_is_better)
-    bases = pick_bases(val, metric, task.higher_is_better)
+    bases = pick_bases(val, metric, task.higher_is_better, s.basis_rule)
     result = RunResult(out, val, test, best, smallest, metric, rank_history=rank_history, bases=bases)
     picked = [row for row in val if bases[row.rank] == row.basis]
 
@@ -322,7 +324,8 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
                        training={k: v for k, v in facts.items() if v is not None}, filename=name)
     if not keep_checkpoints:
         shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-    run_dir.write_sweep(sweep_payload(val, test, task.metrics, best, smallest, task.higher_is_better))
+    run_dir.write_sweep(sweep_payload(val, test, task.metrics, best, smallest, task.higher_is_better, bases,
+                                      s.basis_rule))
     task.plot(partial / "sweep.png", val, test, f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})")
     task.write_outputs(partial, best)
     result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),

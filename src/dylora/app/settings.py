@@ -15,12 +15,14 @@ from typing import Any
 
 METHODS = ("dylora", "lora", "full")
 DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", "sandwich_k", "distill",
-               "distill_weight", "distill_every", "rank_scaling", "ranks", "basis")
-SWEEP_ONLY = ("ranks", "basis")  # DyLoRA settings of the sweep, not of the adapter
+               "distill_weight", "distill_every", "rank_scaling", "rebasis_every", "rebasis_state", "lora_first",
+               "ranks", "basis", "basis_rule")
+SWEEP_ONLY = ("ranks", "basis", "basis_rule")  # DyLoRA settings of the sweep, not of the adapter
 BASES = ("prefix", "svd", "both")
 QUANTIZE = ("4bit", "8bit")  # bitsandbytes' Linear4bit / Linear8bitLt
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+BASIS_RULES = ("paired", "loss", "metric")  # how the sweep picks each rank's basis on validation (report.pick_bases)
 
 
 def _option(default: Any, help: str, *flags: str) -> Any:
@@ -52,6 +54,11 @@ class Settings:
     distill_every: int = _option(1, "Rowwise with --distill: run the r pass (the teacher) on every k-th step only; "
                                  "a step costs about 1 + 1/k passes instead of 2.")
     rank_scaling: str = _option("alpha/b", "Scale at rank b: alpha/b or alpha/sqrt(b).")
+    rebasis_every: int = _option(0, "Rowwise: after every k-th optimizer step rotate A and B into singular-value "
+                                 "order, B A unchanged (0: never).")
+    rebasis_state: str = _option("reset", "The optimizer state of A and B at a re-basis: reset or rotate.")
+    lora_first: float = _option(0.0, "Rowwise: train plain LoRA at r for this fraction of the steps, re-basis once "
+                                "into singular-value order, then the recipe (0: off).")
     lora_dropout: float = _option(0.0, "LoRA dropout.")
     target_modules: list[str] | None = _option(None, "Comma-separated module names to adapt.")
     epochs: float = _option(3.0, "Training epochs.")
@@ -88,6 +95,9 @@ class Settings:
                                  "--double-quant/--no-double-quant")
     compute_dtype: str | None = _option(None, "dtype the quantized layers compute in: float32, bfloat16 or float16 "
                                         "(default: float32 on CPU, bfloat16 on CUDA).")
+    basis_rule: str = _option("metric", "How the sweep picks each rank's basis on validation: metric (the better "
+                              "score), loss (the lower mean loss) or paired (the prefix unless the SVD cut's "
+                              "per-example losses are lower beyond noise: a paired z-test, z = 2).")
     guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard); CLI --no-guard
 
     @classmethod
@@ -122,6 +132,8 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.basis_rule not in BASIS_RULES:
+            raise ValueError(f"--basis-rule must be one of {', '.join(BASIS_RULES)}, got {self.basis_rule!r}")
         if self.basis is not None and self.basis not in BASES:
             raise ValueError(f"--basis must be one of {', '.join(BASES)}, got {self.basis!r}")
         self._validate_quantization()

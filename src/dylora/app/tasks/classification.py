@@ -96,9 +96,12 @@ class ClassificationTask:
 
         return DataCollatorWithPadding(self.tokenizer)
 
+    example_scores = True  # evaluate(..., examples=True) gives per-example losses (the paired basis pick)
+
     @torch.no_grad()
-    def evaluate(self, model: Any, split: str) -> dict[str, float]:
-        """Predict a split and score it (batches of similar length, so little padding)."""
+    def evaluate(self, model: Any, split: str, examples: bool = False) -> dict[str, Any]:
+        """Predict a split and score it (batches of similar length, so little padding); with `examples`, also each
+        example's cross-entropy ("example_loss") and correctness ("example_correct"), in the split's order."""
         was_training = model.training
         model.eval()
         collate = self.collator()
@@ -106,15 +109,21 @@ class ClassificationTask:
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         preds = torch.empty(len(rows), dtype=torch.long)
         labels = torch.empty(len(rows), dtype=torch.long)
+        losses = torch.empty(len(rows), dtype=torch.float64)
         device = next(model.parameters()).device
         batch_size = self.s.eval_batch_size
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = collate([rows[i] for i in idx])
             labels[idx] = batch.pop("labels")
-            preds[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu()
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+            preds[idx] = logits.argmax(-1)
+            losses[idx] = torch.nn.functional.cross_entropy(logits, labels[idx], reduction="none").double()
         model.train(was_training)
-        return data_mod.compute_metrics(self.metrics, preds.numpy(), labels.numpy())
+        scores: dict[str, Any] = data_mod.compute_metrics(self.metrics, preds.numpy(), labels.numpy())
+        if examples:
+            scores.update(example_loss=losses.tolist(), example_correct=(preds == labels).double().tolist())
+        return scores
 
     @torch.no_grad()
     def calibration_loss(self, model: Any, n_rows: int) -> float:

@@ -145,14 +145,14 @@ VANILLA = textwrap.dedent("""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     torch.set_num_threads(1)  # as in the test: bitsandbytes' CPU kernel sums in a thread-dependent order
-    base_dir, adapter, kw, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    base_dir, kw, ids, jobs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
     kw = {k: getattr(torch, v[6:]) if isinstance(v, str) and v.startswith("torch.") else v for k, v in kw.items()}
-    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**kw),
-                                                device_map="cpu")
-    model = PeftModel.from_pretrained(base, adapter).eval()
-    ids = torch.tensor(json.loads(sys.argv[5]))
-    with torch.no_grad():
-        save_file({"logits": model(ids).logits.contiguous()}, out)
+    for adapter, out in jobs:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**kw),
+                                                    device_map="cpu")
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        with torch.no_grad():
+            save_file({"logits": model(torch.tensor(ids)).logits.contiguous()}, out)
 """)
 
 
@@ -162,26 +162,28 @@ def test_an_exported_rank_loads_in_vanilla_peft_onto_the_quantized_base_with_equ
 
     ranks = {"model.layers.0.self_attn.q_proj": 1, "model.layers.1.mlp.down_proj": 3}
     cases = {"rank2-prefix": dict(rank=2), "rank3-svd": dict(rank=3, basis="svd"), "per-layer": dict(ranks=ranks)}
-    kw = json.dumps({k: str(v) if isinstance(v, torch.dtype) else v for k, v in QUANT[kind].items()})
+    expected = {}
     for case, options in cases.items():
         # a fresh model each time: a state-dict read (the export) of a 4-bit layer that bitsandbytes repacked for
         # its CPU kernel (an inference forward) moves W0 by a rounding (see quantized.unpack_cpu_weights)
         model = dylora_model(base_dir, kind)
         dylora.export_lora(model, path=tmp_path / case, **options)
-        out = tmp_path / f"{case}.safetensors"
-        proc = subprocess.run([sys.executable, "-c", VANILLA, str(base_dir), str(tmp_path / case), kw, str(out),
-                               json.dumps(IDS.tolist())], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
         if "ranks" in options:
-            dylora.set_rank(model, R)
             dylora.set_layer_ranks(model, ranks)
         else:
             dylora.set_rank(model, options["rank"], basis=options.get("basis", "prefix"))
         with torch.no_grad():
-            expected = model(IDS).logits
-        # 8-bit: PEFT adds a plain LoRA's output after casting it to the base output's dtype, the variant before
-        tol = 5e-3 if kind == "8bit" else 1e-4
-        torch.testing.assert_close(load_file(out)["logits"], expected, atol=tol, rtol=tol, msg=case)
+            expected[case] = model(IDS).logits
+    kw = json.dumps({k: str(v) if isinstance(v, torch.dtype) else v for k, v in QUANT[kind].items()})
+    jobs = [(str(tmp_path / case), str(tmp_path / f"{case}.safetensors")) for case in cases]
+    proc = subprocess.run([sys.executable, "-c", VANILLA, str(base_dir), kw, json.dumps(IDS.tolist()),
+                           json.dumps(jobs)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 8-bit: PEFT adds a plain LoRA's output after casting it to the base output's dtype, the variant before
+    tol = 5e-3 if kind == "8bit" else 1e-4
+    for case in cases:
+        got = load_file(tmp_path / f"{case}.safetensors")["logits"]
+        torch.testing.assert_close(got, expected[case], atol=tol, rtol=tol, msg=case)
 
 
 @pytest.mark.parametrize("kind", list(QUANT))

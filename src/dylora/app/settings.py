@@ -1,8 +1,8 @@
 """Settings: everything that defines a run, checked in one place before anything is loaded or written.
 
-A setting with `help` in its metadata is an option of `dylora train` and `dylora lora` (which ignores the
-DyLoRA-only ones), named `--name` unless `flags` says otherwise, with this default: the CLI builds its options
-from here.
+A setting with `help` in its metadata is an option of `dylora train` and (unless it is in TRAIN_ONLY) of
+`dylora lora`, named `--name` unless `flags` says otherwise, with this default: the CLI builds its options from
+here.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ METHODS = ("dylora", "lora", "full")
 DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", "sandwich_k", "distill",
                "distill_weight", "distill_every", "rank_scaling", "ranks", "basis")
 SWEEP_ONLY = ("ranks", "basis")  # DyLoRA settings of the sweep, not of the adapter
+# options of `dylora train` that `dylora lora` does not offer: a plain LoRA has one rank, so nothing to pick among
+TRAIN_ONLY = (*DYLORA_ONLY, "within")
 BASES = ("prefix", "svd", "both")
 
 

@@ -39,7 +39,7 @@ test-deps-%:
 	$(PY) tools/deps.py $* > .venv-$*/constraints.txt
 	.venv-$*/bin/pip install -q -c .venv-$*/constraints.txt torch
 	.venv-$*/bin/pip install -q -c .venv-$*/constraints.txt '.[cli,dev]'
-	.venv-$*/bin/pip list 2>/dev/null | grep -Ei '^(torch|transformers|peft|accelerate) '
+	.venv-$*/bin/pip list 2>/dev/null | grep -Ei '^(torch|transformers|peft|accelerate|typer) '
 	.venv-$*/bin/python -m pytest -q -n 2 --dist loadfile $(DEPS_TESTS)
 
 # the sdist and wheel, checked by twine (tests/test_dist.py also installs the wheel into a fresh venv)

@@ -27,7 +27,8 @@ test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 # the core tests at both ends of the declared ranges of transformers, peft and accelerate (torch as pinned),
-# each in its own environment (.venv-lowest, .venv-newest): about 5 minutes on 2 cores
+# each in its own fresh environment (.venv-lowest, .venv-newest): 30 min on a busy 2-core machine, set-up included;
+# not a step of .ci/run, which must stay under 15 minutes
 DEPS_TESTS := tests/test_peft_interface.py tests/test_forward.py tests/test_basis.py tests/test_conformance.py \
 	tests/test_files.py tests/test_resize.py
 

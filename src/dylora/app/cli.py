@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -479,6 +480,8 @@ def _train_only(err: Exception) -> str | None:
 def _main(args: list[str]) -> int:
     command = typer.main.get_command(app)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from registry packages, never from a hub at run time
+    # bitsandbytes (the quant extra), imported with peft, logs on import that its optional CPU kernels are missing
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         rv = command.main(args=args, prog_name="dylora", standalone_mode=False)
         if rv == 130:  # typer's answer to Ctrl-C

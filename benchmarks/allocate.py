@@ -356,7 +356,7 @@ def write_docs(summary: dict, docs: Path, results: Path, command: str) -> None:
     docs.mkdir(parents=True, exist_ok=True)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(summary, indent=1, default=str))
-    lines = [f"<!-- written by: {command} -->", ""]
+    lines = ["# Per-layer ranks: the per-seed tables behind results.md", "", f"<!-- written by: {command} -->", ""]
     heat = None
     for task, t in summary.items():
         if task.startswith("_"):

@@ -514,7 +514,8 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
     import matplotlib.pyplot as plt
 
     docs.mkdir(parents=True, exist_ok=True)
-    lines = [f"<!-- written by: {command} -->", ""]
+    lines = ["# Any rank after training: the per-seed tables behind results.md and the README", "",
+             f"<!-- written by: {command} -->", ""]
     for key, t in summary.items():
         if not key.startswith("_"):
             lines += table_lines(key, t, summary.get("_timing", {}).get("ratio"))

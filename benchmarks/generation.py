@@ -73,7 +73,7 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
     seeds = summary["seeds"]
     s = summary["settings"]
     name = MODEL_NAMES.get(s["model"], Path(s["model"]).name)
-    lines = [f"<!-- written by: {command} -->", "",
+    lines = ["# Generation with SmolLM2: the tables behind results.md", "", f"<!-- written by: {command} -->", "",
              f"{name}, bbc-headlines, r_max = {s['r']}, lora_alpha = {s['lora_alpha']:g}, targets "
              f"{', '.join(summary['targets'])}; {s['epochs']:g} epoch over {s['max_train']} training pairs, batch "
              f"{s['batch_size']}, lr {s['lr']:g}, weight decay {s['weight_decay']:g}, LoRA dropout "

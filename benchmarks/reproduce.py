@@ -272,7 +272,7 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
     import matplotlib.pyplot as plt
 
     docs.mkdir(parents=True, exist_ok=True)
-    lines = [f"<!-- written by: {command} -->", ""]
+    lines = ["# The paper in shape: the per-seed tables behind results.md", "", f"<!-- written by: {command} -->", ""]
     for task, results in summary.items():
         if task.startswith("_"):
             continue

@@ -54,7 +54,8 @@ def main() -> int:
                "dylora_timings": dy, "lora_timings": {b: results[f"lora-r{b}"]["timings"] for b in RANKS}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     e = dy["sweep_validation_s"] / len(results["dylora"]["rows"])
-    lines = [f"<!-- written by: python {' '.join(sys.argv)} -->", "",
+    lines = ["# Search cost: one DyLoRA run against a LoRA run per rank, the timings behind results.md", "",
+             f"<!-- written by: python {' '.join(sys.argv)} -->", "",
              f"{args.task}, MiniLM, r_max = 8, {args.epochs:g} epoch(s), lr {args.lr:g}, seed 0; {args.jobs} run(s) at "
              f"a time with {threads} thread(s) each. One validation evaluation E = {e:.1f} s; the DyLoRA run "
              f"without its sweep T = {dy['total_s'] - dy['sweep_s']:.0f} s.", "", *search_cost_table(cost)]

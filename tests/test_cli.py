@@ -3,6 +3,7 @@ is what is tested), on a tiny random model and real polarity data."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -226,7 +227,8 @@ def test_allocate_per_layer_ranks_of_a_run(trained, tmp_path, capsys):
     out, _ = trained
     for method in ("norm", "greedy"):
         capsys.readouterr()
-        assert main(["allocate", str(out), "--budget", "2", "--method", method, "--calibration", "32", "--quiet",
+        greedy = ["--calibration", "32"] if method == "greedy" else []  # norm reads no calibration rows
+        assert main(["allocate", str(out), "--budget", "2", "--method", method, *greedy, "--quiet",
                      "--export", str(tmp_path / method)]) == 0
         stdout = capsys.readouterr().out
         assert "per layer" in stdout and "uniform b=2" in stdout
@@ -279,13 +281,13 @@ def test_train_and_lora_options_are_the_settings_with_their_defaults():
     import typer
 
     from dylora.app.cli import app
-    from dylora.app.settings import Settings
+    from dylora.app.settings import TRAIN_ONLY, Settings
 
     commands = typer.main.get_command(app).commands
     for command in ("train", "lora"):
         params = {p.name: p for p in commands[command].params}
         for f in dataclasses.fields(Settings):
-            if "help" in f.metadata:
+            if "help" in f.metadata and not (command == "lora" and f.name in TRAIN_ONLY):
                 option = params.pop(f.name)
                 assert (option.default, option.help) == (f.default, f.metadata["help"]), f.name
                 assert f"--{f.name.replace('_', '-')}" in option.opts or option.opts[0] in f.metadata["flags"][0]
@@ -424,3 +426,76 @@ def test_settings_are_resolved_once_and_the_callers_are_not_changed(tiny, tmp_pa
     assert dataclasses.asdict(s) == before and s.target_modules is None and s.max_length is None
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
     assert recorded["max_length"] == 64 and recorded["target_modules"]  # resolved against the base model
+
+
+def train_only_flags() -> list[str]:
+    """Every option name of `dylora train` that a plain LoRA has no use for (settings.TRAIN_ONLY)."""
+    import typer
+
+    from dylora.app.cli import app
+    from dylora.app.settings import TRAIN_ONLY
+
+    train = typer.main.get_command(app).commands["train"]
+    return [flag for p in train.params if p.name in TRAIN_ONLY for flag in (*p.opts, *p.secondary_opts)]
+
+
+def test_lora_offers_no_dylora_option(capsys):
+    """`dylora lora` trains a plain LoRA: each DyLoRA-only option of `dylora train` is absent from its --help and
+    refused with one line naming `dylora train` (exit 2), before anything is loaded."""
+    flags = train_only_flags()
+    assert {"--recipe", "--frozen", "--distill", "--no-distill", "--distill-every", "--r-min", "--basis", "--ranks",
+            "--sandwich-k", "--within", "--rank-distribution", "--geometric-p"} <= set(flags)
+    assert main(["lora", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    for flag in flags:
+        assert f" {flag} " not in help_text and f" {flag}\n" not in help_text, flag
+        assert main(["lora", flag, "1"]) == 2, flag
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"dylora: error: {flag} is an option of `dylora train`"), err
+
+
+def test_lora_refuses_the_issue_example_as_a_user_would(tmp_path):
+    proc = cli_process("lora", "--recipe", "sandwich", "--frozen", "--distill-every", "3", "--out", tmp_path / "x",
+                       check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("dylora:")] == [
+        "dylora: error: --recipe is an option of `dylora train` (DyLoRA): `dylora lora` trains a plain LoRA at one "
+        "rank --r, so it has no such option"]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--sandwich-k", "2"], "--sandwich-k applies only with --recipe sandwich"),
+    (["train", "--recipe", "paper", "--geometric-p", "0.3"],
+     "--geometric-p applies only with --rank-distribution geometric"),
+    (["train", "--no-distill", "--distill-weight", "0.3"], "--distill-weight applies only with distillation"),
+    (["allocate", "{run}", "--budget", "2", "--step", "2", "--exact"],
+     "--step and --exact apply only with --method greedy"),
+    (["allocate", "{run}", "--budget", "2", "--calibration", "64"], "--calibration applies only with --method greedy"),
+    (["allocate", "{run}", "--budget", "2", "--bake-scale"], "--bake-scale applies only with --export DIR"),
+    (["allocate", "{run}", "--budget", "2", "--overwrite"], "--overwrite applies only with --export DIR"),
+])
+def test_an_option_that_would_be_ignored_is_refused(args, message, tmp_path, capsys):
+    """Every command: an option that the other options make unused is refused (exit 2, one line), not ignored."""
+    args = [a.replace("{run}", str(tmp_path)) for a in args]
+    code = main([*args, "--out", str(tmp_path / "x")] if args[0] == "train" else args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"dylora: error: {message}"), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_same_options_given_where_they_apply_are_accepted():
+    """The refusals above depend on the other options: with them, the settings go through."""
+    from dylora.app.settings import Settings
+
+    for kw in (dict(recipe="sandwich", sandwich_k=2), dict(rank_distribution="geometric", geometric_p=0.3),
+               dict(distill_weight=0.3)):
+        assert Settings(**kw).validate()
+
+
+def test_version_is_one_place(capsys):
+    import dylora
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dylora {dylora.__version__}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", dylora.__version__)

@@ -9,6 +9,7 @@ The core never imports from here (tests/test_architecture.py).
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 # the application's own dependencies (the `cli` extra), by import name
@@ -16,8 +17,12 @@ EXTRA = ("typer", "rich", "matplotlib", "sklearn", "datasets")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The `dylora` command; without the `cli` extra installed, one line that says how to install it."""
+    """The `dylora` command; without the `cli` extra installed, one line that says how to install it (checked
+    before anything runs: the core's own dependencies may bring some of the extra, e.g. huggingface_hub's typer)."""
+    missing = next((name for name in EXTRA if importlib.util.find_spec(name) is None), None)
     try:
+        if missing is not None:
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
         from .cli import main as cli_main
     except ModuleNotFoundError as err:
         if err.name not in EXTRA:

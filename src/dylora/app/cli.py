@@ -14,6 +14,10 @@ from typing import Annotated, Any
 
 import typer
 from typer._click import exceptions as click_exc
+from typer._click.core import ParameterSource
+from typer._click.globals import get_current_context
+
+from .. import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="DyLoRA: train a LoRA adapter once over every rank, then use any rank.")
@@ -23,6 +27,33 @@ Out = Annotated[Path | None, typer.Option(help="Run directory (default runs/<mod
 
 class UsageFailure(Exception):
     """A bad argument: printed as one line, exit code 2."""
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dylora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass  # the options of `dylora` itself, before a command
+
+
+def _given(*names: str) -> list[str]:
+    """Of the options `names` (parameter names), those the user gave (on the command line or in the environment),
+    as `--option` names."""
+    ctx = get_current_context()
+    return [f"--{n.replace('_', '-')}" for n in names
+            if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+
+
+def _refuse_unused(names: tuple[str, ...], applies: bool, when: str) -> None:
+    """Refuse options that would be silently ignored: `names` apply only `when` (not the case here)."""
+    given = _given(*names)
+    if given and not applies:
+        raise UsageFailure(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} only {when}")
 
 
 def _parse_ranks(text: str | None) -> list[int] | None:
@@ -78,14 +109,16 @@ def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None =
 def _train(method: str, kw: dict[str, Any], out: Path | None, overwrite: bool, resume: bool, keep_checkpoints: bool,
            no_guard: bool, quiet: bool) -> None:
     from .run import train
-    from .settings import DYLORA_ONLY, Settings
+    from .settings import Settings
 
     _hush(quiet)
-    if method == "lora":  # accepted, as they always were, but a LoRA baseline has no use for them
-        kw = {k: v for k, v in kw.items() if k not in DYLORA_ONLY}
     targets, ranks = kw.pop("target_modules"), kw.pop("ranks", None)
     s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None,
-                 ranks=_parse_ranks(ranks), guard=not no_guard, **kw)
+                 ranks=_parse_ranks(ranks), guard=not no_guard, **kw).validate()
+    if method == "dylora":  # options that only one recipe or distribution reads
+        _refuse_unused(("sandwich_k",), s.recipe == "sandwich", "with --recipe sandwich")
+        _refuse_unused(("geometric_p",), s.rank_distribution == "geometric", "with --rank-distribution geometric")
+        _refuse_unused(("distill_weight",), bool(s.distill), "with distillation (--distill, rowwise or sandwich)")
     out = out or _default_out(s.model, s.data, method)
     result = train(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints,
                    callbacks=[_stop_on_interrupt()])
@@ -160,12 +193,12 @@ def _train_command(method: str) -> Any:
     import inspect
     import typing
 
-    from .settings import Settings
+    from .settings import TRAIN_ONLY, Settings
 
     hints = typing.get_type_hints(Settings)
     params = []
     for f in dataclasses.fields(Settings):
-        if "help" in f.metadata:
+        if "help" in f.metadata and not (method == "lora" and f.name in TRAIN_ONLY):
             hint = hints[f.name]
             kind = str | None if any(typing.get_origin(t) is list for t in typing.get_args(hint)) else hint
             option = typer.Option(*f.metadata["flags"], help=f.metadata["help"])
@@ -323,6 +356,8 @@ def allocate(
         raise UsageFailure("give one budget: --budget (an average rank) or --params (adapter parameters)")
     if method not in METHODS:
         raise UsageFailure(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    _refuse_unused(("calibration", "step", "exact"), method == "greedy", "with --method greedy")
+    _refuse_unused(("bake_scale", "overwrite"), export is not None, "with --export DIR")
     if export is not None and export.exists() and not overwrite:
         raise UsageFailure(f"{export} exists; pass --overwrite to replace it")
     kind, value = ("rank", budget) if budget is not None else ("params", params)
@@ -431,6 +466,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)
 
 
+def _train_only(err: Exception) -> str | None:
+    """For `dylora lora --recipe ...` (an option of `dylora train` only): a line saying so, else None."""
+    ctx = getattr(err, "ctx", None)
+    if not isinstance(err, click_exc.NoSuchOption) or ctx is None or ctx.info_name != "lora":
+        return None
+    train = typer.main.get_command(app).commands["train"]
+    if not any(err.option_name in p.opts or err.option_name in p.secondary_opts for p in train.params):
+        return None
+    return (f"{err.option_name} is an option of `dylora train` (DyLoRA): `dylora lora` trains a plain LoRA at one "
+            "rank --r, so it has no such option")
+
+
 def _main(args: list[str]) -> int:
     command = typer.main.get_command(app)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from registry packages, never from a hub at run time
@@ -448,7 +495,7 @@ def _main(args: list[str]) -> int:
         print("dylora: interrupted; nothing was published", file=sys.stderr)
         return 130
     except click_exc.ClickException as e:
-        print(f"dylora: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        print(f"dylora: error: {_train_only(e) or ' '.join(e.format_message().split())}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if type(e).__name__ != "TrainingStopped":  # dylora.app.run.TrainingStopped, without importing torch here

@@ -1,8 +1,8 @@
 """Settings: everything that defines a run, checked in one place before anything is loaded or written.
 
-A setting with `help` in its metadata is an option of `dylora train` and `dylora lora` (which ignores the
-DyLoRA-only ones), named `--name` unless `flags` says otherwise, with this default: the CLI builds its options
-from here.
+A setting with `help` in its metadata is an option of `dylora train` and (unless it is in TRAIN_ONLY) of
+`dylora lora`, named `--name` unless `flags` says otherwise, with this default: the CLI builds its options from
+here.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", 
                "distill_weight", "distill_every", "rank_scaling", "rebasis_every", "rebasis_state", "lora_first",
                "ranks", "basis", "basis_rule")
 SWEEP_ONLY = ("ranks", "basis", "basis_rule")  # DyLoRA settings of the sweep, not of the adapter
+# options of `dylora train` that `dylora lora` does not offer: a plain LoRA has one rank, so nothing to pick among
+TRAIN_ONLY = (*DYLORA_ONLY, "within")
 BASES = ("prefix", "svd", "both")
 QUANTIZE = ("4bit", "8bit")  # bitsandbytes' Linear4bit / Linear8bitLt
 QUANT_TYPES = ("nf4", "fp4")

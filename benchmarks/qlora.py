@@ -86,24 +86,21 @@ def model_dir(model: str, root: Path) -> str:
 
 
 def load(path: str, precision: str, device: str):
+    """The base at `precision`: 4bit / 8bit as `dylora train --quantize` loads it (`zoo.load_kwargs`: nf4 + double
+    quantization, float32 compute on a CPU, bfloat16 on CUDA), then PEFT's k-bit preparation as for QLoRA."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    compute = torch.bfloat16 if device == "cuda" or precision == "bf16" else torch.float32
-    kw: dict = {"dtype": torch.bfloat16 if precision == "bf16" else compute}
-    if precision == "4bit":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-    elif precision == "8bit":
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if "quantization_config" in kw or device == "cuda":
-        kw["device_map"] = {"": 0 if device == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(path, **kw)
-    if "quantization_config" in kw:
+    from dylora.app import zoo
+
+    if precision in ("4bit", "8bit"):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
+        model = AutoModelForCausalLM.from_pretrained(path, **zoo.load_kwargs(precision))
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    dtype = torch.bfloat16 if device == "cuda" or precision == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                **({"device_map": {"": 0}} if device == "cuda" else {}))
 
 
 def worker(spec: dict) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tiny_model
+from tiny import make_tiny_model, refused
 
 import dylora
 from dylora import files
@@ -42,16 +42,6 @@ def T(world, *extra: str, out: Path | None = None) -> list[str]:
     root, tiny, csv = world
     return ["train", "--model", tiny, "--data", csv, "--r", "4", "--max-steps", "3", "--max-eval", "20", "--quiet",
             "--out", str(out or root / "out"), *extra]
-
-
-def refused(args: list[str], capsys, code: int = 2, needle: str = "") -> str:
-    """Run the CLI; check the exit code, one line on stderr naming `needle`, and no traceback."""
-    capsys.readouterr()
-    assert main(args) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle.lower() in err.lower(), err
-    return err
 
 
 def nothing_left(out: Path) -> None:

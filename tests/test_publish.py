@@ -19,6 +19,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny import refused
 
 import dylora
 from dylora import DyLoraConfig, files
@@ -55,16 +56,6 @@ def snapshot(*roots: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*")):
             out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return out
-
-
-def refused(args: list[str], capsys, code: int = 2, needle: str = "") -> str:
-    """Run the CLI; check the exit code, one line on stderr naming `needle`, and no traceback."""
-    capsys.readouterr()
-    assert main(args) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle.lower() in err.lower(), err
-    return err
 
 
 # ---------------------------------------------------------------- resize never writes over its own input

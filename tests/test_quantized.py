@@ -19,6 +19,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes", reason="QDyLoRA needs bitsandbytes: make venv installs 'dylora[quant]'")
 
+from conftest import randomise_lora  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
@@ -71,11 +72,7 @@ def load_base(path, kind: str | None):
 def dylora_model(path, kind, seed=1):
     model = dylora.get_dylora_model(load_base(path, kind), dylora.DyLoraConfig(
         r=R, r_min=1, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomise_lora(model, seed=seed, std=0.2)
     return model.eval()
 
 
@@ -364,11 +361,7 @@ def torchao_model(path):
         path, quantization_config=TorchAoConfig(quant_type=ao.quantization.Int8WeightOnlyConfig()), device_map="cpu")
     config = dylora.DyLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = dylora.get_dylora_model(base, config)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomise_lora(model, seed=3, std=0.2)
     return model.eval()
 
 

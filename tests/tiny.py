@@ -94,3 +94,15 @@ def run_cli(*args: Any, check: bool = True) -> Any:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def refused(args: list[str], capsys: Any, code: int = 2, needle: str = "") -> str:
+    """Run the CLI; check the exit code, one line on stderr naming `needle`, and no traceback."""
+    from dylora.app.cli import main
+
+    capsys.readouterr()
+    assert main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert needle.lower() in err.lower(), err
+    return err

@@ -603,6 +603,6 @@ def _dense_dtype(model: torch.nn.Module) -> torch.dtype:
     """The dtype of the model's first floating, unquantized parameter (its embeddings, usually): what the
     layers of a dequantized merge hold when they have no compute dtype of their own."""
     for p in model.parameters():
-        if p.is_floating_point() and type(p).__name__ not in ("Params4bit", "Int8Params"):
+        if p.is_floating_point() and type(p).__name__ not in quantized.BNB_PARAMS:
             return p.dtype
     return torch.float32

@@ -14,16 +14,15 @@ import copy
 
 import torch
 
-BITS = ("4bit", "8bit")
+BNB_PARAMS = {"Params4bit": "4bit", "Int8Params": "8bit"}  # bitsandbytes' parameter classes, by kind
 
 
 def quant_kind(layer: torch.nn.Module) -> str | None:
     """"4bit" or "8bit" for a bitsandbytes linear layer (its weight is `Params4bit` / `Int8Params`), "torchao" for
     a layer whose weight is a torchao quantized tensor, else None."""
     weight = getattr(layer, "weight", None)
-    name = type(weight).__name__
-    if name in ("Params4bit", "Int8Params"):
-        return "4bit" if name == "Params4bit" else "8bit"
+    if type(weight).__name__ in BNB_PARAMS:
+        return BNB_PARAMS[type(weight).__name__]
     return "torchao" if type(weight).__module__.startswith("torchao.") else None
 
 

@@ -317,8 +317,7 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
         save(model, run_dir.adapter, card=False)  # its card is written once, below, with the sweep
         facts = {"data": s.data, "method": s.method, "recipe": s.recipe if s.method == "dylora" else None,
                  "steps": trainer.state.global_step, "lr": s.lr, "seed": s.seed,
-                 "base quantized": zoo.describe_quantization(s.quantize, s.quant_type, s.double_quant,
-                                                             s.compute_dtype)}
+                 "base quantized": zoo.describe_quantization(**s.quantization())}
         for where, name in ((run_dir.adapter, RunDir.CARD), (partial, RunDir.CARD)):
             write_card(where, trainer.model.peft_config["default"], sweep=picked, command=sys.argv, base_model=s.model,
                        training={k: v for k, v in facts.items() if v is not None}, filename=name)

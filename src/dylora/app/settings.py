@@ -150,6 +150,11 @@ class Settings:
                 check_rank(b, self.r_min, self.r)
         return self
 
+    def quantization(self) -> dict[str, Any]:
+        """How the base model is loaded: the keywords of `zoo.load_kwargs` and `zoo.describe_quantization`."""
+        return {"quantize": self.quantize, "quant_type": self.quant_type, "double_quant": self.double_quant,
+                "compute_dtype": self.compute_dtype}
+
     def _validate_quantization(self) -> None:
         if self.quantize is None:
             return

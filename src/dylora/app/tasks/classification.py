@@ -64,7 +64,7 @@ class ClassificationTask:
         set_seed(self.s.seed)
         model = AutoModelForSequenceClassification.from_pretrained(  # a new head: the checkpoint's may differ
             model_dir, num_labels=num_labels or self.data.num_labels, ignore_mismatched_sizes=True,
-            **zoo.load_kwargs(self.s.quantize, self.s.quant_type, self.s.double_quant, self.s.compute_dtype))
+            **zoo.load_kwargs(**self.s.quantization()))
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model, self.tokenizer

@@ -254,8 +254,8 @@ class GenerationTask:
         check_causal_lm(model_dir, self.s.model, self.s.data)
 
     def load_base(self, model_dir: str, num_labels: int | None = None) -> tuple[Any, Any]:
-        model, self.tokenizer = load_causal_lm(model_dir, self.s.model, self.s.seed, **zoo.load_kwargs(
-            self.s.quantize, self.s.quant_type, self.s.double_quant, self.s.compute_dtype))
+        model, self.tokenizer = load_causal_lm(model_dir, self.s.model, self.s.seed,
+                                               **zoo.load_kwargs(**self.s.quantization()))
         return model, self.tokenizer
 
     def saved_num_labels(self, adapter: Path, record: dict[str, Any] | None) -> None:

@@ -281,17 +281,53 @@ def test_train_and_lora_options_are_the_settings_with_their_defaults():
     import typer
 
     from dylora.app.cli import app
-    from dylora.app.settings import TRAIN_ONLY, Settings
+    from dylora.app.settings import Settings, train_only
 
     commands = typer.main.get_command(app).commands
     for command in ("train", "lora"):
         params = {p.name: p for p in commands[command].params}
         for f in dataclasses.fields(Settings):
-            if "help" in f.metadata and not (command == "lora" and f.name in TRAIN_ONLY):
+            if "help" in f.metadata and not (command == "lora" and f.name in train_only()):
                 option = params.pop(f.name)
                 assert (option.default, option.help) == (f.default, f.metadata["help"]), f.name
                 assert f"--{f.name.replace('_', '-')}" in option.opts or option.opts[0] in f.metadata["flags"][0]
         assert set(params) == {"out", "overwrite", "resume", "keep_checkpoints", "no_guard", "quiet"}
+
+
+def test_each_dylora_option_is_one_dylora_config_field_and_an_option_of_train_only():
+    """A DyLoRA option is declared once, as a field of DyLoraConfig (dylora.options.DyLoraOptions): `dylora train`
+    offers it with that field's help, flags and default (the command line's where the field says so), `dylora lora`
+    does not, Settings hands it to the DyLoraConfig it builds, and run.json records it."""
+    import dataclasses
+
+    import typer
+
+    from dylora.app.cli import app
+    from dylora.app.settings import Settings, train_only
+    from dylora.config import DyLoraConfig
+    from dylora.options import DyLoraOptions
+
+    commands = typer.main.get_command(app).commands
+    train = {p.name: p for p in commands["train"].params}
+    lora = {p.name for p in commands["lora"].params}
+    config_fields = {f.name: f for f in dataclasses.fields(DyLoraConfig)}
+    options = [f for f in dataclasses.fields(DyLoraOptions) if f.metadata.get("option", True)]
+    assert len(options) >= 13
+    for f in options:
+        assert config_fields[f.name].metadata is f.metadata  # the config's field is this declaration
+        option = train[f.name]
+        assert (option.default, option.help) == (f.metadata.get("cli_default", f.default), f.metadata["help"]), f.name
+        assert f"--{f.name.replace('_', '-')}" in option.opts or option.opts[0] in f.metadata["flags"][0], f.name
+        assert f.name not in lora and f.name in train_only(), f.name
+    # seed is not an option of its own: the run's --seed seeds the rank sampler
+    assert "seed" in train and not DyLoraOptions.__dataclass_fields__["seed"].metadata.get("option", True)
+    s = Settings(r=6, r_min=2, recipe="sandwich", sandwich_k=2, rank_distribution="geometric", geometric_p=0.3,
+                 seed=4).validate()
+    config = s.peft_config(["x"])
+    assert (config.r_min, config.recipe, config.sandwich_k, config.geometric_p, config.seed) == (2, "sandwich", 2,
+                                                                                                0.3, 4)
+    assert {f.name for f in options} <= set(dataclasses.asdict(s))  # run.json's settings
+    assert Settings.from_dict(dataclasses.asdict(s)) == s
 
 
 def test_train_sweeps_both_bases_and_export_uses_the_one_picked_on_validation(trained, tmp_path, capsys):
@@ -429,14 +465,14 @@ def test_settings_are_resolved_once_and_the_callers_are_not_changed(tiny, tmp_pa
 
 
 def train_only_flags() -> list[str]:
-    """Every option name of `dylora train` that a plain LoRA has no use for (settings.TRAIN_ONLY)."""
+    """Every option name of `dylora train` that a plain LoRA has no use for (settings.train_only())."""
     import typer
 
     from dylora.app.cli import app
-    from dylora.app.settings import TRAIN_ONLY
+    from dylora.app.settings import train_only
 
     train = typer.main.get_command(app).commands["train"]
-    return [flag for p in train.params if p.name in TRAIN_ONLY for flag in (*p.opts, *p.secondary_opts)]
+    return [flag for p in train.params if p.name in train_only() for flag in (*p.opts, *p.secondary_opts)]
 
 
 def test_lora_offers_no_dylora_option(capsys):

@@ -351,9 +351,9 @@ def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
 
 
 def test_the_recipe_table_is_the_one_list_of_recipes():
-    """config.RECIPES (what DyLoraConfig accepts) names the recipe classes, and config.DISTILL_RECIPES the ones
+    """options.RECIPES (what DyLoraConfig accepts) names the recipe classes, and options.DISTILL_RECIPES the ones
     whose passes distill; Recipe(sampler, name) is the class of that name, and refuses any other."""
-    from dylora.config import DISTILL_RECIPES, RECIPES
+    from dylora.options import DISTILL_RECIPES, RECIPES
     from dylora.recipes import RECIPE_CLASSES, Sandwich
 
     assert tuple(RECIPE_CLASSES) == RECIPES

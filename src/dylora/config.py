@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 from peft import LoraConfig
 
 from .files import write_json
-from .functional import RANK_SCALINGS
+from .options import DyLoraOptions, option_names
 
-DISTRIBUTIONS = ("uniform", "geometric")
 MAX_RANK = 4096  # far above any useful LoRA rank; larger values only exhaust memory
-MAX_DISTILL_EVERY = 1_000_000  # a teacher pass every million steps is already none after step 0
-# The recipes (what an optimizer step trains): the names of dylora.recipes.RECIPE_CLASSES, in its order (stated
-# here, where DyLoraConfig checks them, since the recipe classes import the model); and the defaults, in one place.
-RECIPES = ("paper", "sandwich", "rowwise", "nested")
-DISTILL_RECIPES = ("sandwich", "rowwise")  # the recipes that can distill from r_max (dylora train: on by default)
-DEFAULT_RECIPE = "paper"  # DyLoraConfig's: the paper's Algorithm 1; a sidecar or run.json without a recipe trained so
-RECOMMENDED_RECIPE = "rowwise"  # dylora train's (with distill), the closest to LoRA at every rank (docs/results.md)
 SIDECAR_NAME = "dylora_config.json"
-REBASIS_STATES = ("reset", "rotate")  # what a re-basis does to the optimizer state of A and B (dylora.rebasis)
 
 # The one list of what DyLoRA takes from peft.LoraConfig. Every field of PEFT's LoraConfig is in
 # SUPPORTED_LORA_FIELDS (any value works) or in REFUSED_LORA_OPTIONS (refused once set away from PEFT's
@@ -70,12 +61,13 @@ REFUSED_LORA_OPTIONS = {
 
 
 @dataclass
-class DyLoraConfig(LoraConfig):
+class DyLoraConfig(LoraConfig, DyLoraOptions):
     """LoRA trained over every rank b in [r_min, r] (Valipour et al., 2023).
 
-    `r` is r_max. Each training step uses one rank b drawn from `rank_distribution`; at rank b a layer
-    computes W0 x + (lora_alpha / b) B[:, :b] A[:b] x. `frozen=True` trains only row b of A and column b
-    of B at each step (the paper's "DyLoRA (Frozen)"); `frozen=False` trains rows/columns 1..b.
+    `r` is r_max. Training draws ranks b from `rank_distribution` (one a step with the paper's recipe, one a row
+    with rowwise: see `recipe`); at rank b a layer computes W0 x + (lora_alpha / b) B[:, :b] A[:b] x.
+    `frozen=True` trains only row b of A and column b of B at each step (the paper's "DyLoRA (Frozen)");
+    `frozen=False` trains rows/columns 1..b.
 
     The adapter saves as a plain PEFT LoRA (peft_type "LORA", the DyLoRA fields are left out of
     `adapter_config.json`) with the DyLoRA fields in a sidecar `dylora_config.json`.
@@ -93,29 +85,10 @@ class DyLoraConfig(LoraConfig):
     components come in singular-value order (B A unchanged; `functional.svd_rebasis`), the optimizer state of A and B
     reset or rotated (`rebasis_state`); `lora_first=f` trains plain LoRA at r_max for the first round(f * steps)
     optimizer steps, re-bases once after them, then trains the recipe (with its teacher, if `distill`).
+
+    The DyLoRA fields, their help and their checks are declared once, in `dylora.options.DyLoraOptions`.
     """
 
-    r_min: int = field(default=1, metadata={"help": "Smallest rank trained and served (b >= r_min)."})
-    rank_distribution: str = field(
-        default="uniform",
-        metadata={"help": "'uniform' over [r_min, r], or 'geometric': P(b) ~ p (1-p)^(b - r_min)."},
-    )
-    geometric_p: float = field(default=0.15, metadata={"help": "p of the geometric distribution, in (0, 1]."})
-    frozen: bool = field(default=False, metadata={"help": "Train only component b at rank b (DyLoRA Frozen)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the rank sampler."})
-    recipe: str = field(default=DEFAULT_RECIPE, metadata={"help": f"Training recipe: one of {', '.join(RECIPES)}."})
-    sandwich_k: int = field(default=1, metadata={"help": "Sampled ranks per step besides r_min and r_max."})
-    distill: bool = field(default=False, metadata={"help": "Sandwich, rowwise: smaller ranks also learn from r_max."})
-    distill_weight: float = field(default=0.5, metadata={"help": "w in (1 - w) task loss + w KL(r_max || b)."})
-    distill_every: int = field(default=1, metadata={"help": "Rowwise with distill: the r_max pass runs on every k-th "
-                                                              "optimizer step only (1 + 1/k passes a step)."})
-    rank_scaling: str = field(default="alpha/b", metadata={"help": "c(b): 'alpha/b' (paper) or 'alpha/sqrt(b)'."})
-    rebasis_every: int = field(default=0, metadata={"help": "Rowwise: after every k-th optimizer step, rotate A and B "
-                                                              "into singular-value order (0: never)."})
-    rebasis_state: str = field(default="reset", metadata={"help": "The optimizer state of A and B at a re-basis: "
-                                                                  "'reset' or 'rotate'."})
-    lora_first: float = field(default=0.0, metadata={"help": "Rowwise: train plain LoRA at r_max for this fraction "
-                                                               "of the steps, re-basis once, then the recipe."})
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -155,7 +128,8 @@ class DyLoraConfig(LoraConfig):
 
 
 def dylora_field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(DyLoraConfig) if f.name not in LoraConfig.__dataclass_fields__)
+    """The fields DyLoRA adds to LoraConfig (`dylora.options.DyLoraOptions`)."""
+    return option_names()
 
 
 def check_config(config: DyLoraConfig) -> None:
@@ -170,10 +144,6 @@ def _validate(c: DyLoraConfig) -> None:
 
     if isinstance(c.r, bool) or not isinstance(c.r, int) or c.r < 1:
         raise bad("r", "r (= r_max) must be an integer >= 1")
-    if isinstance(c.r_min, bool) or not isinstance(c.r_min, int) or c.r_min < 1:
-        raise bad("r_min", "r_min must be an integer >= 1")
-    if c.r_min > c.r:
-        raise bad("r_min", f"r_min must lie in [1, r] = [1, {c.r}]")
     if c.r > MAX_RANK:
         raise bad("r", f"r (= r_max) must be at most {MAX_RANK}")
     if isinstance(c.lora_alpha, bool) or not isinstance(c.lora_alpha, int | float) or not math.isfinite(c.lora_alpha) \
@@ -181,43 +151,7 @@ def _validate(c: DyLoraConfig) -> None:
         raise bad("lora_alpha", "lora_alpha must be a finite number > 0")
     if not isinstance(c.lora_dropout, int | float) or not 0 <= c.lora_dropout < 1:
         raise bad("lora_dropout", "lora_dropout must lie in [0, 1)")
-    if c.rank_distribution not in DISTRIBUTIONS:
-        raise bad("rank_distribution", f"choose one of {', '.join(DISTRIBUTIONS)}")
-    if not 0.0 < float(c.geometric_p) <= 1.0:
-        raise bad("geometric_p", "geometric_p must lie in (0, 1]")
-    if c.recipe not in RECIPES:
-        raise bad("recipe", f"choose one of {', '.join(RECIPES)}")
-    if isinstance(c.sandwich_k, bool) or not isinstance(c.sandwich_k, int) or c.sandwich_k < 0:
-        raise bad("sandwich_k", "sandwich_k must be an integer >= 0")
-    if not isinstance(c.distill, bool):
-        raise bad("distill", "distill must be true or false")
-    if c.distill and c.recipe not in DISTILL_RECIPES:
-        raise bad("distill", f"distillation is implemented for recipes {' and '.join(DISTILL_RECIPES)} only")
-    if not 0.0 <= float(c.distill_weight) <= 1.0:
-        raise bad("distill_weight", "distill_weight must lie in [0, 1]")
-    if isinstance(c.distill_every, bool) or not isinstance(c.distill_every, int) \
-            or not 1 <= c.distill_every <= MAX_DISTILL_EVERY:
-        raise bad("distill_every", f"distill_every must be an integer in [1, {MAX_DISTILL_EVERY}]")
-    if c.distill_every > 1 and not (c.distill and c.recipe == "rowwise"):
-        raise bad("distill_every", "distill_every > 1 thins rowwise's r_max pass: it needs recipe='rowwise' and "
-                                   "distill=True")
-    if isinstance(c.rebasis_every, bool) or not isinstance(c.rebasis_every, int) or c.rebasis_every < 0:
-        raise bad("rebasis_every", "rebasis_every must be an integer >= 0 (0: never)")
-    if c.rebasis_state not in REBASIS_STATES:
-        raise bad("rebasis_state", f"choose one of {', '.join(REBASIS_STATES)}")
-    if isinstance(c.lora_first, bool) or not isinstance(c.lora_first, int | float) or not 0.0 <= c.lora_first < 1.0:
-        raise bad("lora_first", "lora_first must be a fraction of the steps in [0, 1)")
-    for name in ("rebasis_every", "lora_first"):
-        if getattr(c, name) and c.recipe != "rowwise":
-            raise bad(name, f"{name} is implemented for recipe rowwise only, not {c.recipe}")
-    if c.rank_scaling not in RANK_SCALINGS:
-        raise bad("rank_scaling", f"choose one of {', '.join(RANK_SCALINGS)}")
-    if c.frozen and c.recipe in ("rowwise", "nested"):
-        raise bad("frozen", f"recipe {c.recipe} trains in full mode; frozen=True works with paper, sandwich")
-    inner = c.r - c.r_min - 1  # the ranks a sandwich step draws from (its r_max and r_min passes come anyway)
-    if c.recipe == "sandwich" and c.sandwich_k > max(1, inner):
-        raise bad("sandwich_k", f"sandwich_k must lie in [0, {max(1, inner)}]: a sandwich step draws its extra "
-                                f"ranks from the {inner} strictly between r_min = {c.r_min} and r = {c.r}")
+    c.check(c.r)
     for f in fields(LoraConfig):
         if f.name not in SUPPORTED_LORA_FIELDS and _is_set(f, getattr(c, f.name)):
             raise bad(f.name, _refusal(f.name, getattr(c, f.name)))

@@ -50,7 +50,7 @@ import math
 
 import torch
 
-RANK_SCALINGS = ("alpha/b", "alpha/sqrt(b)")
+from .options import RANK_SCALINGS
 
 
 def check_rank(rank: int, r_min: int, r: int, *, off: bool = False) -> int:

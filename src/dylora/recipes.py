@@ -26,13 +26,13 @@ class of `name`. `dylora.training` runs them in the HF Trainer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from .config import DEFAULT_RECIPE
 from .model import set_example_ranks, set_expected_scale, set_rank
+from .options import DEFAULT_RECIPE, option_names
 from .sampler import RankSampler
 
 RANK_KEY = "dylora/rank"  # log_history entry of a step trained at one rank (paper)
@@ -52,7 +52,8 @@ class RecipePass:
 
 @dataclass
 class Recipe:
-    """A training recipe (`DyLoraConfig.recipe` and its settings) with its rank sampler.
+    """A training recipe (`DyLoraConfig.recipe` and its settings, the fields named as the DyLoRA options of
+    `dylora.options`) with its rank sampler.
 
     `Recipe(sampler, name, ...)` is the class of `name` in `RECIPE_CLASSES` (an unknown name is a ValueError);
     a subclass is the one recipe it names.
@@ -81,9 +82,8 @@ class Recipe:
     @classmethod
     def from_config(cls, config: Any) -> Recipe:
         """The recipe of a DyLoraConfig, with its rank sampler."""
-        return Recipe(RankSampler.from_config(config), config.recipe, config.sandwich_k, config.distill,
-                      config.distill_weight, config.distill_every, getattr(config, "rebasis_every", 0),
-                      getattr(config, "rebasis_state", "reset"), getattr(config, "lora_first", 0.0))
+        settings = {f.name: getattr(config, f.name) for f in fields(cls) if f.name in option_names()}
+        return Recipe(RankSampler.from_config(config), config.recipe, **settings)
 
     @property
     def switch_step(self) -> int:
@@ -184,7 +184,7 @@ class Nested(Recipe):
         set_expected_scale(model, self.sampler.pmf())
 
 
-# the one table of recipes: config.RECIPES (the names DyLoraConfig accepts, which config states without importing
+# the one table of recipes: options.RECIPES (the names DyLoraConfig accepts, which options states without importing
 # the model) names these classes, in this order (tests/test_recipes.py checks)
 RECIPE_CLASSES: dict[str, type[Recipe]] = {c.name: c for c in (Paper, Sandwich, Rowwise, Nested)}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import DISTRIBUTIONS
+from .options import DISTRIBUTIONS
 
 
 class RankSampler:

@@ -115,10 +115,13 @@ def _train(method: str, kw: dict[str, Any], out: Path | None, overwrite: bool, r
     targets, ranks = kw.pop("target_modules"), kw.pop("ranks", None)
     s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None,
                  ranks=_parse_ranks(ranks), guard=not no_guard, **kw).validate()
-    if method == "dylora":  # options that only one recipe or distribution reads
-        _refuse_unused(("sandwich_k",), s.recipe == "sandwich", "with --recipe sandwich")
-        _refuse_unused(("geometric_p",), s.rank_distribution == "geometric", "with --rank-distribution geometric")
-        _refuse_unused(("distill_weight",), bool(s.distill), "with distillation (--distill, rowwise or sandwich)")
+    if method == "dylora":  # options that only one recipe or distribution reads (their `when`, dylora.options)
+        import dataclasses
+
+        for f in dataclasses.fields(s):
+            if "when" in f.metadata:
+                words, applies = f.metadata["when"]
+                _refuse_unused((f.name,), bool(applies(s)), words)
     out = out or _default_out(s.model, s.data, method)
     result = train(s, out, overwrite=overwrite, resume=resume, quiet=quiet, keep_checkpoints=keep_checkpoints,
                    callbacks=[_stop_on_interrupt()])
@@ -193,12 +196,13 @@ def _train_command(method: str) -> Any:
     import inspect
     import typing
 
-    from .settings import TRAIN_ONLY, Settings
+    from .settings import DyLoraSettings, Settings
 
     hints = typing.get_type_hints(Settings)
     params = []
-    for f in dataclasses.fields(Settings):
-        if "help" in f.metadata and not (method == "lora" and f.name in TRAIN_ONLY):
+    dylora = {f.name for f in dataclasses.fields(DyLoraSettings)}  # shown after the run's own settings
+    for f in sorted(dataclasses.fields(Settings), key=lambda f: f.name in dylora):
+        if "help" in f.metadata and not (method == "lora" and f.metadata.get("train_only")):
             hint = hints[f.name]
             kind = str | None if any(typing.get_origin(t) is list for t in typing.get_args(hint)) else hint
             option = typer.Option(*f.metadata["flags"], help=f.metadata["help"])
@@ -231,13 +235,13 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     from .run import sweep_run
-    from .settings import BASES
+    from .settings import SWEEP_BASES
 
     _hush(quiet)
     if split not in ("validation", "test"):
         raise UsageFailure(f"--split must be validation or test, got {split!r}")
-    if basis is not None and basis not in BASES:
-        raise UsageFailure(f"--basis must be one of {', '.join(BASES)}, got {basis!r}")
+    if basis is not None and basis not in SWEEP_BASES:
+        raise UsageFailure(f"--basis must be one of {', '.join(SWEEP_BASES)}, got {basis!r}")
     rows, s, metrics = sweep_run(run_or_adapter, _parse_ranks(ranks), split, data, model, progress=not quiet,
                                  basis=basis)
     _console().print(_sweep_table(f"{run_or_adapter} on {s.data} ({split})", rows, metrics))

@@ -1,8 +1,11 @@
 """Settings: everything that defines a run, checked in one place before anything is loaded or written.
 
-A setting with `help` in its metadata is an option of `dylora train` and (unless it is in TRAIN_ONLY) of
+A setting with `help` in its metadata is an option of `dylora train` and (unless its metadata says `train_only`) of
 `dylora lora`, named `--name` unless `flags` says otherwise, with this default: the CLI builds its options from
-here.
+here. The DyLoRA options are not declared here: they are `dylora.options.DyLoraOptions`' fields (the fields
+DyLoraConfig adds to LoRA), taken as settings with their help, flags and the command line's defaults
+(`DyLoraSettings`); `Settings` declares the run's own knobs (model, data, LoRA's r / alpha / dropout / targets,
+schedule, the sweep, quantization, output).
 """
 
 from __future__ import annotations
@@ -10,30 +13,41 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("dylora", "lora", "full")
-DYLORA_ONLY = ("r_min", "frozen", "rank_distribution", "geometric_p", "recipe", "sandwich_k", "distill",
-               "distill_weight", "distill_every", "rank_scaling", "rebasis_every", "rebasis_state", "lora_first",
-               "ranks", "basis", "basis_rule")
-SWEEP_ONLY = ("ranks", "basis", "basis_rule")  # DyLoRA settings of the sweep, not of the adapter
-# options of `dylora train` that `dylora lora` does not offer: a plain LoRA has one rank, so nothing to pick among
-TRAIN_ONLY = (*DYLORA_ONLY, "within")
-BASES = ("prefix", "svd", "both")
+from ..options import DEFAULT_RECIPE, DISTILL_RECIPES, RECOMMENDED_RECIPE, DyLoraOptions, options_of
+
+TRAINING_METHODS = ("dylora", "lora", "full")
+SWEEP_BASES = ("prefix", "svd", "both")  # the bases a sweep evaluates (dylora.layers.BASES, or both)
 QUANTIZE = ("4bit", "8bit")  # bitsandbytes' Linear4bit / Linear8bitLt
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BASIS_RULES = ("paired", "loss", "metric")  # how the sweep picks each rank's basis on validation (report.pick_bases)
 
 
-def _option(default: Any, help: str, *flags: str) -> Any:
-    """A setting that is a command-line option: its default, its help and (if not --name) its option names."""
-    return field(default=default, metadata={"help": help, "flags": flags})
+def _option(default: Any, help: str, *flags: str, train_only: bool = False) -> Any:
+    """A setting that is a command-line option: its default, its help and (if not --name) its option names;
+    `train_only`: an option of `dylora train` that `dylora lora` does not offer (a plain LoRA has one rank)."""
+    return field(default=default, metadata={"help": help, "flags": flags, "train_only": train_only})
+
+
+def _dylora_settings() -> type:
+    """The DyLoRA options (`DyLoraOptions` fields but `seed`, which is the run's) as settings: the same names, help and
+    flags, the command line's type and default (`cli_type`, `cli_default`), offered by `dylora train` only."""
+    hints = typing.get_type_hints(DyLoraOptions)
+    specs = [(f.name, f.metadata.get("cli_type", hints[f.name]),
+              field(default=f.metadata.get("cli_default", f.default), metadata={**f.metadata, "train_only": True}))
+             for f in dataclasses.fields(DyLoraOptions) if f.metadata.get("option", True)]
+    return dataclasses.make_dataclass("DyLoraSettings", specs)
+
+
+DyLoraSettings = _dylora_settings()
 
 
 @dataclass
-class Settings:
+class Settings(DyLoraSettings):
     """A run's settings; written to run.json so a result can be reproduced."""
 
     model: str = _option("minilm", "Short name (minilm, mpnet, smollm2), model directory or hub id.")
@@ -41,26 +55,7 @@ class Settings:
     method: str = "dylora"  # dylora | lora | full
     r: int = _option(8, "LoRA rank (r_max for DyLoRA); --r-max under torchrun, whose own parser takes --r for one "
                      "of its options.", "--r", "--r-max")
-    r_min: int = _option(1, "Smallest DyLoRA rank.")
     lora_alpha: float = _option(16, "LoRA alpha; the scale at rank b is alpha / b.")
-    frozen: bool = _option(False, "DyLoRA (Frozen): train only component b.", "--frozen")
-    rank_distribution: str = _option("uniform", "Rank distribution: uniform or geometric.", "--rank-distribution",
-                                     "--distribution")
-    geometric_p: float = _option(0.15, "p of the geometric distribution.")
-    recipe: str | None = _option(None, "How each step uses ranks: paper (one sampled rank, the paper's), sandwich, "
-                                 "rowwise or nested (default: rowwise; paper with --frozen).")
-    sandwich_k: int = _option(1, "Sandwich: sampled ranks per step besides r_min and r.")
-    distill: bool | None = _option(None, "Sandwich, rowwise: smaller ranks also learn from r's predictions (in-place "
-                                   "distillation; default: on for those recipes).", "--distill/--no-distill")
-    distill_weight: float = _option(0.5, "Weight of the distillation term.")
-    distill_every: int = _option(1, "Rowwise with --distill: run the r pass (the teacher) on every k-th step only; "
-                                 "a step costs about 1 + 1/k passes instead of 2.")
-    rank_scaling: str = _option("alpha/b", "Scale at rank b: alpha/b or alpha/sqrt(b).")
-    rebasis_every: int = _option(0, "Rowwise: after every k-th optimizer step rotate A and B into singular-value "
-                                 "order, B A unchanged (0: never).")
-    rebasis_state: str = _option("reset", "The optimizer state of A and B at a re-basis: reset or rotate.")
-    lora_first: float = _option(0.0, "Rowwise: train plain LoRA at r for this fraction of the steps, re-basis once "
-                                "into singular-value order, then the recipe (0: off).")
     lora_dropout: float = _option(0.0, "LoRA dropout.")
     target_modules: list[str] | None = _option(None, "Comma-separated module names to adapt.")
     epochs: float = _option(3.0, "Training epochs.")
@@ -81,14 +76,14 @@ class Settings:
     save_steps: int = _option(0, "Checkpoint every N steps (0: none).")
     modules_to_save: list[str] | None = None  # trained in full beside the adapter (default: the task head)
     logging_steps: int = 10
-    within: float = _option(0.5, "'Smallest rank within' this many points of the best.")
+    within: float = _option(0.5, "'Smallest rank within' this many points of the best.", train_only=True)
     max_eval: int | None = _option(None, "Evaluate at most this many validation/test rows.")
     label_smoothing: float = _option(0.0, "Label smoothing of the training loss.")
     ranks: list[int] | None = _option(None, "Ranks the sweep evaluates, comma-separated (default: every rank from "
-                                      "r_min to r).")
+                                      "r_min to r).", train_only=True)
     basis: str | None = _option(None, "Bases the sweep evaluates at each rank: prefix (the first b components), svd "
                                 "(the best rank-b approximation of the r_max update) or both (the default), each "
-                                "rank then exported in the one better on validation.")
+                                "rank then exported in the one better on validation.", train_only=True)
     quantize: str | None = _option(None, "Load the base model quantized by bitsandbytes, 4bit (QLoRA; QDyLoRA with "
                                    "dylora train) or 8bit; the adapter stays in full precision. Needs "
                                    "'dylora[quant]'.")
@@ -99,7 +94,8 @@ class Settings:
                                         "(default: float32 on CPU, bfloat16 on CUDA).")
     basis_rule: str = _option("metric", "How the sweep picks each rank's basis on validation: metric (the better "
                               "score), loss (the lower mean loss) or paired (the prefix unless the SVD cut's "
-                              "per-example losses are lower beyond noise: a paired z-test, z = 2).")
+                              "per-example losses are lower beyond noise: a paired z-test, z = 2).",
+                              train_only=True)
     guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard); CLI --no-guard
 
     @classmethod
@@ -108,8 +104,6 @@ class Settings:
         values = dict(values)
         if "distribution" in values:
             values.setdefault("rank_distribution", values.pop("distribution"))
-        from ..config import DEFAULT_RECIPE
-
         values.setdefault("recipe", DEFAULT_RECIPE)  # runs written before recipes existed trained the paper's way
         values.setdefault("distill", False)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -118,8 +112,8 @@ class Settings:
     def validate(self) -> Settings:
         """Refuse a bad value with one line naming it, before any side effect; fill in the default recipe."""
         self._default_recipe()
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is invalid: choose one of {', '.join(METHODS)}")
+        if self.method not in TRAINING_METHODS:
+            raise ValueError(f"method {self.method!r} is invalid: choose one of {', '.join(TRAINING_METHODS)}")
         for name in ("epochs", "lr", "batch_size", "eval_batch_size", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
@@ -136,8 +130,8 @@ class Settings:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.basis_rule not in BASIS_RULES:
             raise ValueError(f"--basis-rule must be one of {', '.join(BASIS_RULES)}, got {self.basis_rule!r}")
-        if self.basis is not None and self.basis not in BASES:
-            raise ValueError(f"--basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        if self.basis is not None and self.basis not in SWEEP_BASES:
+            raise ValueError(f"--basis must be one of {', '.join(SWEEP_BASES)}, got {self.basis!r}")
         self._validate_quantization()
         if self.method != "full":
             self.peft_config(["x"])  # DyLoraConfig / LoraConfig name the field and the valid range
@@ -173,12 +167,10 @@ class Settings:
             raise ValueError(f"--quantize {self.quantize} needs bitsandbytes: pip install 'dylora[quant]'")
 
     def _default_recipe(self) -> None:
-        """recipe None: config.RECOMMENDED_RECIPE, rowwise (with distill None: distilled from r_max, two passes a
+        """recipe None: options.RECOMMENDED_RECIPE, rowwise (with distill None: distilled from r_max, two passes a
         step), the recipe closest to LoRA at every rank (docs/results.md, "Training recipes"); with `frozen`, which
-        trains one component a step, config.DEFAULT_RECIPE (paper). distill None: on where the recipe has it
-        (config.DISTILL_RECIPES: sandwich, rowwise)."""
-        from ..config import DEFAULT_RECIPE, DISTILL_RECIPES, RECOMMENDED_RECIPE
-
+        trains one component a step, options.DEFAULT_RECIPE (paper). distill None: on where the recipe has it
+        (options.DISTILL_RECIPES: sandwich, rowwise)."""
         if self.recipe is None:
             self.recipe = DEFAULT_RECIPE if self.frozen else RECOMMENDED_RECIPE
         if self.distill is None:
@@ -194,10 +186,15 @@ class Settings:
         self._default_recipe()
         common = dict(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                       target_modules=targets, task_type=task_type, modules_to_save=self.modules_to_save)
-        extra = {name: getattr(self, name) for name in DYLORA_ONLY if name not in SWEEP_ONLY} | {"seed": self.seed}
+        extra = options_of(self)  # the DyLoRA options; `seed` is the run's
         try:
             config = DyLoraConfig(**common, **(extra if self.method == "dylora" else {}))
         except ValueError as err:  # "DyLoraConfig.lora_alpha=nan is invalid: ..." -> "--lora-alpha=nan is ..."
             raise ValueError(re.sub(r"^DyLoraConfig\.(\w+)=", lambda m: f"--{m[1].replace('_', '-')}=",
                                     str(err))) from None
         return config if self.method == "dylora" else LoraConfig(**common)
+
+
+def train_only() -> tuple[str, ...]:
+    """The settings that are options of `dylora train` and not of `dylora lora`: the DyLoRA options, the sweep's."""
+    return tuple(f.name for f in dataclasses.fields(Settings) if f.metadata.get("train_only"))

@@ -133,3 +133,26 @@ def test_the_cli_without_its_extra_says_how_to_install_it(monkeypatch, capsys):
     assert dylora.app.main(["--help"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: the dylora CLI needs typer, which `pip install 'dylora[cli]'` installs"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What one module needs of another is public (a name without a leading underscore, with a docstring): no
+    `from .x import _private` in the package, its benchmarks or its tools."""
+    root = SRC.parent.parent
+    offenders = []
+    for path in [*SRC.rglob("*.py"), *(root / "benchmarks").glob("*.py"), *(root / "tools").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            own = isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("dylora"))
+            if own:
+                offenders += [f"{path.name}: {alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and alias.name not in ("__version__", "__future__")]
+    assert offenders == []
+
+
+def test_the_options_module_declaring_dylora_options_imports_only_the_standard_library():
+    """`dylora.options` is read by the CLI to build `dylora train`'s options before anything heavy is imported."""
+    imported = tops(imported_modules(SRC / "options.py"))
+    assert imported <= {"__future__", "collections", "dataclasses", "typing"}
+    out = subprocess.run([sys.executable, "-c", "import sys, dylora.app.settings; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

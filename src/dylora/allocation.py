@@ -27,16 +27,16 @@ from peft.tuners.lora.layer import LoraLayer
 
 from .functional import rank_scale
 from .layers import check_basis, set_layer_rank
-from .model import _named_layers, _one, _refuse_if_merged, _restore, _states
+from .model import named_layers, one_adapter, rank_states, refuse_if_merged, restore_rank_states
 
-METHODS = ("norm", "greedy")
+ALLOCATION_METHODS = ("norm", "greedy")
 BUDGET_KINDS = ("rank", "params")
 
 
 def layer_costs(model: torch.nn.Module, adapter_name: str | None = None) -> dict[str, int]:
     """Adapter parameters per rank component of each layer, in + out: a layer at rank b holds b times this."""
-    name, _ = _one(model, adapter_name)
-    return {key: module.lora_variant[name].cost(module, name) for key, module in _named_layers(model, name).items()}
+    name, _ = one_adapter(model, adapter_name)
+    return {key: module.lora_variant[name].cost(module, name) for key, module in named_layers(model, name).items()}
 
 
 def lowest_rank(min_rank: int | None, r_min: int) -> int:
@@ -225,28 +225,28 @@ def allocate(model: torch.nn.Module, budget: float, method: str = "norm", *,
             in the same basis (`set_layer_ranks(..., basis=...)`, `export_lora(..., basis=...)`).
     """
     check_basis(basis)
-    name, cfg = _one(model, adapter_name)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    name, cfg = one_adapter(model, adapter_name)
+    if method not in ALLOCATION_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ALLOCATION_METHODS)}, got {method!r}")
     if method == "greedy" and not callable(loss_fn):
         raise ValueError("method='greedy' needs loss_fn: a callable model -> float (a calibration loss)")
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise ValueError(f"step must be an integer >= 1, got {step!r}")
     low = lowest_rank(min_rank, cfg.r_min)
-    layers = _named_layers(model, name)
+    layers = named_layers(model, name)
     costs = layer_costs(model, name)
     per_rank = sum(costs.values())
     left = _budget_params(budget, budget_kind, per_rank, low, cfg.r) - low * per_rank
     if method == "norm":
         errors = {key: truncation_errors(module, name, basis) for key, module in layers.items()}
         return _norm(errors, costs, low, cfg.r_min, cfg.r, left)
-    _refuse_if_merged(model, [name])
-    previous, training = _states(model, [name]), model.training
+    refuse_if_merged(model, [name])
+    previous, training = rank_states(model, [name]), model.training
     model.eval()
     try:
         with torch.no_grad():
             return _greedy(model, name, layers, costs, low, cfg.r_min, cfg.r, left, loss_fn, step, lazy, progress,
                            basis)
     finally:
-        _restore(previous)
+        restore_rank_states(previous)
         model.train(training)

@@ -37,6 +37,10 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
+def _taken(dst: Path) -> FileExistsError:
+    return FileExistsError(f"{dst} exists (another process wrote it meanwhile); pass overwrite=True to replace it")
+
+
 def _rename_noreplace(src: Path, dst: Path) -> None:
     """Rename `src` to `dst` in one step that fails with FileExistsError when `dst` exists (Linux renameat2
     RENAME_NOREPLACE; elsewhere a hard link for a file, a check then a rename for a directory)."""
@@ -49,21 +53,18 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     if done:
         return
     if code == errno.EEXIST:
-        raise FileExistsError(f"{dst} exists (another process wrote it meanwhile); pass overwrite=True (CLI: "
-                              "--overwrite) to replace it")
+        raise _taken(dst)
     if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         raise OSError(code, os.strerror(code))
     if src.is_dir():
         if dst.exists() or dst.is_symlink():
-            raise FileExistsError(f"{dst} exists (another process wrote it meanwhile); pass overwrite=True (CLI: "
-                                  "--overwrite) to replace it")
+            raise _taken(dst)
         os.rename(src, dst)
         return
     try:
         os.link(src, dst)
     except FileExistsError:
-        raise FileExistsError(f"{dst} exists (another process wrote it meanwhile); pass overwrite=True (CLI: "
-                              "--overwrite) to replace it") from None
+        raise _taken(dst) from None
     os.unlink(src)
 
 

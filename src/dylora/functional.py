@@ -63,6 +63,12 @@ def check_rank(rank: int, r_min: int, r: int, *, off: bool = False) -> int:
     return rank
 
 
+def component_cost(A: torch.Tensor, B: torch.Tensor) -> int:
+    """Adapter parameters per rank component, in + out, of A (r, in, *kernel) and B (out, r, *ones): a layer at rank
+    b holds b times this (in = in_channels * prod(kernel) for a conv; num_embeddings for an embedding)."""
+    return A[0].numel() + B[:, 0].numel()
+
+
 def rank_coefficient(rank: int, lora_alpha: float, scaling: str = "alpha/b") -> float:
     """c(b): lora_alpha / b, or lora_alpha / sqrt(b) (exactly PEFT's rsLoRA scale at r = b); c(0) = 0."""
     if rank == 0 and scaling in RANK_SCALINGS:

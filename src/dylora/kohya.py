@@ -26,7 +26,7 @@ import torch
 
 from . import files
 from .functional import check_rank, rank_coefficient
-from .model import PREFIX, _named_layers, _one, unwrap
+from .model import MODULE_PREFIX, named_layers, one_adapter, unwrap
 
 # pipeline component name -> kohya key prefix (SDXL's two encoders are lora_te1 / lora_te2)
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
@@ -79,16 +79,16 @@ def kohya_state_dict(models: torch.nn.Module | Mapping[str, torch.nn.Module], ra
     owner: dict[str, str] = {}  # kohya key -> the module it came from
     alphas, meta = set(), {}
     for component, model in models.items():
-        name, cfg = _one(model, adapter_name)
+        name, cfg = one_adapter(model, adapter_name)
         check_rank(rank, cfg.r_min, cfg.r)
         meta.update(dylora_r_max=str(cfg.r), dylora_r_min=str(cfg.r_min), dylora_rank_scaling=cfg.rank_scaling)
-        for module_name, layer in _named_layers(model, name).items():
+        for module_name, layer in named_layers(model, name).items():
             if name not in layer.lora_A:
                 raise ValueError(f"kohya files hold LoRA on Linear and Conv layers only, not on {module_name!r} "
                                  f"({type(layer.get_base_layer()).__name__})")
             variant = layer.lora_variant[name]
-            key = prefixes[component] + "_" + kohya_name(model, module_name.removeprefix(PREFIX))
-            here = f"{component}:{module_name.removeprefix(PREFIX)}"
+            key = prefixes[component] + "_" + kohya_name(model, module_name.removeprefix(MODULE_PREFIX))
+            here = f"{component}:{module_name.removeprefix(MODULE_PREFIX)}"
             if key in owner:
                 raise ValueError(f"modules {owner[key]!r} and {here!r} both get the kohya name {key} (kohya turns "
                                  "dots into underscores): a kohya file cannot hold both; nothing written")
@@ -122,7 +122,7 @@ def export_kohya(models: torch.nn.Module | Mapping[str, torch.nn.Module], rank: 
     if dtype is not None:
         state = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in state.items()}
     first = next(iter(models.values())) if isinstance(models, Mapping) else models
-    name, cfg = _one(first, adapter_name)
+    name, cfg = one_adapter(first, adapter_name)
     base_model = base_model or cfg.base_model_name_or_path
     if base_model:
         meta["ss_sd_model_name"] = str(base_model)

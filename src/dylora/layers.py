@@ -30,6 +30,7 @@ from peft.utils.other import transpose
 from .functional import (
     broadcast_scale,
     check_rank,
+    component_cost,
     example_scale,
     expected_scale,
     grad_mask,
@@ -70,7 +71,7 @@ class RankState:
         return "rows" if self.rows is not None else "expected" if self.pmf is not None else "rank"
 
 
-class _DyLoraVariant(LoraVariant):
+class DyLoraVariant(LoraVariant):
     """Per (layer, adapter) DyLoRA state: the rank state, frozen mode, and what is merged in, if anything."""
 
     def __init__(self, r: int, r_min: int, lora_alpha: float, frozen: bool, rank_scaling: str = "alpha/b") -> None:
@@ -156,8 +157,7 @@ class _DyLoraVariant(LoraVariant):
 
     def cost(self, module: lora_layer.LoraLayer, adapter: str) -> int:
         """Adapter parameters per rank component, in + out: the layer at rank b holds b times this."""
-        A, B = self.factors(module, adapter)
-        return A.shape[1] + B.shape[0]
+        return component_cost(*self.params(module, adapter))
 
     def svd(self, module: lora_layer.LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M_in, M_out, S) of the SVD cut of c(r) B A (`functional.svd_mixers`), float64, computed once and
@@ -181,6 +181,14 @@ class _DyLoraVariant(LoraVariant):
         if key not in self._cast:
             self._cast[key] = (m_in.to(like), m_out.to(like))
         return self._cast[key]
+
+    def forward_inputs(self, module: lora_layer.LoraLayer, adapter: str, x: torch.Tensor) -> tuple:
+        """What a forward of PEFT's lora_A / lora_B modules needs: (lora_A, lora_B, scale, gradient mask, mixers,
+        x after LoRA dropout)."""
+        lora_A = module.lora_A[adapter]
+        scale, gmask = self.buffers(module, adapter)
+        return (lora_A, module.lora_B[adapter], scale, gmask, self.mixers(module, adapter, lora_A.weight),
+                module.lora_dropout[adapter](x))
 
     def update(self, module: lora_layer.LoraLayer, adapter: str, snapshot: tuple | None = None) -> torch.Tensor:
         """The layer's update as an (out, in) float32 matrix, B M_out diag(scale) M_in A, at the current rank
@@ -254,23 +262,19 @@ def _get_delta_weight(self: lora_layer.LoraLayer, adapter: str) -> torch.Tensor:
     """PEFT's `get_delta_weight`, at the current rank and basis for a DyLoRA adapter (PEFT's own ignores the
     rank: add_weighted_adapter and other callers would get the r_max update)."""
     variant = self.lora_variant.get(adapter)
-    if isinstance(variant, _DyLoraVariant):
+    if isinstance(variant, DyLoraVariant):
         return variant.delta_weight(self, adapter).to(variant.params(self, adapter)[1].dtype)
     return type(self).get_delta_weight(self, adapter)
 
 
-class DyLoraLinearVariant(_DyLoraVariant):
+class DyLoraLinearVariant(DyLoraVariant):
     """DyLoRA on PEFT's `lora.Linear` (nn.Linear, and GPT-2 Conv1D with fan_in_fan_out)."""
 
     def delta_weight(self, module, adapter, snapshot=None):
         return transpose(self.update(module, adapter, snapshot), module.fan_in_fan_out)
 
     def forward(self, module, active_adapter, x, result, **kwargs):
-        lora_A = module.lora_A[active_adapter]
-        lora_B = module.lora_B[active_adapter]
-        scale, gmask = self.buffers(module, active_adapter)
-        mixers = self.mixers(module, active_adapter, lora_A.weight)
-        x = module.lora_dropout[active_adapter](x)
+        lora_A, lora_B, scale, gmask, mixers, x = self.forward_inputs(module, active_adapter, x)
         if not self.frozen:
             return result + lora_B(self._mix(lora_A(x), scale, mixers))
         A = keep_grad(lora_A.weight, gmask[:, None])
@@ -278,7 +282,7 @@ class DyLoraLinearVariant(_DyLoraVariant):
         return result + F.linear(self._mix(F.linear(x, A), scale, mixers), B)
 
 
-class DyLoraEmbeddingVariant(_DyLoraVariant):
+class DyLoraEmbeddingVariant(DyLoraVariant):
     """DyLoRA on PEFT's `lora.Embedding` (A is (r, num_embeddings), B is (embedding_dim, r))."""
 
     def attach(self, module, adapter, device):
@@ -328,7 +332,7 @@ def _embedding_mixed_batch_forward(self: lora_layer.Embedding, x: torch.Tensor, 
     return result
 
 
-class DyLoraConvVariant(_DyLoraVariant):
+class DyLoraConvVariant(DyLoraVariant):
     """DyLoRA on PEFT's `lora.Conv1d/2d/3d` (groups = 1).
 
     A is a conv with the layer's kernel, stride and padding and r out-channels, B a 1x1 conv from r channels:
@@ -346,11 +350,7 @@ class DyLoraConvVariant(_DyLoraVariant):
         return A_b.view(A_b.shape[0], *A.shape[1:]), B_b.view(B.shape[0], B_b.shape[1], *B.shape[2:])
 
     def forward(self, module, active_adapter, x, result, **kwargs):
-        lora_A = module.lora_A[active_adapter]
-        lora_B = module.lora_B[active_adapter]
-        scale, gmask = self.buffers(module, active_adapter)
-        mixers = self.mixers(module, active_adapter, lora_A.weight)
-        x = module.lora_dropout[active_adapter](x)
+        lora_A, lora_B, scale, gmask, mixers, x = self.forward_inputs(module, active_adapter, x)
         if self.frozen:
             kernel = (1,) * (lora_A.weight.dim() - 2)
             h = lora_A._conv_forward(x, keep_grad(lora_A.weight, gmask.view(-1, 1, *kernel)), None)
@@ -378,7 +378,7 @@ def quantized_linear_layers() -> tuple[type, ...]:
     return (lora_bnb.Linear8bitLt, *((lora_bnb.Linear4bit,) if is_bnb_4bit_available() else ()))
 
 
-def variant_for(module: torch.nn.Module) -> type[_DyLoraVariant] | None:
+def variant_for(module: torch.nn.Module) -> type[DyLoraVariant] | None:
     """The DyLoRA variant class for a PEFT LoRA layer, or None where DyLoRA has none."""
     if isinstance(module, lora_layer.Embedding):
         return DyLoraEmbeddingVariant

@@ -23,9 +23,9 @@ from .cards import write_card
 from .config import SIDECAR_NAME, DyLoraConfig, check_config
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights, save_weights
 from .functional import check_rank, rank_coefficient
-from .layers import RankState, _DyLoraVariant, check_basis, set_layer_rank, variant_for
+from .layers import DyLoraVariant, RankState, check_basis, set_layer_rank, variant_for
 
-PREFIX = "base_model.model."  # a PeftModel's module names are its base model's, under this prefix
+MODULE_PREFIX = "base_model.model."  # a PeftModel's module names are its base model's, under this prefix
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -46,7 +46,7 @@ def _attach(model: torch.nn.Module, adapter: str, config: DyLoraConfig) -> None:
         if not isinstance(module, LoraLayer) or adapter not in module.r:
             continue
         other = module.lora_variant.get(adapter)
-        if other is not None and not isinstance(other, _DyLoraVariant):
+        if other is not None and not isinstance(other, DyLoraVariant):
             raise ValueError(f"{name!r} already carries PEFT's {type(other).__name__} for adapter {adapter!r}: a LoRA "
                              "variant DyLoRA does not combine with; build the model from a DyLoraConfig alone")
         cls = variant_for(module)
@@ -94,7 +94,7 @@ def _add_weighted_adapter(self, adapters: list[str], weights: list[float], adapt
     dy = [a for a in adapters if isinstance(self.peft_config.get(a), DyLoraConfig)]
     if not dy:
         return type(self).add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs)
-    states = _states(self, dy)
+    states = rank_states(self, dy)
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     first = self.peft_config[adapters[0]]
     try:
@@ -116,7 +116,7 @@ def _add_weighted_adapter(self, adapters: list[str], weights: list[float], adapt
         self.peft_config[adapters[0]] = first
         for param, data in swapped:
             param.data = data
-        _restore(states)
+        restore_rank_states(states)
 
 
 def _describe(module: LoraLayer) -> str:
@@ -196,7 +196,7 @@ def add_dylora_adapter(model: PeftModel, adapter_name: str, config: DyLoraConfig
 
 def _layers(model: torch.nn.Module, adapter: str) -> Iterator[LoraLayer]:
     for module in unwrap(model).modules():
-        if isinstance(module, LoraLayer) and isinstance(module.lora_variant.get(adapter), _DyLoraVariant):
+        if isinstance(module, LoraLayer) and isinstance(module.lora_variant.get(adapter), DyLoraVariant):
             yield module
 
 
@@ -211,13 +211,13 @@ def select_adapters(model: torch.nn.Module, adapter_name: str | None) -> dict[st
     return {adapter_name: adapters[adapter_name]}
 
 
-def _refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | Mapping[str, int] | None = None,
-                      basis: str | None = None) -> None:
+def refuse_if_merged(model: torch.nn.Module, names: Iterable[str], rank: int | Mapping[str, int] | None = None,
+                     basis: str | None = None) -> None:
     """A merged adapter's output is fixed at the merged rank: refuse to change it (to `rank` in `basis`, to
     per-layer ranks {module name: b_l} in the layers named, or at all). PEFT's `merged_adapters` counts too: its
     torchao layer merges through `get_delta_weight`, not the variant, and unmerges at the rank of the moment."""
     for name in names:
-        for key, module in _named_layers(model, name).items():
+        for key, module in named_layers(model, name).items():
             variant = module.lora_variant[name]
             wanted = rank.get(key, variant.rank) if isinstance(rank, Mapping) else rank
             merged = variant.merged is not None or name in getattr(module, "merged_adapters", ())
@@ -233,7 +233,7 @@ def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None,
     check_basis(basis)
     for cfg in picked.values():
         check_rank(rank, cfg.r_min, cfg.r)
-    _refuse_if_merged(model, picked, rank, basis)
+    refuse_if_merged(model, picked, rank, basis)
     for name in picked:
         count = 0
         for module in _layers(model, name):
@@ -245,7 +245,7 @@ def set_rank(model: torch.nn.Module, rank: int, adapter_name: str | None = None,
                              "dylora.model.attach_dylora_layers(model)")
 
 
-def _one(model: torch.nn.Module, adapter_name: str | None) -> tuple[str, DyLoraConfig]:
+def one_adapter(model: torch.nn.Module, adapter_name: str | None) -> tuple[str, DyLoraConfig]:
     """The named DyLoRA adapter, or the active one (the first if none is active) when `adapter_name` is None."""
     picked = select_adapters(model, adapter_name)
     name = adapter_name
@@ -265,7 +265,7 @@ def _uniform(variant, adapter: str) -> int:
 
 def get_rank(model: torch.nn.Module, adapter_name: str | None = None) -> int:
     """The rank the DyLoRA adapter currently uses (the active one if several)."""
-    name, _ = _one(model, adapter_name)
+    name, _ = one_adapter(model, adapter_name)
     ranks = {_uniform(module.lora_variant[name], name) for module in _layers(model, name)}
     if len(ranks) != 1:
         raise RuntimeError(f"layers of adapter {name!r} disagree on the rank: {sorted(ranks)}; "
@@ -275,34 +275,36 @@ def get_rank(model: torch.nn.Module, adapter_name: str | None = None) -> int:
 
 def get_basis(model: torch.nn.Module, adapter_name: str | None = None) -> str:
     """The basis ("prefix" or "svd") the DyLoRA adapter's ranks currently use (the active one if several)."""
-    name, _ = _one(model, adapter_name)
+    name, _ = one_adapter(model, adapter_name)
     bases = {module.lora_variant[name].state.basis for module in _layers(model, name)}
     if len(bases) != 1:
         raise RuntimeError(f"layers of adapter {name!r} disagree on the basis: {sorted(bases)}")
     return bases.pop()
 
 
-def _states(model: torch.nn.Module, names: Iterable[str]) -> list[tuple[LoraLayer, str, RankState]]:
-    """Every layer's rank state, to put back with `_restore`."""
+def rank_states(model: torch.nn.Module, names: Iterable[str]) -> list[tuple[LoraLayer, str, RankState]]:
+    """Every layer's rank state, to put back with `restore_rank_states`."""
     return [(module, name, module.lora_variant[name].state) for name in names for module in _layers(model, name)]
 
 
-def _restore(states: list[tuple[LoraLayer, str, RankState]]) -> None:
+def restore_rank_states(states: list[tuple[LoraLayer, str, RankState]]) -> None:
+    """Put back the rank states `rank_states` took (rank, per-layer ranks, basis, of every layer)."""
     for module, name, state in states:
         module.lora_variant[name].set_state(module, name, state)
 
 
-def _named_layers(model: torch.nn.Module, adapter: str) -> dict[str, LoraLayer]:
+def named_layers(model: torch.nn.Module, adapter: str) -> dict[str, LoraLayer]:
+    """The LoRA layers that carry DyLoRA adapter `adapter`, by full module name (`MODULE_PREFIX` + the base's)."""
     return {name: module for name, module in unwrap(model).named_modules()
             if isinstance(module, LoraLayer) and adapter in module.lora_variant}
 
 
 def _rank_map(model: torch.nn.Module, adapter: str, ranks: Mapping[str, int]) -> dict[str, int]:
     """`ranks` checked (known layer, b in [r_min, r] or 0 = off) and keyed by full module name."""
-    layers = _named_layers(model, adapter)
+    layers = named_layers(model, adapter)
     out = {}
     for key, b in ranks.items():
-        name = key if key in layers else PREFIX + key
+        name = key if key in layers else MODULE_PREFIX + key
         if name not in layers:
             shown = ", ".join(list(layers)[:3])
             raise ValueError(f"unknown module {key!r}: not a layer of DyLoRA adapter {adapter!r}; its layers are "
@@ -317,8 +319,8 @@ def _rank_map(model: torch.nn.Module, adapter: str, ranks: Mapping[str, int]) ->
 
 def get_layer_ranks(model: torch.nn.Module, adapter_name: str | None = None) -> dict[str, int]:
     """The rank b_l each layer of the DyLoRA adapter uses (the active one if several), by module name."""
-    name, _ = _one(model, adapter_name)
-    return {key: _uniform(module.lora_variant[name], name) for key, module in _named_layers(model, name).items()}
+    name, _ = one_adapter(model, adapter_name)
+    return {key: _uniform(module.lora_variant[name], name) for key, module in named_layers(model, name).items()}
 
 
 def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_name: str | None = None, *,
@@ -329,11 +331,11 @@ def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_na
     Keys are module names as in `model.named_modules()`, with or without the `base_model.model.` prefix.
     Acts on the named adapter, or the active one; every name and rank is checked before any is set.
     """
-    name, _ = _one(model, adapter_name)
-    layers = _named_layers(model, name)
+    name, _ = one_adapter(model, adapter_name)
+    layers = named_layers(model, name)
     wanted = _rank_map(model, name, ranks)
     check_basis(basis)
-    _refuse_if_merged(model, [name], wanted, basis)
+    refuse_if_merged(model, [name], wanted, basis)
     for key, b in wanted.items():
         set_layer_rank(layers[key], name, b, basis)
 
@@ -342,16 +344,13 @@ def set_layer_ranks(model: torch.nn.Module, ranks: Mapping[str, int], adapter_na
 def at_rank(model: torch.nn.Module, b: int, adapter_name: str | None = None, *,
             basis: str = "prefix") -> Iterator[None]:
     """Use rank b (in `basis`) inside the block, then restore every layer's previous rank state."""
-    previous = _states(model, select_adapters(model, adapter_name))
-    set_rank(model, b, adapter_name, basis=basis)
-    try:
+    with _restoring(model, adapter_name):
+        set_rank(model, b, adapter_name, basis=basis)
         yield
-    finally:
-        _restore(previous)
 
 
 def rank(model: torch.nn.Module, b: int, adapter_name: str | None = None) -> contextlib.AbstractContextManager[None]:
-    """Deprecated alias of `at_rank` (kept for one release)."""
+    """Deprecated alias of `at_rank`: it warns on every use and goes in dylora 1.0."""
     warnings.warn("dylora.model.rank is deprecated; use dylora.at_rank", DeprecationWarning, stacklevel=2)
     return at_rank(model, b, adapter_name)
 
@@ -374,7 +373,7 @@ def set_example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
             check_rank(b, cfg.r_min, cfg.r)
         if cfg.frozen and unwrap(model).training:
             raise ValueError("per-example ranks train in full mode only; this adapter has frozen=True")
-    _refuse_if_merged(model, picked)
+    refuse_if_merged(model, picked)
     state = RankState(rows=tuple(ranks.tolist()), basis=basis)
     for name in picked:
         for module in _layers(model, name):
@@ -385,12 +384,19 @@ def set_example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
 def example_ranks(model: torch.nn.Module, ranks: list[int] | torch.Tensor,
                   adapter_name: str | None = None, *, basis: str = "prefix") -> Iterator[None]:
     """Row j uses rank ranks[j] inside the block, then every layer's previous rank state is restored."""
-    previous = _states(model, select_adapters(model, adapter_name))
-    set_example_ranks(model, ranks, adapter_name, basis=basis)
+    with _restoring(model, adapter_name):
+        set_example_ranks(model, ranks, adapter_name, basis=basis)
+        yield
+
+
+@contextlib.contextmanager
+def _restoring(model: torch.nn.Module, adapter_name: str | None) -> Iterator[None]:
+    """Put every layer's rank state back as it was when the block began."""
+    previous = rank_states(model, select_adapters(model, adapter_name))
     try:
         yield
     finally:
-        _restore(previous)
+        restore_rank_states(previous)
 
 
 def set_expected_scale(model: torch.nn.Module, pmf: list[float] | torch.Tensor,
@@ -398,7 +404,7 @@ def set_expected_scale(model: torch.nn.Module, pmf: list[float] | torch.Tensor,
     """Scale every layer by E_b[s_b] for b ~ pmf over [r_min, r] (the nested recipe), until the next `set_rank`."""
     picked = select_adapters(model, adapter_name)
     pmf = torch.as_tensor(pmf, dtype=torch.float64)
-    _refuse_if_merged(model, picked)
+    refuse_if_merged(model, picked)
     for name, cfg in picked.items():
         if pmf.shape != (cfg.r - cfg.r_min + 1,):
             raise ValueError(f"pmf must have r - r_min + 1 = {cfg.r - cfg.r_min + 1} entries, got {tuple(pmf.shape)}")
@@ -468,7 +474,7 @@ def save(model: PeftModel, path: str | os.PathLike, *, card: bool = True, **kwar
     with atomic_dir(path) as tmp:
         unwrap(model).save_pretrained(str(tmp), **kwargs)
         if card and dylora_adapters(model):
-            _, cfg = _one(model, None)
+            _, cfg = one_adapter(model, None)
             write_card(tmp, cfg)
     return Path(path)
 
@@ -485,7 +491,7 @@ def pattern_key(module_name: str) -> str:
     match any module whose name ends with it (and its dots match any character): the path is escaped and
     anchored with `^`.
     """
-    return "^" + re.escape(module_name.removeprefix(PREFIX))
+    return "^" + re.escape(module_name.removeprefix(MODULE_PREFIX))
 
 
 def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.PathLike | None = None,
@@ -505,11 +511,11 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     arguments, e.g. the sweep and the command); the directory is published whole, card included, or not at all.
     """
     peft_model = unwrap(model)
-    name, cfg = _one(peft_model, adapter_name)
+    name, cfg = one_adapter(peft_model, adapter_name)
     _one_of(rank, ranks)
     if path is None:
         raise ValueError("export_lora needs a path to write the adapter to")
-    layers = _named_layers(peft_model, name)
+    layers = named_layers(peft_model, name)
     check_basis(basis)
     if ranks is None:
         check_rank(rank, cfg.r_min, cfg.r)
@@ -535,7 +541,7 @@ def export_lora(model: torch.nn.Module, rank: int | None = None, path: str | os.
     plain = plain_config(cfg)
     plain.r = max(b_of.values())
     plain.rank_pattern = {pattern_key(module): b for module, b in b_of.items() if b not in (0, plain.r)}
-    plain.exclude_modules = [module.removeprefix(PREFIX) for module in off] or None
+    plain.exclude_modules = [module.removeprefix(MODULE_PREFIX) for module in off] or None
     plain.lora_alpha = plain.r if bake_scale else cfg.lora_alpha
     plain.alpha_pattern = dict(plain.rank_pattern) if bake_scale else dict(cfg.alpha_pattern or {})
     plain.use_rslora = cfg.rank_scaling == "alpha/sqrt(b)" and not bake_scale
@@ -567,7 +573,7 @@ def merge(model: torch.nn.Module, rank: int | None = None, adapter_name: str | N
         for cfg in picked.values():
             check_rank(rank, cfg.r_min, cfg.r)
     else:
-        name, _ = _one(peft_model, adapter_name)
+        name, _ = one_adapter(peft_model, adapter_name)
         ranks = _rank_map(peft_model, name, ranks)
     if not inplace:
         peft_model = copy.deepcopy(peft_model)

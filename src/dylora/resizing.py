@@ -43,11 +43,11 @@ import torch
 
 from .config import SIDECAR_NAME
 from .files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_dir, read_json, read_weights, save_weights, write_json
-from .functional import RANK_SCALINGS, check_rank, svd_factors
-from .model import PREFIX, pattern_key
+from .functional import RANK_SCALINGS, check_rank, component_cost, svd_factors
+from .model import MODULE_PREFIX, pattern_key
 
 PAIRS = {"A.weight": "B.weight", "embedding_A": "embedding_B"}  # the lora_* tensors of Linear/Conv, Embedding
-METHODS = ("rank", "sv_fro", "sv_ratio", "params")
+CUT_RULES = ("rank", "sv_fro", "sv_ratio", "params")
 # init_lora_weights that change the base weights when PEFT loads the adapter: the update is not c B A alone
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # LoraConfig fields that make an adapter more than plain LoRA, besides those PEFT tags as variants
@@ -73,7 +73,7 @@ class Layer(NamedTuple):
     @property
     def cost(self) -> int:
         """Adapter parameters per rank component: in + out (in = in_channels * prod(kernel) for a conv)."""
-        return self.A_s.shape[1] + self.B_s.shape[0]
+        return component_cost(self.A_s, self.B_s)
 
 
 def _variant(config: Mapping[str, Any]) -> str | None:
@@ -149,8 +149,8 @@ def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any
     return pattern.get(get_pattern_key(list(pattern), module), default)
 
 
-def layers(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
-           rank_scaling: str | None = None) -> dict[str, Layer]:
+def layer_cuts(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
+               rank_scaling: str | None = None) -> dict[str, Layer]:
     """{module name: its SVD cut} for every LoRA layer of `state`, checked against `config`.
 
     `rank_scaling` "alpha/sqrt(b)" (a DyLoRA sidecar's) reads c = alpha / sqrt(r) as use_rslora does.
@@ -180,7 +180,7 @@ def layers(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
         A, B = t, state.get(b_key)
         if B is None:
             raise ValueError(f"corrupted adapter: {key} has no matching {b_key.rpartition('.lora_')[2]}")
-        name = module.removeprefix(PREFIX)
+        name = module.removeprefix(MODULE_PREFIX)
         _check_pair(name, A, B, part == "A.weight")
         r = _pattern_value(ranks, name, config["r"])
         alpha = _pattern_value(alphas, name, config["lora_alpha"])
@@ -215,10 +215,9 @@ def _check_pair(name: str, A: torch.Tensor, B: torch.Tensor, weight: bool) -> No
 
 def _one_method(rank: Any, sv_fro: Any, sv_ratio: Any, params: Any) -> tuple[str, Any]:
     """(method, value) of the one given, checked: F in (0, 1], X >= 1, N an integer >= 1 (the rank later, against r)."""
-    given = [(m, v) for m, v in zip(METHODS, (rank, sv_fro, sv_ratio, params), strict=True) if v is not None]
+    given = [(m, v) for m, v in zip(CUT_RULES, (rank, sv_fro, sv_ratio, params), strict=True) if v is not None]
     if len(given) != 1:
-        raise ValueError("give exactly one of rank, sv_fro, sv_ratio, params (CLI: --rank, --sv-fro, --sv-ratio, "
-                         f"--params); got {', '.join(m for m, _ in given) or 'none'}")
+        raise ValueError(f"give exactly one of {', '.join(CUT_RULES)}; got {', '.join(m for m, _ in given) or 'none'}")
     method, value = given[0]
     number = not isinstance(value, bool) and isinstance(value, int | float)
     if method == "params" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -295,7 +294,7 @@ class Resized(NamedTuple):
 def _resize(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], method: str, value: Any,
             rank_scaling: str | None) -> Resized:
     """`resize_state_dict`, with what the model card says."""
-    cuts = layers(config, state, rank_scaling=rank_scaling)
+    cuts = layer_cuts(config, state, rank_scaling=rank_scaling)
     ranks = choose_ranks(cuts, method, value)
     rslora = bool(config.get("use_rslora")) or rank_scaling == "alpha/sqrt(b)"
     written = {key for cut in cuts.values() for key in (cut.a_key, cut.b_key)}
@@ -306,14 +305,14 @@ def _resize(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], method
         sign = -1.0 if cut.alpha < 0 else 1.0
         A = (cut.A_s[:b] / root).reshape(b, *cut.a_shape[1:])
         B = (cut.B_s[:, :b] * (sign / root)).reshape(cut.b_shape[0], b, *cut.b_shape[2:])
-        new_state[cut.a_key], new_state[cut.b_key] = _in_dtypes(m.removeprefix(PREFIX), A, B, cut.a_dtype,
+        new_state[cut.a_key], new_state[cut.b_key] = _in_dtypes(m.removeprefix(MODULE_PREFIX), A, B, cut.a_dtype,
                                                                 cut.b_dtype)
     r_out = max(ranks.values())
     out = dict(config)
     out.update(r=r_out, use_rslora=rslora, alpha_pattern=dict(config.get("alpha_pattern") or {}),
                rank_pattern={pattern_key(m): b for m, b in ranks.items() if b != r_out})
     kept, per_layer = kept_fraction(cuts, ranks)
-    return Resized(out, new_state, {m.removeprefix(PREFIX): b for m, b in ranks.items()}, kept,
+    return Resized(out, new_state, {m.removeprefix(MODULE_PREFIX): b for m, b in ranks.items()}, kept,
                    min(per_layer.values()), sum(b * cuts[m].cost for m, b in ranks.items()))
 
 
@@ -390,7 +389,7 @@ def _check_out(source: Path, out: Path) -> None:
              if src in dst.parents else "holds the adapter directory it reads" if dst in src.parents else None)
     if where:
         raise ValueError(f"out {out} {where} ({source}): resize never writes over its own input; choose another "
-                         "--out")
+                         "output directory")
 
 
 def resize(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, rank: int | None = None,
@@ -407,7 +406,7 @@ def resize(adapter_dir: str | os.PathLike, out: str | os.PathLike, *, rank: int 
     out = Path(out)
     _check_out(Path(adapter_dir), out)
     if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise ValueError(f"{out} exists; pass overwrite=True to replace it")
     config, state, scaling = read_adapter(adapter_dir)
     done = _resize(config, state, method, value, scaling)
     new_config, ranks = done.config, done.ranks

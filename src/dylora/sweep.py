@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .functional import component_cost
 from .layers import BASES
 from .model import at_rank, select_adapters, unwrap
 
@@ -41,9 +42,9 @@ def rank_parameters(model: torch.nn.Module, b: int) -> int:
                 if hasattr(variant, "cost"):
                     lora += b * variant.cost(module, name)
                 elif name in module.lora_A:  # a plain LoRA adapter has its own fixed rank
-                    lora += r * (module.lora_A[name].weight[0].numel() + module.lora_B[name].weight[:, 0].numel())
+                    lora += r * component_cost(module.lora_A[name].weight, module.lora_B[name].weight)
                 elif name in module.lora_embedding_A:
-                    lora += r * (module.lora_embedding_A[name].shape[1] + module.lora_embedding_B[name].shape[0])
+                    lora += r * component_cost(module.lora_embedding_A[name], module.lora_embedding_B[name])
     others = sum(p.numel() for n, p in peft_model.named_parameters()
                  if p.requires_grad and "lora_" not in n)
     return lora + others

@@ -51,7 +51,10 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tenso
     return total / (denominator if denominator is not None else mask.sum().clamp(min=1))
 
 
-def _is_causal_lm(model: torch.nn.Module) -> bool:
+def _predicts_next_token(model: torch.nn.Module) -> bool:
+    """Whether the model's head is a causal-LM head (logits at position t predict token t + 1, so the KL is taken on
+    shifted positions). A question about the head, not the architecture: a Llama with a classification head is a
+    decoder-only architecture (`app.zoo.is_causal_lm`) whose logits are per sequence."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     inner = unwrap(model)
@@ -84,7 +87,7 @@ def run_pass(model: torch.nn.Module, inputs: dict[str, Any], recipe: Recipe, p: 
     loss, outputs = compute_loss_fn(model, inputs)
     if p.distill and teacher is not None:
         w = recipe.distill_weight
-        kl = distill_kl(outputs.logits, teacher, labels, shift=_is_causal_lm(model), denominator=kl_denominator)
+        kl = distill_kl(outputs.logits, teacher, labels, shift=_predicts_next_token(model), denominator=kl_denominator)
         loss = (1 - w) * loss + w * kl
     return loss, outputs
 

@@ -18,7 +18,8 @@ from .training import DyLoraTrainerMixin
 class DyLoraSFTTrainer(DyLoraTrainerMixin, SFTTrainer):
     """TRL's SFTTrainer with the DyLoRA recipe of the model's adapter (or `recipe=`), SFT's own loss at each pass.
 
-    Distillation (sandwich with `distill`) is refused: SFTTrainer's fused LM head builds no logits with gradient.
+    Distillation (`distill` with sandwich or rowwise, which `dylora train` distills by default) is refused:
+    SFTTrainer's fused LM head builds no logits with gradient.
     The re-basis options (`rebasis_every`, `lora_first` without `distill`) run here as in `DyLoraTrainer` (a callback
     after the optimizer step); both trainers refuse them under FSDP or DeepSpeed, whose shards hold no whole A or B.
     """
@@ -27,4 +28,4 @@ class DyLoraSFTTrainer(DyLoraTrainerMixin, SFTTrainer):
         super().__init__(*args, recipe=recipe, **kwargs)
         if self.recipe.distill:
             raise ValueError("DyLoraSFTTrainer cannot distill (SFTTrainer builds no logits with gradient); "
-                             "use recipe sandwich with distill=False, or DyLoraTrainer")
+                             "use distill=False (any recipe), or DyLoraTrainer")

@@ -27,7 +27,7 @@ from ..files import write_text
 
 MANIFEST = "dylora-complete.json"
 RANKS = "dylora-ranks.json"
-PREFIX = "checkpoint-"
+CHECKPOINT_PREFIX = "checkpoint-"
 TORCH_FILES = (".pt", ".pth")  # what the Trainer's resume reads with torch.load: rng_state, optimizer, scheduler
 
 
@@ -107,9 +107,9 @@ def checkpoints(directory: Path) -> list[Path]:
     """Checkpoint directories, newest (highest step) first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]), reverse=True)
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True)
 
 
 def _warn(msg: str) -> None:
@@ -145,7 +145,7 @@ class CompleteCheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         _barrier()  # every process has saved its RNG state into the checkpoint
         if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
+            ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
             if ckpt.is_dir():
                 if self.rank_callback is not None:
                     history = [[int(s), int(b)] for s, b in self.rank_callback.history]
@@ -157,6 +157,6 @@ class CompleteCheckpointCallback(TrainerCallback):
         path = Path(checkpoint) / RANKS
         if self.rank_callback is None or not path.is_file():
             return
-        step = int(Path(checkpoint).name[len(PREFIX):])
+        step = int(Path(checkpoint).name[len(CHECKPOINT_PREFIX):])
         saved = [(s, b) for s, b in json.loads(path.read_text())["history"] if s < step]
         self.rank_callback.history[:0] = saved

@@ -349,7 +349,7 @@ def allocate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --export directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
-    from ..allocation import METHODS
+    from ..allocation import ALLOCATION_METHODS
     from ..model import export_lora
     from .report import plot_allocation
     from .run import allocate_run
@@ -358,8 +358,8 @@ def allocate(
     _hush(quiet)
     if (budget is None) == (params is None):
         raise UsageFailure("give one budget: --budget (an average rank) or --params (adapter parameters)")
-    if method not in METHODS:
-        raise UsageFailure(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in ALLOCATION_METHODS:
+        raise UsageFailure(f"--method must be one of {', '.join(ALLOCATION_METHODS)}, got {method!r}")
     _refuse_unused(("calibration", "step", "exact"), method == "greedy", "with --method greedy")
     _refuse_unused(("bake_scale", "overwrite"), export is not None, "with --export DIR")
     if export is not None and export.exists() and not overwrite:
@@ -405,6 +405,12 @@ def resize(
 ) -> None:
     from ..resizing import resize as resize_adapter
 
+    given = _given("rank", "sv_fro", "sv_ratio", "params")
+    if len(given) != 1:
+        raise UsageFailure("give exactly one of --rank, --sv-fro, --sv-ratio, --params; got "
+                           f"{', '.join(given) or 'none'}")
+    if out.exists() and not overwrite:
+        raise UsageFailure(f"{out} exists; pass --overwrite to replace it")
     path = resize_adapter(adapter, out, rank=rank, sv_fro=sv_fro, sv_ratio=sv_ratio, params=params,
                           overwrite=overwrite, command=sys.argv)
     typer.echo(f"wrote a plain PEFT LoRA adapter cut by SVD to {path}")

@@ -427,8 +427,7 @@ def test_a_run_directory_is_read_and_written_by_its_rundir(trained, tmp_path):
 
 def test_the_adapter_card_is_written_once(tiny, tmp_path, monkeypatch):
     # the adapter's README.md is the run's card (with its sweep), written once, not a bare card then rewritten
-    import dylora.app.cli
-    import dylora.app.run
+    import dylora.cards
     import dylora.model
     from dylora.cards import write_card
 
@@ -438,7 +437,7 @@ def test_the_adapter_card_is_written_once(tiny, tmp_path, monkeypatch):
         written.append((Path(directory).name, kwargs.get("filename", "README.md")))
         return write_card(directory, *args, **kwargs)
 
-    for module in (dylora.model, dylora.app.run):
+    for module in (dylora.model, dylora.cards):  # rundir.RunDir.write_cards reads dylora.cards.write_card
         monkeypatch.setattr(module, "write_card", counting)
     out = tmp_path / "run"
     cli("train", "--model", tiny, "--max-steps", "2", "--r", "2", "--max-train", "60", "--max-eval", "20",
@@ -535,3 +534,28 @@ def test_version_is_one_place(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"dylora {dylora.__version__}"
     assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", dylora.__version__)
+
+
+def test_every_file_of_a_run_is_written_through_run_dir(tiny, tmp_path, monkeypatch):
+    """RunDir owns the run directory: train (with kept checkpoints), allocate and export write nothing there that
+    did not go through one of its methods (a RunDir that records every name it is told of)."""
+    import dylora.app.run
+    from dylora.app.rundir import RunDir
+
+    told: set[str] = set()
+
+    class Recording(RunDir):
+        def wrote(self, name: str) -> None:
+            told.add(name)
+
+    monkeypatch.setattr(dylora.app.run, "RunDir", Recording)
+    out = tmp_path / "run"
+    cli("train", "--model", tiny, "--max-steps", "2", "--r", "2", "--max-train", "60", "--max-eval", "20",
+        "--save-steps", "1", "--keep-checkpoints", "--out", out, "--quiet")
+    cli("allocate", out, "--budget", "1.5", "--quiet")
+    cli("export", out, "--rank", "1")
+    cli("export", out, "--rank", "2", "--merge")
+    present = {p.name for p in out.iterdir()} | {f"adapter/{p.name}" for p in (out / "adapter").glob("README.md")}
+    assert present >= {"adapter", "run.json", "sweep.json", "sweep.csv", "sweep.png", "README.md", "checkpoints",
+                       "allocation.json", "allocation.png", "lora-r1", "merged-r2", "adapter/README.md"}
+    assert present - told == set()

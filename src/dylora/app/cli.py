@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -109,6 +108,7 @@ def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None =
 def _train(method: str, kw: dict[str, Any], out: Path | None, overwrite: bool, resume: bool, keep_checkpoints: bool,
            no_guard: bool, quiet: bool) -> None:
     from .run import train
+    from .rundir import RunDir
     from .settings import Settings
 
     _hush(quiet)
@@ -137,8 +137,7 @@ def _train(method: str, kw: dict[str, Any], out: Path | None, overwrite: bool, r
         typer.echo(f"best rank (validation {result.metric}): {result.best_rank} "
                    f"({result.bases[result.best_rank]}); smallest rank within {s.within} points: "
                    f"{result.smallest_rank} ({result.bases[result.smallest_rank]})")
-    order = ["adapter", "sweep.json", "sweep.csv", "sweep.png", "samples.json", "run.json", "checkpoints"]
-    written = ", ".join(name for name in order if (out / name).exists())
+    written = ", ".join(RunDir(out).written())
     typer.echo(f"wrote {out}/ ({written}) in {result.timings['total_s']:.0f} s")
 
 
@@ -247,31 +246,6 @@ def sweep(
     _console().print(_sweep_table(f"{run_or_adapter} on {s.data} ({split})", rows, metrics))
 
 
-def _choose_rank(spec: str, saved: Any) -> int:
-    """b from `--rank`: an integer, best, or smallest-within=X, the last two read from the run's sweep.json."""
-    from .report import pick_ranks, sweep_rows
-
-    if spec.isascii() and spec.isdigit():
-        return int(spec)
-    if spec != "best" and not spec.startswith("smallest-within="):
-        raise UsageFailure(f"--rank must be an integer, best, or smallest-within=X; got {spec!r}")
-    if saved.sweep is None:
-        raise UsageFailure(f"--rank {spec} needs a run directory with sweep.json; {saved.adapter.parent} has none")
-    try:
-        within = float(spec.split("=", 1)[1]) if spec != "best" else 0.0
-    except ValueError:
-        raise UsageFailure(f"--rank smallest-within=X needs a number, got {spec!r}") from None
-    if not 0 <= within < float("inf"):
-        raise UsageFailure(f"--rank smallest-within=X needs a finite number of points >= 0, got {spec!r}")
-    try:
-        if spec == "best":
-            return int(saved.sweep["best_rank"])
-        return pick_ranks(sweep_rows(saved.sweep), saved.sweep["metric"], within)[1]
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UsageFailure(f"--rank {spec}: the run's sweep.json is incomplete or corrupted ({err!r}); give "
-                           "the rank as an integer") from None
-
-
 @app.command(help="Write one rank as a plain PEFT LoRA adapter, or with --merge as a merged full model.")
 def export(
     run_or_adapter: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.")],
@@ -285,48 +259,14 @@ def export(
                                               "rank; else prefix for DyLoRA, svd for a plain LoRA).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
 ) -> None:
-    from .. import files
-    from .. import model as model_api
-    from ..functional import check_rank
-    from ..layers import BASES
-    from .run import export_basis, load_run, read_run
+    from .run import export_run
 
     _hush(True)
-    if fmt not in ("peft", "kohya"):
-        raise UsageFailure(f"--format must be peft or kohya, got {fmt!r}")
-    if fmt == "kohya" and merge:
-        raise UsageFailure("--merge writes a full model; it does not go with --format kohya")
-    saved = read_run(run_or_adapter, model)
-    b = _choose_rank(rank, saved)
-    cfg = saved.config
-    check_rank(b, cfg.r_min, cfg.r)  # before loading any model
-    if basis is not None and basis not in BASES:
-        raise UsageFailure(f"--basis must be {' or '.join(BASES)}, got {basis!r}")
-    basis = basis or export_basis(saved, b)
-    default = f"merged-r{b}" if merge else f"kohya-r{b}.safetensors" if fmt == "kohya" else f"lora-r{b}"
-    out = out or Path(run_or_adapter) / default
-    if out.exists() and not overwrite:
-        raise UsageFailure(f"{out} exists; pass --overwrite to replace it")
-    from .rundir import card_rows
-
-    rows = card_rows(saved.sweep)  # checked before anything is written
-    peft_model, tokenizer, _, _ = load_run(saved)
-    if merge:
-        merged = model_api.merge(peft_model, rank=b, inplace=True, basis=basis)
-        with files.atomic_dir(out, overwrite=overwrite) as tmp:
-            merged.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        typer.echo(f"wrote the base model with rank {b} ({basis}) merged to {out}")
-    elif fmt == "kohya":
-        from ..kohya import export_kohya
-
-        export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(sys.argv), basis=basis,
-                     overwrite=overwrite)
-        typer.echo(f"wrote a kohya LoRA file of rank {b} ({basis}) to {out}")
-    else:  # the card is written in the temporary directory: the adapter is published with it or not at all
-        card = {"sweep": rows, "command": sys.argv, "base_model": saved.settings.model}
-        model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis, card=card)
-        typer.echo(f"wrote a plain PEFT LoRA adapter of rank {b} ({basis}) to {out}")
+    done = export_run(run_or_adapter, rank, out=out, merge=merge, fmt=fmt, model=model, basis=basis,
+                      overwrite=overwrite, command=sys.argv)
+    what = {"merged": "the base model with rank {b} ({basis}) merged", "kohya": "a kohya LoRA file of rank {b} "
+            "({basis})", "adapter": "a plain PEFT LoRA adapter of rank {b} ({basis})"}[done.kind]
+    typer.echo(f"wrote {what.format(b=done.rank, basis=done.basis)} to {done.path}")
 
 
 @app.command(help="Choose a rank per layer within a budget, after training; score it beside uniform truncation.")
@@ -350,8 +290,6 @@ def allocate(
     quiet: Annotated[bool, typer.Option("--quiet")] = False,
 ) -> None:
     from ..allocation import ALLOCATION_METHODS
-    from ..model import export_lora
-    from .report import plot_allocation
     from .run import allocate_run
     from .rundir import RunDir
 
@@ -362,13 +300,10 @@ def allocate(
         raise UsageFailure(f"--method must be one of {', '.join(ALLOCATION_METHODS)}, got {method!r}")
     _refuse_unused(("calibration", "step", "exact"), method == "greedy", "with --method greedy")
     _refuse_unused(("bake_scale", "overwrite"), export is not None, "with --export DIR")
-    if export is not None and export.exists() and not overwrite:
-        raise UsageFailure(f"{export} exists; pass --overwrite to replace it")
     kind, value = ("rank", budget) if budget is not None else ("params", params)
     record = allocate_run(run_or_adapter, value, budget_kind=kind, method=method, calibration=calibration,
                           step=step, model=model, min_rank=0 if allow_off else None, lazy=not exact,
-                          progress=not quiet)
-    peft_model = record.pop("model")
+                          progress=not quiet, export=export, bake_scale=bake_scale, overwrite=overwrite)
     from rich.table import Table
 
     metric, uniform = record["metric"], record["uniform"]
@@ -381,13 +316,11 @@ def allocate(
     table.add_row(f"uniform b={uniform['rank']}", f"{uniform['params']:,}",
                   *(f"{uniform[s][metric]:.2f}" for s in ("validation", "test")))
     _console().print(table)
-    if export is not None:  # first: a refused export (every layer at rank 0) leaves the run's files as they were
-        export_lora(peft_model, ranks=record["ranks"], path=export, bake_scale=bake_scale, overwrite=overwrite)
+    if export is not None:
         typer.echo(f"wrote a plain PEFT LoRA with these ranks to {export}")
-    out = run_or_adapter
-    plot_allocation(out / "allocation.png", record["ranks"], record["r"], f"{method}, budget {value:g} ({kind})")
-    written = RunDir(out).write_allocation(record)
-    typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {written} and {out / 'allocation.png'}")
+    run_dir = RunDir(run_or_adapter)
+    typer.echo(f"allocated in {record['seconds']:.1f} s; wrote {run_dir.path / RunDir.ALLOCATION} and "
+               f"{run_dir.path / RunDir.ALLOCATION_PLOT}")
 
 
 @app.command(help="Shrink any PEFT LoRA adapter by the SVD cut (no base model): one rank, or per-layer ranks.")
@@ -429,7 +362,7 @@ def generate(
                                                 "the prompt).")] = 24,
 ) -> None:
     from ..functional import check_rank
-    from .run import export_basis, load_run, read_run, token_budget
+    from .run import choose_rank, export_basis, load_run, read_run, token_budget
     from .tasks.generation import generate
 
     _hush(True)
@@ -443,7 +376,7 @@ def generate(
         raise UsageFailure(f"{saved.adapter} is not a causal-LM adapter; `dylora generate` needs a run trained "
                            f"on a generation dataset such as bbc-headlines")
     cfg = saved.config
-    b = rank if rank is not None else _choose_rank("best", saved) if saved.sweep else cfg.r
+    b = rank if rank is not None else choose_rank("best", saved) if saved.sweep else cfg.r
     check_rank(b, cfg.r_min, cfg.r)
     peft_model, tokenizer, saved, task = load_run(saved)
     length = token_budget(saved.settings, task, peft_model.config)

@@ -1,4 +1,5 @@
-"""A sweep's results as files: sweep.json, sweep.csv and the metric-vs-rank plot; and the rank pick."""
+"""A sweep's results: the rank and basis picks, the sweep.json payload (sweep_payload, sweep_rows), and the plots
+(metric vs rank, per-layer ranks), each drawn where RunDir says (`rundir.RunDir` writes the files)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 (DyLoRA, or plain LoRA / full fine-tuning as baselines) trained with the HF Trainer (checkpoints, resume,
 torchrun processes), every rank swept on validation and test, the best rank picked on validation, and all
 of it written under `NAME.partial`, renamed to `NAME` only when complete. `read_run`, `load_run` and
-`sweep_run` give a saved run back.
+`sweep_run` give a saved run back; `export_run` writes one of its ranks (a plain LoRA, a kohya file or a merged
+model), `allocate_run` per-layer ranks. Every file of a run directory is written through `RunDir`.
 
 Tasks are plug-ins: `tasks.Task` is their contract, `tasks.task_for` picks one.
 """
@@ -16,6 +17,7 @@ import dataclasses
 import functools
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -29,12 +31,11 @@ from peft.tuners.lora import LoraLayer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import files, quantized
-from ..cards import write_card
 from ..config import SIDECAR_NAME
 from ..functional import check_rank
 from ..guard import StopCause, TrainingGuard
 from ..layers import BASES
-from ..model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config, save
+from ..model import dylora_adapters, get_dylora_model, load, peft_model, read_adapter_config
 from ..recipes import RANK_KEY, RANKS_KEY
 from ..sweep import SweepRow, rank_parameters, rank_sweep
 from ..training import DyLoraTrainer
@@ -42,7 +43,7 @@ from . import zoo
 from .checkpoint import CompleteCheckpointCallback, newest_complete
 from .data import GENERATION_DATASETS
 from .report import pick_bases, pick_ranks, sweep_payload
-from .rundir import RunDir
+from .rundir import RunDir, card_rows, partial_dir
 from .settings import Settings
 from .tasks import Task, task_for
 
@@ -119,7 +120,7 @@ def build_model(s: Settings, base: Any, task_type: str) -> Any:
 
 def prepare_out(out: Path, overwrite: bool, resume: bool, main_process: bool) -> Path:
     """Check the run directory and return the `.partial` directory the run writes into."""
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_dir(out)
     files.recover(out)
     if out.exists() and not (overwrite or resume):
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -225,7 +226,7 @@ def train_model(s: Settings, model: Any, args: Any, train_dataset: Any, collator
     trainer.remove_callback(ProgressCallback)
     if not quiet:
         trainer.add_callback(_BarOnly())
-    resume_from = newest_complete(partial / "checkpoints") if resume else None
+    resume_from = newest_complete(RunDir(partial).checkpoints) if resume else None
     if resume_from:
         keeper.restore(resume_from)  # the rank history of the steps before the checkpoint
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -273,7 +274,7 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
     base, _ = task.load_base(model_dir)
     s = task.s = resolve(s, task, base)
     model = build_model(s, base, task.task_type)
-    args = training_arguments(s, out.with_name(out.name + ".partial") / "checkpoints", quiet)
+    args = training_arguments(s, RunDir(partial_dir(out)).checkpoints, quiet)
     main = args.process_index == 0
     with files.lock(out) if main else contextlib.nullcontext():
         with args.main_process_first(local=False, desc="prepare the run directory"):  # process 0 (re)creates it
@@ -285,7 +286,7 @@ def train(s: Settings, out: str | os.PathLike, *, overwrite: bool = False, resum
             # a run the guard stopped is not worth resuming (docs/errors.md: no OUT.partial); else keep what a
             # resume can start from
             if main and (isinstance(err, TrainingStopped)
-                         or newest_complete(partial / "checkpoints", warn=lambda _: None) is None):
+                         or newest_complete(RunDir(partial).checkpoints, warn=lambda _: None) is None):
                 shutil.rmtree(partial, ignore_errors=True)
             raise
 
@@ -314,19 +315,19 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
 
     run_dir = RunDir(partial)
     if s.method != "full":
-        save(model, run_dir.adapter, card=False)  # its card is written once, below, with the sweep
+        run_dir.write_adapter(model)  # its card is written once, below, with the sweep
         facts = {"data": s.data, "method": s.method, "recipe": s.recipe if s.method == "dylora" else None,
                  "steps": trainer.state.global_step, "lr": s.lr, "seed": s.seed,
                  "base quantized": zoo.describe_quantization(**s.quantization())}
-        for where, name in ((run_dir.adapter, RunDir.CARD), (partial, RunDir.CARD)):
-            write_card(where, trainer.model.peft_config["default"], sweep=picked, command=sys.argv, base_model=s.model,
-                       training={k: v for k, v in facts.items() if v is not None}, filename=name)
+        run_dir.write_cards(trainer.model.peft_config["default"], sweep=picked, command=sys.argv, base_model=s.model,
+                            training={k: v for k, v in facts.items() if v is not None})
     if not keep_checkpoints:
-        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+        run_dir.remove_checkpoints()
     run_dir.write_sweep(sweep_payload(val, test, task.metrics, best, smallest, task.higher_is_better, bases,
                                       s.basis_rule))
-    task.plot(partial / "sweep.png", val, test, f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})")
-    task.write_outputs(partial, best)
+    title = f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})"
+    run_dir.write_sweep_plot(lambda path: task.plot(path, val, test, title))
+    run_dir.write_outputs(task.outputs(best))
     result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),
                       "sweep_validation_s": round(t_val, 2), "sweep_test_s": round(t_sweep - t_val, 2),
                       "total_s": round(time.perf_counter() - t0, 2)}
@@ -431,16 +432,21 @@ def _with_encoded_data(saved: SavedRun, progress: bool) -> tuple[Any, SavedRun, 
 
 def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "rank", method: str = "norm",
                  calibration: int = 128, step: int = 1, model: str | None = None, min_rank: int | None = None,
-                 lazy: bool = True, progress: bool = True) -> dict[str, Any]:
+                 lazy: bool = True, progress: bool = True, export: str | os.PathLike | None = None,
+                 bake_scale: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Per-layer ranks of a saved run within a budget (`dylora.allocate`; greedy on the task's loss over the
     first `calibration` validation rows), scored on validation and test beside uniform truncation with no
     more parameters (r_min where even r_min everywhere costs more). `min_rank=0` lets it switch layers off.
-    Returns the allocation record (written as allocation.json by the caller)."""
+    With `export`, the allocation is also written there as a plain PEFT LoRA (`bake_scale`: each layer's scale
+    folded into B). Writes allocation.json and allocation.png in the run directory; returns the record."""
     from ..allocation import allocate, check_average_rank, layer_costs, lowest_rank
-    from ..model import at_rank, get_layer_ranks, set_layer_ranks
+    from ..model import at_rank, export_lora, get_layer_ranks, set_layer_ranks
+    from .report import plot_allocation
 
     if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 1:
         raise ValueError(f"calibration (--calibration) must be a number of validation rows >= 1, got {calibration!r}")
+    if export is not None and Path(export).exists() and not overwrite:
+        raise FileExistsError(f"{export} exists; pass --overwrite to replace it")
     saved = read_run(path, model)
     cfg = saved.config
     if budget_kind == "rank":  # before loading anything
@@ -459,7 +465,93 @@ def allocate_run(path: str | os.PathLike, budget: float, *, budget_kind: str = "
     set_layer_ranks(model, previous)
     with at_rank(model, uniform):
         truncated = {split: task.evaluate(model, split) for split in ("validation", "test")}
-    return {"method": method, "budget": budget, "budget_kind": budget_kind, "ranks": ranks, "params": params,
-            "seconds": round(seconds, 3), "metric": task.metrics[0], "r": cfg.r, "allocated": allocated,
-            "uniform": {"rank": uniform, "params": uniform * sum(costs.values()), **truncated},
-            "model": model}
+    record = {"method": method, "budget": budget, "budget_kind": budget_kind, "ranks": ranks, "params": params,
+              "seconds": round(seconds, 3), "metric": task.metrics[0], "r": cfg.r, "allocated": allocated,
+              "uniform": {"rank": uniform, "params": uniform * sum(costs.values()), **truncated}}
+    if export is not None:  # first: a refused export (every layer at rank 0) leaves the run's files as they were
+        export_lora(model, ranks=ranks, path=export, bake_scale=bake_scale, overwrite=overwrite)
+    title = f"{method}, budget {budget:g} ({budget_kind})"
+    RunDir(path).write_allocation(record, lambda p: plot_allocation(p, ranks, cfg.r, title))
+    return record
+
+
+def choose_rank(spec: str, saved: SavedRun) -> int:
+    """b from a rank spec: an integer, best, or smallest-within=X (points), the last two read from the run's
+    sweep.json. A bad spec is a ValueError in one line."""
+    from .report import pick_ranks, sweep_rows
+
+    if spec.isascii() and spec.isdigit():
+        return int(spec)
+    if spec != "best" and not spec.startswith("smallest-within="):
+        raise ValueError(f"--rank must be an integer, best, or smallest-within=X; got {spec!r}")
+    if saved.sweep is None:
+        raise ValueError(f"--rank {spec} needs a run directory with sweep.json; {saved.adapter.parent} has none")
+    try:
+        within = float(spec.split("=", 1)[1]) if spec != "best" else 0.0
+    except ValueError:
+        raise ValueError(f"--rank smallest-within=X needs a number, got {spec!r}") from None
+    if not 0 <= within < float("inf"):
+        raise ValueError(f"--rank smallest-within=X needs a finite number of points >= 0, got {spec!r}")
+    try:
+        if spec == "best":
+            return int(saved.sweep["best_rank"])
+        return pick_ranks(sweep_rows(saved.sweep), saved.sweep["metric"], within)[1]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"--rank {spec}: the run's sweep.json is incomplete or corrupted ({err!r}); give "
+                         "the rank as an integer") from None
+
+
+EXPORT_FORMATS = ("peft", "kohya")
+
+
+@dataclass
+class Exported:
+    """What `export_run` wrote: where, the rank, its basis, and what it is (adapter, kohya or merged)."""
+
+    path: Path
+    rank: int
+    basis: str
+    kind: str
+
+
+def export_run(path: str | os.PathLike, rank: str = "best", *, out: str | os.PathLike | None = None,
+               merge: bool = False, fmt: str = "peft", model: str | None = None, basis: str | None = None,
+               overwrite: bool = False, command: Sequence[str] = ()) -> Exported:
+    """Write rank b of a run (or adapter) directory: a plain PEFT LoRA with its model card, one kohya .safetensors
+    file, or (`merge`) the base model with rank b folded in. `rank` is b, best or smallest-within=X; `basis` the one
+    picked on validation unless given; `out` defaults to the run directory's `lora-rB` / `kohya-rB.safetensors` /
+    `merged-rB`. Everything is checked before a model is loaded, and nothing is published half-written."""
+    from .. import model as model_api
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format must be peft or kohya, got {fmt!r}")
+    if fmt == "kohya" and merge:
+        raise ValueError("--merge writes a full model; it does not go with --format kohya")
+    saved = read_run(path, model)
+    b = choose_rank(rank, saved)
+    cfg = saved.config
+    check_rank(b, cfg.r_min, cfg.r)  # before loading any model
+    if basis is not None and basis not in BASES:
+        raise ValueError(f"--basis must be {' or '.join(BASES)}, got {basis!r}")
+    basis = basis or export_basis(saved, b)
+    out = Path(out) if out is not None else RunDir(path).export_path(b, merge=merge, fmt=fmt)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    rows = card_rows(saved.sweep)  # checked before anything is written
+    peft_model, tokenizer, _, _ = load_run(saved)
+    if merge:
+        merged = model_api.merge(peft_model, rank=b, inplace=True, basis=basis)
+        with files.atomic_dir(out, overwrite=overwrite) as tmp:
+            merged.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        return Exported(out, b, basis, "merged")
+    if fmt == "kohya":
+        from ..kohya import export_kohya
+
+        export_kohya(peft_model, b, out, base_model=saved.settings.model, command=shlex.join(command), basis=basis,
+                     overwrite=overwrite)
+        return Exported(out, b, basis, "kohya")
+    # the card is written in the temporary directory: the adapter is published with it or not at all
+    card = {"sweep": rows, "command": list(command), "base_model": saved.settings.model}
+    model_api.export_lora(peft_model, rank=b, path=out, overwrite=overwrite, basis=basis, card=card)
+    return Exported(out, b, basis, "adapter")

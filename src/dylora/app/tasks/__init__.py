@@ -39,7 +39,7 @@ class Task(Protocol):
     def evaluate(self, model: Any, split: str) -> dict[str, float]: ...  # at the model's current rank
     def calibration_loss(self, model: Any, n_rows: int) -> float: ...  # for per-layer rank allocation
     def plot(self, path: Path, validation: list, test: list, title: str) -> None: ...
-    def write_outputs(self, directory: Path, best_rank: int) -> None: ...
+    def outputs(self, best_rank: int) -> dict[str, Any]: ...  # the task's own files: JSON documents by name
     def record(self) -> dict[str, Any]: ...  # the task's run.json fields
 
 

@@ -138,8 +138,9 @@ class ClassificationTask:
         metric = self.metrics[0]
         report.plot_sweep(path, validation, test, [([metric], metric.replace("_", " ") + " (%)")], title)
 
-    def write_outputs(self, directory: Path, best_rank: int) -> None:
+    def outputs(self, best_rank: int) -> dict[str, Any]:
         """No files beyond the common ones."""
+        return {}
 
     def record(self) -> dict[str, Any]:
         return {"label_names": self.data.label_names, "metrics": self.metrics,

@@ -19,7 +19,6 @@ is cut so prompt + target fits; in generation the paragraph is cut so the prompt
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import Any
 
 import torch
 
-from ... import files
 from ...model import at_rank, dylora_adapters, get_basis, get_layer_ranks
 from .. import data as data_mod
 from .. import report, zoo
@@ -308,7 +306,7 @@ class GenerationTask:
         report.plot_sweep(path, validation, test, [(["bleu", "rougeL"], "score (0-100)"),
                                                    (["perplexity"], "target perplexity")], title, params=False)
 
-    def write_outputs(self, directory: Path, best_rank: int) -> None:
+    def outputs(self, best_rank: int) -> dict[str, Any]:
         """samples.json: the first test predictions at each rank swept ("ranks"; the SVD cut's under "svd")."""
         test = self.splits["test"]
 
@@ -320,7 +318,7 @@ class GenerationTask:
         samples = {"best_rank": best_rank, "ranks": {str(b): shown(p) for (b, basis), p in done if basis == "prefix"}}
         if any(basis == "svd" for (_, basis), _ in done):
             samples["svd"] = {str(b): shown(p) for (b, basis), p in done if basis == "svd"}
-        files.write_text(directory / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
+        return {"samples.json": samples}
 
     def record(self) -> dict[str, Any]:
         return {"task": "generation", "metrics": self.metrics,

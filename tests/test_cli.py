@@ -559,3 +559,16 @@ def test_every_file_of_a_run_is_written_through_run_dir(tiny, tmp_path, monkeypa
     assert present >= {"adapter", "run.json", "sweep.json", "sweep.csv", "sweep.png", "README.md", "checkpoints",
                        "allocation.json", "allocation.png", "lora-r1", "merged-r2", "adapter/README.md"}
     assert present - told == set()
+
+
+def test_an_old_run_json_still_reads():
+    """run.json written before recipes and before `rank_distribution` had its name: the settings come back as that
+    run trained (the paper's recipe, no distillation, its distribution), unknown keys ignored."""
+    from dylora.app.settings import Settings
+
+    old = {"model": "minilm", "data": "bbc", "method": "dylora", "r": 6, "r_min": 2, "lora_alpha": 12,
+           "distribution": "geometric", "geometric_p": 0.3, "frozen": False, "seed": 3, "a_setting_of_long_ago": 1}
+    s = Settings.from_dict(old).validate()
+    assert (s.recipe, s.distill, s.rank_distribution, s.geometric_p, s.r_min) == ("paper", False, "geometric", 0.3, 2)
+    config = s.peft_config(["query"])
+    assert (config.recipe, config.distill, config.rank_distribution, config.seed) == ("paper", False, "geometric", 3)

@@ -1,5 +1,6 @@
 """Merge, save, load and export: any rank b leaves as a plain PEFT LoRA that vanilla PEFT loads exactly."""
 
+import atexit
 import json
 import subprocess
 import sys
@@ -13,30 +14,47 @@ from safetensors.torch import load_file, save_file
 import dylora
 from dylora import DyLoraConfig
 
+# One process a test worker, started on first use, that never imports dylora: plain PEFT loads each adapter there and
+# runs it (a process of its own a call cost ~15 s of imports, most of these tests' time)
 VANILLA = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, traceback, torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from peft import PeftModel
-    base_dir, io, adapter_dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
-    auto = AutoModelForCausalLM if "causal" in base_dir else AutoModelForSequenceClassification
-    outs = {}
-    for i, adapter_dir in enumerate(adapter_dirs):
-        model = PeftModel.from_pretrained(auto.from_pretrained(base_dir), adapter_dir).eval()
-        with torch.no_grad():
-            outs[str(i)] = model(input_ids=load_file(io)["ids"]).logits.contiguous()
-    assert "dylora" not in sys.modules
-    save_file(outs, io + ".out")
+    for line in sys.stdin:
+        try:
+            base_dir, io, adapter_dirs = json.loads(line)
+            auto = AutoModelForCausalLM if "causal" in base_dir else AutoModelForSequenceClassification
+            outs = {}
+            for i, adapter_dir in enumerate(adapter_dirs):
+                model = PeftModel.from_pretrained(auto.from_pretrained(base_dir), adapter_dir).eval()
+                with torch.no_grad():
+                    outs[str(i)] = model(input_ids=load_file(io)["ids"]).logits.contiguous()
+            assert "dylora" not in sys.modules
+            save_file(outs, io + ".out")
+            print(json.dumps("ok"), flush=True)
+        except Exception:
+            print(json.dumps(traceback.format_exc()), flush=True)
     """
 )
+_vanilla: list[subprocess.Popen] = []
 
 
 def vanilla_peft_outputs(base_dir, adapter_dirs, ids, tmp_path):
-    """Load each adapter with plain PEFT in one separate process (dylora not imported) and run it."""
+    """Load each adapter with plain PEFT in a separate process (dylora never imported there) and run it."""
+    if not _vanilla or _vanilla[0].poll() is not None:
+        proc = subprocess.Popen([sys.executable, "-c", VANILLA], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        atexit.register(proc.kill)
+        _vanilla[:] = [proc]
+    proc = _vanilla[0]
     io = str(tmp_path / "io.safetensors")
     save_file({"ids": ids}, io)
-    subprocess.run([sys.executable, "-c", VANILLA, str(base_dir), io, *map(str, adapter_dirs)], check=True)
+    proc.stdin.write(json.dumps([str(base_dir), io, [str(d) for d in adapter_dirs]]) + "\n")
+    proc.stdin.flush()
+    answer = json.loads(proc.stdout.readline() or json.dumps("the vanilla PEFT process died"))
+    assert answer == "ok", answer
     outs = load_file(io + ".out")
     return [outs[str(i)] for i in range(len(adapter_dirs))]
 

@@ -8,6 +8,7 @@ a dequantized model (or, with requantize=True, PEFT's requantized one).
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import subprocess
@@ -136,21 +137,43 @@ def test_every_recipe_trains_the_adapter_and_never_the_quantized_base(base_dir, 
     assert all(torch.equal(after[n].detach(), p) for n, p in quantized_before.items())
 
 
+# one process for the test's bases (started on first use, dylora never imported there): its imports are most of the time
 VANILLA = textwrap.dedent("""
-    import json, sys, torch
+    import json, sys, traceback, torch
     from peft import PeftModel
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     torch.set_num_threads(1)  # as in the test: bitsandbytes' CPU kernel sums in a thread-dependent order
-    base_dir, kw, ids, jobs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
-    kw = {k: getattr(torch, v[6:]) if isinstance(v, str) and v.startswith("torch.") else v for k, v in kw.items()}
-    for adapter, out in jobs:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**kw),
-                                                    device_map="cpu")
-        model = PeftModel.from_pretrained(base, adapter).eval()
-        with torch.no_grad():
-            save_file({"logits": model(torch.tensor(ids)).logits.contiguous()}, out)
+    for line in sys.stdin:
+        try:
+            base_dir, kw, ids, jobs = json.loads(line)
+            kw = {k: getattr(torch, v[6:]) if isinstance(v, str) and v.startswith("torch.") else v
+                  for k, v in kw.items()}
+            for adapter, out in jobs:
+                base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**kw),
+                                                            device_map="cpu")
+                model = PeftModel.from_pretrained(base, adapter).eval()
+                with torch.no_grad():
+                    save_file({"logits": model(torch.tensor(ids)).logits.contiguous()}, out)
+            assert "dylora" not in sys.modules
+            print(json.dumps("ok"), flush=True)
+        except Exception:
+            print(json.dumps(traceback.format_exc()), flush=True)
 """)
+_vanilla: list[subprocess.Popen] = []
+
+
+def vanilla_peft(*request) -> None:
+    """Run one request in the vanilla-PEFT process (started on first use)."""
+    if not _vanilla or _vanilla[0].poll() is not None:
+        proc = subprocess.Popen([sys.executable, "-c", VANILLA], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+        atexit.register(proc.kill)
+        _vanilla[:] = [proc]
+    _vanilla[0].stdin.write(json.dumps(request) + "\n")
+    _vanilla[0].stdin.flush()
+    answer = json.loads(_vanilla[0].stdout.readline() or json.dumps("the vanilla PEFT process died"))
+    assert answer == "ok", answer[-3000:]
 
 
 @pytest.mark.parametrize("kind", ["nf4-dq", "8bit"])
@@ -171,11 +194,9 @@ def test_an_exported_rank_loads_in_vanilla_peft_onto_the_quantized_base_with_equ
             dylora.set_rank(model, options["rank"], basis=options.get("basis", "prefix"))
         with torch.no_grad():
             expected[case] = model(IDS).logits
-    kw = json.dumps({k: str(v) if isinstance(v, torch.dtype) else v for k, v in QUANT[kind].items()})
+    kw = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in QUANT[kind].items()}
     jobs = [(str(tmp_path / case), str(tmp_path / f"{case}.safetensors")) for case in cases]
-    proc = subprocess.run([sys.executable, "-c", VANILLA, str(base_dir), kw, json.dumps(IDS.tolist()),
-                           json.dumps(jobs)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    vanilla_peft(str(base_dir), kw, IDS.tolist(), jobs)
     # 8-bit: PEFT adds a plain LoRA's output after casting it to the base output's dtype, the variant before
     tol = 5e-3 if kind == "8bit" else 1e-4
     for case in cases:

@@ -30,7 +30,7 @@ def main() -> None:
     import dylora
     from dylora.app import zoo
     from dylora.files import write_json
-    from dylora.model import _named_layers
+    from dylora.model import named_layers
 
     base = AutoModelForSequenceClassification.from_pretrained(zoo.resolve_model("minilm"), num_labels=2)
     config = dylora.DyLoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["query", "key", "value", "dense"])
@@ -40,7 +40,7 @@ def main() -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    layers = list(_named_layers(model, "default").values())
+    layers = list(named_layers(model, "default").values())
     cut, full = [], []
     for _ in range(args.repeats):
         for layer in layers:  # a cold cache: the version key no longer matches

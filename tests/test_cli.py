@@ -572,3 +572,10 @@ def test_an_old_run_json_still_reads():
     assert (s.recipe, s.distill, s.rank_distribution, s.geometric_p, s.r_min) == ("paper", False, "geometric", 0.3, 2)
     config = s.peft_config(["query"])
     assert (config.recipe, config.distill, config.rank_distribution, config.seed) == ("paper", False, "geometric", 3)
+
+
+def test_help_shows_each_options_text_as_written(capsys):
+    """Help texts are shown as written: square brackets ([r_min, r], dylora[quant]) are text, not markup to drop."""
+    assert main(["train", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "uniform over [r_min, r]" in shown and "Needs 'dylora[quant]'" in shown

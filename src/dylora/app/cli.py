@@ -18,7 +18,7 @@ from typer._click.globals import get_current_context
 
 from .. import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="DyLoRA: train a LoRA adapter once over every rank, then use any rank.")
 
 Out = Annotated[Path | None, typer.Option(help="Run directory (default runs/<model>-<data>-<method>).")]

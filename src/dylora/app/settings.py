@@ -40,7 +40,8 @@ def _dylora_settings() -> type:
     specs = [(f.name, f.metadata.get("cli_type", hints[f.name]),
               field(default=f.metadata.get("cli_default", f.default), metadata={**f.metadata, "train_only": True}))
              for f in dataclasses.fields(DyLoraOptions) if f.metadata.get("option", True)]
-    return dataclasses.make_dataclass("DyLoraSettings", specs)
+    doc = "The DyLoRA options of a run (dylora.options.DyLoraOptions, with the command line's defaults)."
+    return dataclasses.make_dataclass("DyLoraSettings", specs, namespace={"__module__": __name__, "__doc__": doc})
 
 
 DyLoraSettings = _dylora_settings()

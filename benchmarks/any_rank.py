@@ -5,6 +5,8 @@ the SVD basis or the better of the two on validation ("picked"), at every b = 1.
     python benchmarks/any_rank.py --phase train         # only train (resumable: a cached arm is skipped)
     python benchmarks/any_rank.py --phase eval,docs     # evaluate every cached arm, write the json and the docs
     python benchmarks/any_rank.py --tasks bbc --seeds 1 # a cut
+    python benchmarks/any_rank.py --tasks bbc-topic-1ep,bbc-topic-4bit --name any-rank-topic \
+        --results benchmarks/results/any_rank_topic.json  # SmolLM2 on bbc-topic, fp32 and 4-bit (make any-rank-topic)
     python benchmarks/any_rank.py --tasks bbc-1ep --arms lora-r8,rowwise-distill,lora-first,lora-r1,lora-r2,lora-r4 \
         --ranks 1,2,4,8 --results /tmp/x.json --docs /tmp/docs   # some arms only, swept at four ranks
 
@@ -63,7 +65,8 @@ SCHEDULES = {
     # word, exact match = greedy decoding's), so 300 test articles cost seconds, not minutes; picked and compared on
     # perplexity (lower is better), exact match beside it ("also"), picked on perplexity too
     ("bbc-topic", "1ep"): dict(settings=TOPIC, lr=1e-3, seeds=3, ranks=SHOWN, metric="perplexity",
-                               also=["exact_match"], lean=True),
+                               also=["exact_match"], lean=True,
+                               arms=["lora-r8", "rowwise-distill", "lora-r1", "lora-r2", "lora-r4"]),
     # the same on a 4-bit base (QLoRA / QDyLoRA: nf4, double quant, fp32 compute), one seed, fewer arms
     ("bbc-topic", "4bit"): dict(settings={**TOPIC, "quantize": "4bit"}, lr=1e-3, seeds=1, ranks=SHOWN,
                                 metric="perplexity", also=["exact_match"], lean=True,
@@ -628,7 +631,7 @@ def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
     return [*lines, ""]
 
 
-def write_docs(summary: dict, docs: Path, command: str) -> None:
+def write_docs(summary: dict, docs: Path, command: str, name: str = "any-rank") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -670,10 +673,10 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
                 axis.grid(alpha=0.3)
                 axis.legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(docs / "any-rank.png")
+        fig.savefig(docs / f"{name}.png")
         plt.close(fig)
-        lines += ["", "![any rank](any-rank.png)"]
-    (docs / "any-rank-tables.md").write_text("\n".join(lines) + "\n")
+        lines += ["", f"![any rank]({name}.png)"]
+    (docs / f"{name}-tables.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -697,6 +700,8 @@ def main() -> int:
                     f"{', '.join(ARMS)})")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/any_rank.json"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
+    ap.add_argument("--name", default="any-rank", help="docs: the tables go to <docs>/<name>-tables.md, the plot to "
+                    "<docs>/<name>.png")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.arms:
@@ -736,8 +741,8 @@ def main() -> int:
         log(f"numbers in {args.results}")
     if "docs" in phases:
         write_docs(json.loads(args.results.read_text(), object_hook=int_keys), args.docs,
-                   " ".join(["python", *sys.argv]))
-        log(f"tables in {args.docs / 'any-rank-tables.md'}")
+                   " ".join(["python", *sys.argv]), args.name)
+        log(f"tables in {args.docs / f'{args.name}-tables.md'}")
     return 0
 
 

@@ -420,6 +420,8 @@ def summarise_one(entry: dict, metric: str, pick_on: str) -> dict:
             per_arm.setdefault("lora-at-b", []).append(lora)
         for arm, r in runs.items():
             times.setdefault(arm, {}).setdefault("train_s", []).append(r["train_s"])
+            if r.get("total_s") is not None:  # the run's own evaluation (at r) and loading: total - train
+                times[arm].setdefault("own_s", []).append(r["total_s"] - r["train_s"])
             if r.get("eval_s") is not None:
                 times[arm].setdefault("eval_s", []).append(r["eval_s"])
         if "lora-r8" in runs:
@@ -553,7 +555,8 @@ def digits(metric: str) -> int:
 def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
     """The markdown of one task-schedule: test accuracy per arm at b = 1, 2, 4, 8, AURAC, cost (`paired`: the
     timing phase's ratios, else the per-seed ones), targets, spectra."""
-    title = f"### {t['task']}, {t['schedule']} (lr {t['lr']:g}, {t['settings']})"
+    title = f"### {t['task']}, {t['schedule']}" + (f", {t['metric']}" if "picked_on" in t else "") \
+        + f" (lr {t['lr']:g}, {t['settings']})"
     partial = "".join(f" Seed {sd} not finished (not trained: {', '.join(m)}), left out." for sd, m in
                       t.get("incomplete", {}).items())
     if not t.get("seeds_run"):
@@ -607,11 +610,11 @@ def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
                 f"{rules[r]['wrong']}/{rules[r]['cells']}, {rules[r]['lost']:.2f}" if r in rules else ""
                 for r in PICK_RULES) + " |")
     if t.get("times"):
-        lines += ["", "Time per arm (s, mean over seeds; one torch thread, one run at a time): training, and the eval "
-                  "phase's sweep (validation and test at each b swept, both bases for DyLoRA, the SVD cut for LoRA "
-                  "r=8): " + "; ".join(f"{arm} {tm['train_s']:.0f}" + (f" + {tm['eval_s']:.0f}" if "eval_s" in tm
-                                                                       else "")
-                                       for arm, tm in t["times"].items()) + "."]
+        lines += ["", "Time per arm (s, mean over seeds; one torch thread, one run at a time): training + the run's "
+                  "own evaluation at r with loading + the eval phase's sweep (the other b; both bases for DyLoRA, the "
+                  "SVD cut for LoRA r=8): " + "; ".join(
+                      f"{arm} {tm['train_s']:.0f}" + "".join(f" + {tm[k]:.0f}" for k in ("own_s", "eval_s") if k in tm)
+                      for arm, tm in t["times"].items()) + "."]
     if t["cost"]:
         lines += ["", "Cost per seed (training time over the same seed's LoRA r=8 run, trained minutes before it; "
                   "dominated by the shared machine's load, not a cost figure): "

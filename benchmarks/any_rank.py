@@ -602,12 +602,13 @@ def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
     if t.get("picks"):
         lines += ["", "Basis picks on validation, against the better basis on test: cells (seed x b in "
                   f"{', '.join(map(str, SHOWN))}) where the pick was the worse basis / all cells, and the mean test "
-                  "points lost per cell:", "",
-                  "| recipe | " + " | ".join(PICK_LABELS[r] for r in PICK_RULES) + " |",
+                  + ("perplexity" if metric in LOWER_IS_BETTER else "points") + " lost per cell:", "",
+                  "| recipe | " + " | ".join(f"validation {t['picked_on']}" if r == "picked" and "picked_on" in t
+                                             else PICK_LABELS[r] for r in PICK_RULES) + " |",
                   "|---|" + "---|" * len(PICK_RULES)]
         for arm, rules in t["picks"].items():
             lines.append(f"| {arm} | " + " | ".join(
-                f"{rules[r]['wrong']}/{rules[r]['cells']}, {rules[r]['lost']:.2f}" if r in rules else ""
+                f"{rules[r]['wrong']}/{rules[r]['cells']}, {rules[r]['lost']:.{nd + 1}f}" if r in rules else ""
                 for r in PICK_RULES) + " |")
     if t.get("times"):
         lines += ["", "Time per arm (s, mean over seeds; one torch thread, one run at a time): training + the run's "
@@ -666,7 +667,7 @@ def write_docs(summary: dict, docs: Path, command: str, name: str = "any-rank") 
                     ax.plot(sorted(test), [test[b][0] for b in sorted(test)], style, marker=".", label=LABELS[arm])
             if "lora-at-b" in t["arms"]:
                 test = t["arms"]["lora-at-b"]["test"]
-                ax.plot(SHOWN, [test[b][0] for b in SHOWN], "ks", label=LABELS["lora-at-b"])
+                ax.plot(sorted(test), [test[b][0] for b in sorted(test)], "ks", label=LABELS["lora-at-b"])
             ax.set_title(f"{t['task']}, {t['schedule']} ({t['seeds_run']} seed(s))")
             for arm, e in t["spectrum"].items():
                 sx.plot(RANKS, [100 * x for x in e], marker=".", label=arm)

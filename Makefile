@@ -7,7 +7,7 @@ export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-deps dist demo lint bench reproduce-quick reproduce search-cost generation-bench recipes allocate-bench any-rank qlora-bench gpu-bench clean
+.PHONY: venv test test-deps dist demo lint bench reproduce-quick reproduce search-cost generation-bench recipes allocate-bench any-rank any-rank-topic qlora-bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -86,6 +86,10 @@ allocate-bench: venv
 
 any-rank: venv
 	$(BIN)/python benchmarks/any_rank.py
+
+any-rank-topic: venv
+	$(BIN)/python benchmarks/any_rank.py --tasks bbc-topic-1ep,bbc-topic-4bit \
+		--results benchmarks/results/any_rank_topic.json --name any-rank-topic
 
 qlora-bench: venv
 	$(BIN)/python benchmarks/qlora.py

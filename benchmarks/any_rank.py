@@ -5,6 +5,8 @@ the SVD basis or the better of the two on validation ("picked"), at every b = 1.
     python benchmarks/any_rank.py --phase train         # only train (resumable: a cached arm is skipped)
     python benchmarks/any_rank.py --phase eval,docs     # evaluate every cached arm, write the json and the docs
     python benchmarks/any_rank.py --tasks bbc --seeds 1 # a cut
+    python benchmarks/any_rank.py --tasks bbc-topic-1ep,bbc-topic-4bit --name any-rank-topic \
+        --results benchmarks/results/any_rank_topic.json  # SmolLM2 on bbc-topic, fp32 and 4-bit (make any-rank-topic)
     python benchmarks/any_rank.py --tasks bbc-1ep --arms lora-r8,rowwise-distill,lora-first,lora-r1,lora-r2,lora-r4 \
         --ranks 1,2,4,8 --results /tmp/x.json --docs /tmp/docs   # some arms only, swept at four ranks
 
@@ -49,6 +51,8 @@ TASKS = ("bbc", "polarity", "tweets")
 # SmolLM2 on bbc-headlines: benchmarks/generation.py's settings (the paper's NLG ones, scaled to 2 CPU cores); greedy
 # decoding takes ~10 s a rank and split, so one seed, ranks 1, 2, 4, 8, and ROUGE-L picks (BLEU on 30 headlines
 # moves by points between neighbouring ranks)
+# SmolLM2 on bbc-topic: 16 words of an article -> its topic word; 400 training articles, 1 epoch (50 steps)
+TOPIC = dict(model="smollm2", max_train=400, batch_size=8, eval_batch_size=32, max_length=64, epochs=1.0)
 GENERATION = dict(model="smollm2", max_train=500, max_eval=30, batch_size=8, eval_batch_size=20, max_length=160,
                   lora_dropout=0.1, weight_decay=0.01, label_smoothing=0.1, epochs=1.0)
 # (task, schedule) -> settings and lr: the reproduction's 1-epoch schedule (lr 3e-3), and bbc at 3 epochs (lr 1e-3);
@@ -57,9 +61,19 @@ SCHEDULES = {
     **{(t, "1ep"): dict(settings=REPRO_PLAN[t]["settings"], lr=3e-3) for t in ("bbc", "polarity", "tweets")},
     ("bbc", "3ep"): dict(settings={**REPRO_PLAN["bbc"]["settings"], "epochs": 3.0}, lr=1e-3),
     ("bbc-headlines", "1ep"): dict(settings=GENERATION, lr=5e-4, seeds=1, ranks=SHOWN, metric="rougeL"),
+    # SmolLM2 on bbc-topic (issue #28, item 5): one forward per example scores a rank (NLL of the reference topic
+    # word, exact match = greedy decoding's), so 300 test articles cost seconds, not minutes; picked and compared on
+    # perplexity (lower is better), exact match beside it ("also"), picked on perplexity too
+    ("bbc-topic", "1ep"): dict(settings=TOPIC, lr=1e-3, seeds=3, ranks=SHOWN, metric="perplexity",
+                               also=["exact_match"], lean=True,
+                               arms=["lora-r8", "rowwise-distill", "lora-r1", "lora-r2", "lora-r4"]),
+    # the same on a 4-bit base (QLoRA / QDyLoRA: nf4, double quant, fp32 compute), one seed, fewer arms
+    ("bbc-topic", "4bit"): dict(settings={**TOPIC, "quantize": "4bit"}, lr=1e-3, seeds=1, ranks=SHOWN,
+                                metric="perplexity", also=["exact_match"], lean=True,
+                                arms=["lora-r8", "rowwise-distill", "lora-r1"]),
 }
 ORDER = [("bbc", "1ep"), ("polarity", "1ep"), ("tweets", "1ep"), ("bbc", "3ep"),
-         ("bbc-headlines", "1ep")]  # by value per CPU minute
+         ("bbc-headlines", "1ep"), ("bbc-topic", "1ep"), ("bbc-topic", "4bit")]  # by value per CPU minute
 SEEDS = 3
 RECIPES = {  # arm: the DyLoRA settings of that recipe
     "paper": dict(recipe="paper", distill=False),
@@ -76,6 +90,13 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     "lora-first-distill": dict(recipe="rowwise", distill=True, lora_first=0.8),
 }
 DEFAULT_RECIPE = "rowwise-distill"
+LOWER_IS_BETTER = ("perplexity", "nll")
+TOLERANCE = {"perplexity": 1.0}  # the target: within 1% perplexity, else 0.5 points
+
+
+def tolerance(metric: str) -> float:
+    return TOLERANCE.get(metric, 0.5)
+
 SWEPT = ("lora-r8", *RECIPES)  # the arms the eval phase sweeps at every b
 # train order within a seed: LoRA r=8 first, then the DyLoRA arms it is paired with, then the other LoRA ranks
 ARMS = {"lora-r8": dict(method="lora", r=8), **{k: dict(method="dylora", **v) for k, v in RECIPES.items()},
@@ -93,6 +114,12 @@ def select_arms(names: list[str]) -> None:
             del table[arm]
     global SWEPT
     SWEPT = tuple(a for a in SWEPT if a in names)
+
+
+def schedule_arms(task: str, schedule: str) -> list[str]:
+    """The arms (of ARMS, in its order) this task-schedule trains (some train fewer: "arms" in SCHEDULES)."""
+    only = SCHEDULES[task, schedule].get("arms")
+    return [arm for arm in ARMS if only is None or arm in only]
 
 
 def schedule_seeds(task: str, schedule: str, seeds: range) -> range:
@@ -142,7 +169,8 @@ def train_jobs(plan: list[tuple[str, str]], seeds: range, root: Path) -> dict:
         base = Settings(**{"model": "minilm", **spec["settings"]}, data=task, r=R, lora_alpha=ALPHA, lr=spec["lr"],
                         guard=False)
         for seed in schedule_seeds(task, schedule, seeds):
-            for arm, kw in ARMS.items():
+            for arm in schedule_arms(task, schedule):
+                kw = ARMS[arm]
                 # the eval phase sweeps every b in both bases: the run's own sweep is cut to b = r, prefix
                 extra = dict(ranks=[R], basis="prefix") if kw["method"] == "dylora" else {}
                 jobs[task, schedule, seed, arm] = ("train", arm_dir(root, task, schedule, arm, seed),
@@ -211,9 +239,13 @@ def spectrum(model) -> dict:
             "min": [min(f[b] for f in fractions) for b in range(len(fractions[0]))], "layers": len(fractions)}
 
 
-def eval_job(path: Path, run: Path, ranks: list[int] = RANKS) -> dict:
+def eval_job(path: Path, run: Path, ranks: list[int] = RANKS, lean: bool = False) -> dict:
     """Sweep one cached DyLoRA or LoRA r=8 run at `ranks` (b = 1..r) in both bases
-    (`dylora.rank_sweep(basis="both")`) on validation and test, with the spectrum of its update (or read it back)."""
+    (`dylora.rank_sweep(basis="both")`) on validation and test, with the spectrum of its update (or read it back).
+
+    `lean` (for a slow model): nothing is evaluated twice. At b = r both bases are the same update (the SVD basis
+    at full rank is a rotation of the prefix), which the run's own sweep already scored: that row stands for both.
+    A plain LoRA's SVD cut is scored on test only (no pick reads its validation)."""
     if path.is_file():
         return json.loads(path.read_text())
     import dylora
@@ -232,8 +264,22 @@ def eval_job(path: Path, run: Path, ranks: list[int] = RANKS) -> dict:
 
     # a plain LoRA: the SVD cut only (its prefix cut is the paper's truncated LoRA, not an arm here)
     basis = default_basis(saved)
+    own: list[dict] = []
+    if lean:
+        r = saved.config.r
+        row = next((x for x in json.loads((run / "sweep.json").read_text())["rows"]
+                    if x["rank"] == r and x["basis"] == "prefix"), None)
+        assert row is not None, f"{run}: its own sweep has no prefix row at r = {r}"
+        splits = ("test",) if basis == "svd" else ("validation", "test")
+        scores = {k: v for k, v in row.items() if k.split("_", 1)[0] in splits}
+        own = [{"rank": r, "basis": b, **scores} for b in (("svd",) if basis == "svd" else ("prefix", "svd"))
+               if r in ranks]
+        ranks = [b for b in ranks if b < r]
+        if basis == "svd":
+            def evaluate(m) -> dict:  # noqa: F811  (test only)
+                return {f"test_{k}": v for k, v in task.evaluate(m, "test").items()}
     rows = [{"rank": r.rank, "basis": r.basis, **r.metrics}
-            for r in dylora.rank_sweep(model, evaluate, ranks=ranks, basis=basis, progress=False)]
+            for r in dylora.rank_sweep(model, evaluate, ranks=ranks, basis=basis, progress=False)] + own
     res = {"rows": rows, "spectrum": spectrum(model), "eval_s": round(time.perf_counter() - t0, 1),
            "sizes": {split: len(task.encoded[split]) for split in ("validation", "test")}}
     files.write_text(path, json.dumps(res, indent=1))
@@ -249,24 +295,27 @@ def eval_all(plan: list[tuple[str, str]], seeds: range, root: Path, pool: Pool, 
         key = f"{task}-{schedule}"
         spec = SCHEDULES[task, schedule]
         entry = out[key] = {"task": task, "schedule": schedule, "settings": spec["settings"], "lr": spec["lr"],
-                            "seeds": {}, "metric": spec.get("metric")}
+                            "seeds": {}, "metric": spec.get("metric"), "also": spec.get("also", [])}
         for seed in schedule_seeds(task, schedule, seeds):
-            missing = [arm for arm in ARMS if not (arm_dir(root, task, schedule, arm, seed) / "sweep.json").is_file()
+            arms = schedule_arms(task, schedule)
+            missing = [arm for arm in arms if not (arm_dir(root, task, schedule, arm, seed) / "sweep.json").is_file()
                        or (cached_only and arm in SWEPT and not (arm_dir(root, task, schedule, arm, seed)
                                                                  / "any_rank.json").is_file())]
             if missing:  # only seeds with every arm trained are compared (paired by seed)
-                if len(missing) < len(ARMS):
+                if len(missing) < len(arms):
                     entry.setdefault("incomplete", {})[str(seed)] = missing
                 continue
             runs: dict = {}
-            for arm in ARMS:
+            for arm in arms:
                 d = arm_dir(root, task, schedule, arm, seed)
                 trained = run_once(d, None)
                 load = json.loads((d / "load.json").read_text()) if (d / "load.json").is_file() else {}
-                runs[arm] = {"train_s": trained["timings"]["train_s"], "metric": trained["metric"],
+                runs[arm] = {"train_s": trained["timings"]["train_s"], "total_s": trained["timings"]["total_s"],
+                             "metric": trained["metric"],
                              "own": trained["rows"][0], "stuck": stuck(trained), **load}
                 if arm in SWEPT:
-                    res = pool.map({0: ("eval", d / "any_rank.json", d, spec.get("ranks", RANKS))})[0]
+                    res = pool.map({0: ("eval", d / "any_rank.json", d, spec.get("ranks", RANKS),
+                                        spec.get("lean", False))})[0]
                     runs[arm].update(sweep=res["rows"], spectrum=res["spectrum"], eval_s=res["eval_s"])
             entry["seeds"][str(seed)] = runs
     return out
@@ -291,29 +340,44 @@ def aurac(acc: dict[int, float], ranks: list[int] = RANKS) -> float:
     return area / (bs[-1] - bs[0])
 
 
-def curves(sweep: list[dict], metric: str) -> dict[str, dict[str, dict[int, float]]]:
-    """{basis: {split: {b: score}}} of one sweep, plus "picked": per b the basis with the higher validation score
-    (prefix on a tie), scored on test; its "choice" holds the basis chosen at each b (with both bases swept)."""
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether score a is strictly better than b (perplexity, NLL: lower)."""
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def curves(sweep: list[dict], metric: str, pick_on: str | None = None) -> dict[str, dict[str, dict[int, float]]]:
+    """{basis: {split: {b: score}}} of one sweep, plus "picked": per b the basis with the better validation score
+    (prefix on a tie) in `pick_on` (default: `metric`), scored on test in `metric`; its "choice" holds the basis
+    chosen at each b (with both bases swept)."""
+    pick_on = pick_on or metric
     out: dict = {}
-    for row in sweep:
+    on: dict = {}
+    for row in sweep:  # (a lean sweep of a plain LoRA has no validation scores)
         for split in ("validation", "test"):
-            out.setdefault(row["basis"], {}).setdefault(split, {})[int(row["rank"])] = row[f"{split}_{metric}"]
+            if f"{split}_{metric}" in row:
+                out.setdefault(row["basis"], {}).setdefault(split, {})[int(row["rank"])] = row[f"{split}_{metric}"]
+        if f"validation_{pick_on}" in row:
+            on.setdefault(row["basis"], {})[int(row["rank"])] = row[f"validation_{pick_on}"]
     if "prefix" not in out:  # a plain LoRA: its SVD cut only
         return out
     pre, svd = out["prefix"], out["svd"]
-    choice = {b: "svd" if svd["validation"][b] > pre["validation"][b] else "prefix" for b in pre["validation"]}
+    choice = {b: "svd" if better(pick_on, on["svd"][b], on["prefix"][b]) else "prefix" for b in pre["validation"]}
     rules = {"picked": choice,
              # the better basis on test: an oracle, for scale (prefix on a tie)
-             "oracle": {b: "svd" if svd["test"][b] > pre["test"][b] else "prefix" for b in pre["test"]}}
+             "oracle": {b: "svd" if better(metric, svd["test"][b], pre["test"][b]) else "prefix" for b in pre["test"]}}
     losses = {(int(row["rank"]), row["basis"]): row["validation_example_loss"] for row in sweep
               if "validation_example_loss" in row}
-    if losses:  # per-example validation losses: the pick by mean loss and the paired pick (dylora.app.report)
+    if losses:  # per-example validation losses: the pick by mean loss and the paired pick (dylora.app.report); a
+        # b without them (a lean sweep's b = r, where both bases are one update) keeps the prefix
         from dylora.app.report import paired_better
 
-        rules["picked-loss"] = {b: "svd" if statistics.fmean(losses[b, "svd"]) < statistics.fmean(losses[b, "prefix"])
-                                else "prefix" for b in choice}
-        rules["picked-paired"] = {b: "svd" if paired_better(losses[b, "prefix"], losses[b, "svd"]) else "prefix"
-                                  for b in choice}
+        def has(b: int) -> bool:
+            return (b, "svd") in losses and (b, "prefix") in losses
+
+        rules["picked-loss"] = {b: "svd" if has(b) and statistics.fmean(losses[b, "svd"])
+                                < statistics.fmean(losses[b, "prefix"]) else "prefix" for b in choice}
+        rules["picked-paired"] = {b: "svd" if has(b) and paired_better(losses[b, "prefix"], losses[b, "svd"])
+                                  else "prefix" for b in choice}
     for name, rule in rules.items():
         out[name] = {split: {b: out[rule[b]][split][b] for b in rule} for split in ("validation", "test")}
         out[name]["choice"] = rule
@@ -322,7 +386,9 @@ def curves(sweep: list[dict], metric: str) -> dict[str, dict[str, dict[int, floa
 
 def summarise(evaluated: dict) -> dict:
     """Per task-schedule: each arm's mean ± std test curve over seeds at b = 1..8 (LoRA trained at b: only its b),
-    AURAC, cost (train time over its seed's LoRA r=8 run's), the spectra, and the targets."""
+    AURAC, cost (train time over its seed's LoRA r=8 run's), the spectra, and the targets; a task-schedule with
+    metrics "also" compared gets one more summary per such metric (key "<key>/<metric>"), its bases picked on the
+    first metric."""
     summary: dict = {}
     for key, entry in evaluated.items():
         seeds = entry["seeds"]
@@ -331,57 +397,74 @@ def summarise(evaluated: dict) -> dict:
                             "incomplete": entry.get("incomplete", {})}
             continue
         metric = entry.get("metric") or next(iter(next(iter(seeds.values())).values()))["metric"]
-        per_arm: dict[str, list[dict[int, float]]] = {}
-        costs: dict[str, list[float]] = {}
-        spectra: dict[str, list[list[float]]] = {}
-        choices: dict[str, list[dict[int, str]]] = {}
-        picks: dict[str, dict[str, list[float]]] = {}
-        stuck_runs = []
-        for seed, runs in seeds.items():
-            stuck_runs += [f"{arm}-s{seed}" for arm, r in runs.items() if r["stuck"]]
-            lora = {b: runs[f"lora-r{b}"]["own"][f"test_{metric}"] for b in SHOWN if f"lora-r{b}" in runs}
-            if len(lora) == len(SHOWN):
-                per_arm.setdefault("lora-at-b", []).append(lora)
-            if "lora-r8" in runs:
-                c = curves(runs["lora-r8"]["sweep"], metric)
-                per_arm.setdefault("lora-r8-svd", []).append(c["svd"]["test"])
-                spectra.setdefault("lora-r8", []).append(runs["lora-r8"]["spectrum"]["mean"])
-            for arm in RECIPES:
-                if arm not in runs:
-                    continue
-                c = curves(runs[arm]["sweep"], metric)
-                for basis in BASIS_ROWS:
-                    if basis in c:
-                        per_arm.setdefault(f"{arm}-{basis}", []).append(c[basis]["test"])
-                for rule in PICK_RULES:
-                    if rule in c:  # cells (b in SHOWN) where the rule chose the worse basis on test, and the loss
-                        lost = [c["oracle"]["test"][b] - c[rule]["test"][b] for b in SHOWN]
-                        picks.setdefault(arm, {}).setdefault(rule, []).extend(lost)
-                choices.setdefault(arm, []).append(c["picked"]["choice"])
-                spectra.setdefault(arm, []).append(runs[arm]["spectrum"]["mean"])
-                if "lora-r8" in runs:
-                    costs.setdefault(arm, []).append(runs[arm]["train_s"] / runs["lora-r8"]["train_s"])
-        arms = {}
-        for arm, cs in per_arm.items():
-            bs = sorted(cs[0])
-            # AURAC of one run's curve over b = 1..8 (trapezoids over the ranks swept: 1, 2, 4, 8 for generation);
-            # none for LoRA trained at b, four runs
-            arms[arm] = {"seeds": len(cs), "test": {b: mean_std([c[b] for c in cs]) for b in bs},
-                         "aurac": mean_std([aurac(c, bs) for c in cs]) if arm != "lora-at-b" and bs[-1] == R
-                         else None}
-        summary[key] = {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "metric": metric,
-                        "seeds_run": len(seeds), "arms": arms,
-                        "cost": {arm: {"mean": statistics.fmean(v), "per_seed": v} for arm, v in costs.items()},
-                        "spectrum": {arm: [statistics.fmean(s[b] for s in v) for b in range(R)]
-                                     for arm, v in spectra.items()},
-                        "choices": {arm: {b: sum(c[b] == "svd" for c in v) for b in sorted(v[0])}
-                                    for arm, v in choices.items()},
-                        "stuck": stuck_runs, "targets": targets(arms, paired_gaps(per_arm)),
-                        "picks": {arm: {rule: {"wrong": sum(x > 0 for x in v), "cells": len(v),
-                                               "lost": statistics.fmean(v)} for rule, v in rules.items()}
-                                  for arm, rules in picks.items()},
-                        "incomplete": entry.get("incomplete", {})}
+        for m in [metric, *entry.get("also", [])]:
+            summary[key if m == metric else f"{key}/{m}"] = summarise_one(entry, m, metric)
     return summary
+
+
+def summarise_one(entry: dict, metric: str, pick_on: str) -> dict:
+    """One task-schedule's summary in `metric`, the bases picked on validation `pick_on`."""
+    seeds = entry["seeds"]
+    per_arm: dict[str, list[dict[int, float]]] = {}
+    costs: dict[str, list[float]] = {}
+    spectra: dict[str, list[list[float]]] = {}
+    choices: dict[str, list[dict[int, str]]] = {}
+    picks: dict[str, dict[str, list[float]]] = {}
+    stuck_runs = []
+    times: dict[str, dict[str, list[float]]] = {}
+    for seed, runs in seeds.items():
+        stuck_runs += [f"{arm}-s{seed}" for arm, r in runs.items() if r["stuck"]]
+        # LoRA trained at each b of SHOWN that this schedule trains (4-bit: b = 1 and 8 only)
+        lora = {b: runs[f"lora-r{b}"]["own"][f"test_{metric}"] for b in SHOWN if f"lora-r{b}" in runs}
+        if lora:
+            per_arm.setdefault("lora-at-b", []).append(lora)
+        for arm, r in runs.items():
+            times.setdefault(arm, {}).setdefault("train_s", []).append(r["train_s"])
+            if r.get("total_s") is not None:  # the run's own evaluation (at r) and loading: total - train
+                times[arm].setdefault("own_s", []).append(r["total_s"] - r["train_s"])
+            if r.get("eval_s") is not None:
+                times[arm].setdefault("eval_s", []).append(r["eval_s"])
+        if "lora-r8" in runs:
+            c = curves(runs["lora-r8"]["sweep"], metric, pick_on)
+            per_arm.setdefault("lora-r8-svd", []).append(c["svd"]["test"])
+            spectra.setdefault("lora-r8", []).append(runs["lora-r8"]["spectrum"]["mean"])
+        for arm in RECIPES:
+            if arm not in runs:
+                continue
+            c = curves(runs[arm]["sweep"], metric, pick_on)
+            for basis in BASIS_ROWS:
+                if basis in c:
+                    per_arm.setdefault(f"{arm}-{basis}", []).append(c[basis]["test"])
+            for rule in PICK_RULES:
+                if rule in c:  # cells (b in SHOWN) where the rule chose the worse basis on test, and the loss
+                    lost = [(c["oracle"]["test"][b] - c[rule]["test"][b]) * sign(metric) for b in SHOWN]
+                    picks.setdefault(arm, {}).setdefault(rule, []).extend(lost)
+            choices.setdefault(arm, []).append(c["picked"]["choice"])
+            spectra.setdefault(arm, []).append(runs[arm]["spectrum"]["mean"])
+            if "lora-r8" in runs:
+                costs.setdefault(arm, []).append(runs[arm]["train_s"] / runs["lora-r8"]["train_s"])
+    arms = {}
+    for arm, cs in per_arm.items():
+        bs = sorted(cs[0])
+        # AURAC of one run's curve over b = 1..8 (trapezoids over the ranks swept: 1, 2, 4, 8 for generation);
+        # none for LoRA trained at b, four runs
+        arms[arm] = {"seeds": len(cs), "test": {b: mean_std([c[b] for c in cs]) for b in bs},
+                     "aurac": mean_std([aurac(c, bs) for c in cs]) if arm != "lora-at-b" and bs[-1] == R
+                     and metric not in LOWER_IS_BETTER else None}
+    return {**{k: entry[k] for k in ("task", "schedule", "settings", "lr")}, "metric": metric,
+        "picked_on": pick_on, "times": {arm: {k: statistics.fmean(v) for k, v in t.items()}
+                                        for arm, t in times.items()},
+        "seeds_run": len(seeds), "arms": arms,
+        "cost": {arm: {"mean": statistics.fmean(v), "per_seed": v} for arm, v in costs.items()},
+        "spectrum": {arm: [statistics.fmean(s[b] for s in v) for b in range(R)]
+                     for arm, v in spectra.items()},
+        "choices": {arm: {b: sum(c[b] == "svd" for c in v) for b in sorted(v[0])}
+                    for arm, v in choices.items()},
+        "stuck": stuck_runs, "targets": targets(arms, paired_gaps(per_arm, metric), metric),
+        "picks": {arm: {rule: {"wrong": sum(x > 0 for x in v), "cells": len(v),
+                               "lost": statistics.fmean(v)} for rule, v in rules.items()}
+                  for arm, rules in picks.items()},
+        "incomplete": entry.get("incomplete", {})}
 
 
 def int_keys(d: dict) -> dict:
@@ -393,9 +476,26 @@ def mean_std(xs: list[float]) -> list[float]:
     return [statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
 
 
-def paired_gaps(per_arm: dict[str, list[dict[int, float]]]) -> dict[str, dict[int, float]]:
-    """Per DyLoRA recipe and b: the standard error over seeds of (picked - the LoRA arm better on the mean at b), the
-    two paired by seed (same seed, same split)."""
+def sign(metric: str) -> int:
+    return -1 if metric in LOWER_IS_BETTER else 1
+
+
+def gap(metric: str, picked: float, ref: float) -> float:
+    """How far picked is ahead of ref (negative: behind): points, or for a lower-is-better metric (perplexity) the
+    percentage of ref, 100 (ref - picked) / ref."""
+    return 100 * (ref - picked) / ref if metric in LOWER_IS_BETTER else picked - ref
+
+
+def best_lora(per_arm: dict[str, list[dict[int, float]]], metric: str, b: int) -> str | None:
+    """The LoRA arm (trained at b, or LoRA r=8 + SVD cut) better at b on the mean over seeds' curves (None: neither
+    has b)."""
+    have = [a for a in ("lora-at-b", "lora-r8-svd") if a in per_arm and all(b in c for c in per_arm[a])]
+    return max(have, key=lambda a: sign(metric) * statistics.fmean(c[b] for c in per_arm[a])) if have else None
+
+
+def paired_gaps(per_arm: dict[str, list[dict[int, float]]], metric: str = "accuracy") -> dict[str, dict[int, float]]:
+    """Per DyLoRA recipe and b: the standard error over seeds of gap(picked, the LoRA arm better on the mean at b),
+    the two paired by seed (same seed, same split)."""
     out: dict = {}
     if "lora-at-b" not in per_arm or "lora-r8-svd" not in per_arm:
         return out
@@ -405,24 +505,30 @@ def paired_gaps(per_arm: dict[str, list[dict[int, float]]]) -> dict[str, dict[in
             continue
         out[arm] = {}
         for b in SHOWN:
-            best = max(("lora-at-b", "lora-r8-svd"), key=lambda a: statistics.fmean(c[b] for c in per_arm[a]))
-            d = [p[b] - q[b] for p, q in zip(picked, per_arm[best], strict=True)]
+            best = best_lora(per_arm, metric, b)
+            if best is None:
+                continue
+            d = [gap(metric, p[b], q[b]) for p, q in zip(picked, per_arm[best], strict=True)]
             out[arm][b] = statistics.stdev(d) / len(d) ** 0.5
     return out
 
 
-def targets(arms: dict, se: dict | None = None) -> dict:
-    """Per DyLoRA recipe: picked at b minus max(LoRA trained at b, LoRA r=8 + SVD cut) at b = 1, 2, 4, 8 (means over
-    seeds), with the paired difference's standard error over seeds where given; the target is >= -0.5 at every b."""
-    out = {}
-    if "lora-at-b" not in arms or "lora-r8-svd" not in arms:
+def targets(arms: dict, se: dict | None = None, metric: str = "accuracy") -> dict:
+    """Per DyLoRA recipe: gap(picked at b, the better of LoRA trained at b and LoRA r=8 + SVD cut) at b = 1, 2, 4, 8
+    (means over seeds; a b without LoRA trained at it: the SVD cut), with the paired difference's standard error over
+    seeds where given; the target is gap >= -TOLERANCE at every b (0.5 points; perplexity: 1%)."""
+    out: dict = {}
+    if "lora-r8-svd" not in arms:
         return out
+    test = {a: [{b: v[0] for b, v in arms[a]["test"].items()}] for a in ("lora-at-b", "lora-r8-svd") if a in arms}
     for arm in RECIPES:
         if f"{arm}-picked" not in arms:
             continue
-        gaps = {b: arms[f"{arm}-picked"]["test"][b][0] - max(arms["lora-at-b"]["test"][b][0],
-                                                             arms["lora-r8-svd"]["test"][b][0]) for b in SHOWN}
-        out[arm] = {"gap": gaps, "met": all(g >= -0.5 for g in gaps.values())}
+        gaps = {}
+        for b in SHOWN:
+            ref = best_lora(test, metric, b)
+            gaps[b] = gap(metric, arms[f"{arm}-picked"]["test"][b][0], test[ref][0][b])
+        out[arm] = {"gap": gaps, "met": all(g >= -tolerance(metric) for g in gaps.values())}
         if se and arm in se:
             out[arm]["se"] = se[arm]
     return out
@@ -437,21 +543,30 @@ LABELS = {
 }
 
 
-def cell(ms: list[float] | None) -> str:
-    return "" if ms is None else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+def cell(ms: list[float] | None, digits: int = 1) -> str:
+    return "" if ms is None else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def digits(metric: str) -> int:
+    """Decimals of a table cell: perplexity near 1 needs three."""
+    return 3 if metric in LOWER_IS_BETTER else 1
 
 
 def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
     """The markdown of one task-schedule: test accuracy per arm at b = 1, 2, 4, 8, AURAC, cost (`paired`: the
     timing phase's ratios, else the per-seed ones), targets, spectra."""
-    title = f"### {t['task']}, {t['schedule']} (lr {t['lr']:g}, {t['settings']})"
+    title = f"### {t['task']}, {t['schedule']}" + (f", {t['metric']}" if "picked_on" in t else "") \
+        + f" (lr {t['lr']:g}, {t['settings']})"
     partial = "".join(f" Seed {sd} not finished (not trained: {', '.join(m)}), left out." for sd, m in
                       t.get("incomplete", {}).items())
     if not t.get("seeds_run"):
         return [title, "", "Not run (no CPU time left in this session)." + partial, ""]
     arms = t["arms"]
-    lines = [title, "", f"Test {t['metric']} (0-100), mean ± std over {t['seeds_run']} seed(s); AURAC over b = 1..8 "
-             "(0-100); cost = training time / LoRA r=8's"
+    metric, nd = t["metric"], digits(t["metric"])
+    scale = "lower is better" if metric in LOWER_IS_BETTER else "0-100"
+    picked_on = f"; bases picked on validation {t['picked_on']}" if t.get("picked_on", metric) != metric else ""
+    lines = [title, "", f"Test {metric} ({scale}), mean ± std over {t['seeds_run']} seed(s){picked_on}; AURAC over "
+             "b = 1..8 (0-100); cost = training time / LoRA r=8's"
              + (" (the paired timing below)." if paired else " (the same seed's, mean over seeds).") + partial, "",
              "| arm | " + " | ".join(f"b={b}" for b in SHOWN) + " | AURAC | cost |",
              "|---|" + "---|" * (len(SHOWN) + 2)]
@@ -464,15 +579,21 @@ def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
         if arm.startswith(tuple(RECIPES)) and arm.endswith("picked"):
             cost = paired.get(recipe) if paired else t["cost"].get(recipe, {}).get("mean")
         cost_cell = f"{cost:.2f}x" if cost else ("1.00x" if arm == "lora-r8-svd" else "")
-        lines.append(f"| {label} | " + " | ".join(cell(row["test"].get(b)) for b in SHOWN)
+        lines.append(f"| {label} | " + " | ".join(cell(row["test"].get(b), nd) for b in SHOWN)
                      + f" | {cell(row['aurac'])} | {cost_cell} |")
     if t["targets"]:
-        lines += ["", "Target: picked DyLoRA - max(LoRA trained at b, LoRA r=8 + SVD cut) >= -0.5 at every b (means):",
-                  "", "| recipe | " + " | ".join(f"b={b}" for b in SHOWN) + " | met |",
+        if metric in LOWER_IS_BETTER:
+            rule = (f"100 (best - picked) / best, best = the lower of LoRA trained at b and LoRA r=8 + SVD cut, "
+                    f">= -{tolerance(metric):g}% at every b (means; a b without LoRA trained at it: the SVD cut)")
+        else:
+            rule = (f"picked DyLoRA - max(LoRA trained at b, LoRA r=8 + SVD cut) >= -{tolerance(metric):g} at every b "
+                    "(means)")
+        lines += ["", f"Target: {rule}:", "", "| recipe | " + " | ".join(f"b={b}" for b in SHOWN) + " | met |",
                   "|---|" + "---|" * (len(SHOWN) + 1)]
         for arm, g in t["targets"].items():
             se = g.get("se") or {}
-            lines.append(f"| {arm} | " + " | ".join(f"{g['gap'][b]:+.1f}" + (f" ({se[b]:.1f})" if b in se else "")
+            lines.append(f"| {arm} | " + " | ".join(f"{g['gap'][b]:+.{nd - 1 if nd > 1 else 1}f}"
+                                                     + (f" ({se[b]:.{nd - 1 if nd > 1 else 1}f})" if b in se else "")
                                                      for b in SHOWN)
                          + f" | {'yes' if g['met'] else 'no'} |")
         if any(g.get("se") for g in t["targets"].values()):
@@ -481,13 +602,20 @@ def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
     if t.get("picks"):
         lines += ["", "Basis picks on validation, against the better basis on test: cells (seed x b in "
                   f"{', '.join(map(str, SHOWN))}) where the pick was the worse basis / all cells, and the mean test "
-                  "points lost per cell:", "",
-                  "| recipe | " + " | ".join(PICK_LABELS[r] for r in PICK_RULES) + " |",
+                  + ("perplexity" if metric in LOWER_IS_BETTER else "points") + " lost per cell:", "",
+                  "| recipe | " + " | ".join(f"validation {t['picked_on']}" if r == "picked" and "picked_on" in t
+                                             else PICK_LABELS[r] for r in PICK_RULES) + " |",
                   "|---|" + "---|" * len(PICK_RULES)]
         for arm, rules in t["picks"].items():
             lines.append(f"| {arm} | " + " | ".join(
-                f"{rules[r]['wrong']}/{rules[r]['cells']}, {rules[r]['lost']:.2f}" if r in rules else ""
+                f"{rules[r]['wrong']}/{rules[r]['cells']}, {rules[r]['lost']:.{nd + 1}f}" if r in rules else ""
                 for r in PICK_RULES) + " |")
+    if t.get("times"):
+        lines += ["", "Time per arm (s, mean over seeds; one torch thread, one run at a time): training + the run's "
+                  "own evaluation at r with loading + the eval phase's sweep (the other b; both bases for DyLoRA, the "
+                  "SVD cut for LoRA r=8): " + "; ".join(
+                      f"{arm} {tm['train_s']:.0f}" + "".join(f" + {tm[k]:.0f}" for k in ("own_s", "eval_s") if k in tm)
+                      for arm, tm in t["times"].items()) + "."]
     if t["cost"]:
         lines += ["", "Cost per seed (training time over the same seed's LoRA r=8 run, trained minutes before it; "
                   "dominated by the shared machine's load, not a cost figure): "
@@ -507,7 +635,7 @@ def table_lines(key: str, t: dict, paired: dict | None = None) -> list[str]:
     return [*lines, ""]
 
 
-def write_docs(summary: dict, docs: Path, command: str) -> None:
+def write_docs(summary: dict, docs: Path, command: str, name: str = "any-rank") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -539,19 +667,20 @@ def write_docs(summary: dict, docs: Path, command: str) -> None:
                     ax.plot(sorted(test), [test[b][0] for b in sorted(test)], style, marker=".", label=LABELS[arm])
             if "lora-at-b" in t["arms"]:
                 test = t["arms"]["lora-at-b"]["test"]
-                ax.plot(SHOWN, [test[b][0] for b in SHOWN], "ks", label=LABELS["lora-at-b"])
+                ax.plot(sorted(test), [test[b][0] for b in sorted(test)], "ks", label=LABELS["lora-at-b"])
             ax.set_title(f"{t['task']}, {t['schedule']} ({t['seeds_run']} seed(s))")
             for arm, e in t["spectrum"].items():
                 sx.plot(RANKS, [100 * x for x in e], marker=".", label=arm)
-            for axis, ylabel in ((ax, f"test {t['metric']} (%)"), (sx, "energy in the first b singular values (%)")):
+            unit = "" if t["metric"] in LOWER_IS_BETTER else " (%)"
+            for axis, ylabel in ((ax, f"test {t['metric']}{unit}"), (sx, "energy in the first b singular values (%)")):
                 axis.set(xlabel="rank b", ylabel=ylabel, xticks=RANKS)
                 axis.grid(alpha=0.3)
                 axis.legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(docs / "any-rank.png")
+        fig.savefig(docs / f"{name}.png")
         plt.close(fig)
-        lines += ["", "![any rank](any-rank.png)"]
-    (docs / "any-rank-tables.md").write_text("\n".join(lines) + "\n")
+        lines += ["", f"![any rank]({name}.png)"]
+    (docs / f"{name}-tables.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -575,6 +704,8 @@ def main() -> int:
                     f"{', '.join(ARMS)})")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/any_rank.json"))
     ap.add_argument("--docs", type=Path, default=Path("docs"))
+    ap.add_argument("--name", default="any-rank", help="docs: the tables go to <docs>/<name>-tables.md, the plot to "
+                    "<docs>/<name>.png")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.arms:
@@ -614,8 +745,8 @@ def main() -> int:
         log(f"numbers in {args.results}")
     if "docs" in phases:
         write_docs(json.loads(args.results.read_text(), object_hook=int_keys), args.docs,
-                   " ".join(["python", *sys.argv]))
-        log(f"tables in {args.docs / 'any-rank-tables.md'}")
+                   " ".join(["python", *sys.argv]), args.name)
+        log(f"tables in {args.docs / f'{args.name}-tables.md'}")
     return 0
 
 

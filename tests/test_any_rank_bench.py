@@ -139,3 +139,75 @@ def test_select_arms_keeps_the_named_arms():
         bench.RECIPES.clear()
         bench.RECIPES.update(saved[1])
         bench.SWEPT = saved[2]
+
+
+def test_smollm2_on_bbc_topic_is_three_seeds_fp32_and_one_seed_4bit_with_fewer_arms():
+    jobs = bench.train_jobs([("bbc-topic", "1ep"), ("bbc-topic", "4bit")], range(3), Path("/nonexistent"))
+    fp32 = {key[3] for key in jobs if key[1] == "1ep"}
+    assert fp32 == {"lora-r8", "rowwise-distill", "lora-r1", "lora-r2", "lora-r4"}  # the default recipe only
+    assert {key[2] for key in jobs if key[1] == "1ep"} == {0, 1, 2}
+    assert {(key[2], key[3]) for key in jobs if key[1] == "4bit"} == {(0, "lora-r8"), (0, "rowwise-distill"),
+                                                                     (0, "lora-r1")}
+    s = jobs["bbc-topic", "4bit", 0, "rowwise-distill"][2]
+    assert (s.model, s.data, s.quantize, s.recipe, s.distill, s.ranks) == ("smollm2", "bbc-topic", "4bit", "rowwise",
+                                                                           True, [8])
+    assert jobs["bbc-topic", "1ep", 1, "lora-r2"][2].quantize is None
+    for schedule in ("1ep", "4bit"):
+        spec = bench.SCHEDULES["bbc-topic", schedule]
+        assert spec["metric"] == "perplexity" and spec["also"] == ["exact_match"] and spec["ranks"] == bench.SHOWN
+        assert ("bbc-topic", schedule) in bench.ORDER
+
+
+def topic_sweep(ppl: dict[str, tuple[list[float], list[float]]], em: float = 50.0) -> list[dict]:
+    """Rows at b in SHOWN for each basis: (validation, test) perplexity; exact match = em + b (both splits)."""
+    return [{"rank": b, "basis": basis, "validation_perplexity": val[i], "test_perplexity": test[i],
+             "validation_exact_match": em + b, "test_exact_match": em + b + (basis == "svd")}
+            for basis, (val, test) in ppl.items() for i, b in enumerate(bench.SHOWN)]
+
+
+def test_perplexity_picks_the_lower_basis_and_exact_match_follows_that_pick():
+    rows = topic_sweep({"prefix": ([1.5, 1.4, 1.3, 1.2], [1.5, 1.4, 1.3, 1.2]),
+                        "svd": ([1.4, 1.5, 1.3, 1.1], [1.6, 1.3, 1.3, 1.2])})
+    c = bench.curves(rows, "perplexity")
+    assert c["picked"]["choice"] == {1: "svd", 2: "prefix", 4: "prefix", 8: "svd"}  # lower validation; tie: prefix
+    assert c["picked"]["test"] == {1: 1.6, 2: 1.4, 4: 1.3, 8: 1.2}
+    assert c["oracle"]["choice"] == {1: "prefix", 2: "svd", 4: "prefix", 8: "prefix"}
+    em = bench.curves(rows, "exact_match", pick_on="perplexity")  # the SVD cut is 1 point better on test EM
+    assert em["picked"]["choice"] == c["picked"]["choice"]
+    assert em["picked"]["test"] == {1: 52.0, 2: 52.0, 4: 54.0, 8: 59.0}
+
+
+def test_topic_targets_are_relative_perplexity_and_4bit_compares_b_2_4_with_the_svd_cut():
+    def seed(lora_ppl: dict[int, float], svd_ppl: float, dy_ppl: float, arms=(1, 2, 4)) -> dict:
+        base = {"train_s": 10.0, "metric": "exact_match", "stuck": False, "eval_s": 5.0,
+                "spectrum": {"mean": [1.0] * 8}}
+        runs = {f"lora-r{b}": {**base, "own": {"test_perplexity": lora_ppl[b], "test_exact_match": 50.0}}
+                for b in arms}
+        lora8 = topic_sweep({"svd": ([svd_ppl] * 4, [svd_ppl] * 4)})
+        runs["lora-r8"] = {**base, "own": {"test_perplexity": lora_ppl[8], "test_exact_match": 50.0}, "sweep": lora8}
+        runs["rowwise-distill"] = {**base, "train_s": 20.0, "own": {},
+                                   "sweep": topic_sweep({"prefix": ([dy_ppl] * 4, [dy_ppl] * 4),
+                                                         "svd": ([dy_ppl + 1] * 4, [dy_ppl + 1] * 4)})}
+        return runs
+
+    lora = {1: 1.30, 2: 1.25, 4: 1.22, 8: 1.20}
+    entry = {"task": "bbc-topic", "schedule": "1ep", "settings": {}, "lr": 1e-3, "metric": "perplexity",
+             "also": ["exact_match"], "seeds": {"0": seed(lora, 1.21, 1.21), "1": seed(lora, 1.21, 1.21)}}
+    out = bench.summarise({"bbc-topic-1ep": entry})
+    assert set(out) == {"bbc-topic-1ep", "bbc-topic-1ep/exact_match"}
+    t = out["bbc-topic-1ep"]
+    gap = t["targets"]["rowwise-distill"]["gap"]  # against 1.21 (SVD cut) at b = 1, 2, 4; LoRA r=8 (1.20) at 8
+    assert gap[1] == pytest.approx(0.0) and gap[8] == pytest.approx(-100 * 0.01 / 1.20)
+    assert t["targets"]["rowwise-distill"]["met"]  # within 1% everywhere
+    assert t["arms"]["rowwise-distill-picked"]["aurac"] is None  # no AURAC of a perplexity
+    assert t["times"]["rowwise-distill"] == {"train_s": 20.0, "eval_s": 5.0}
+    em = out["bbc-topic-1ep/exact_match"]
+    assert em["picked_on"] == "perplexity" and em["targets"]["rowwise-distill"]["gap"][1] == pytest.approx(51 - 52)
+    entry["seeds"] = {"0": seed(lora, 1.21, 1.24, arms=(1,))}  # 4-bit: LoRA at b = 1 and 8 only
+    t = bench.summarise({"bbc-topic-4bit": entry})["bbc-topic-4bit"]
+    assert sorted(t["arms"]["lora-at-b"]["test"]) == [1, 8]
+    assert t["targets"]["rowwise-distill"]["gap"][2] == pytest.approx(-100 * 0.03 / 1.21)
+    assert not t["targets"]["rowwise-distill"]["met"]
+    text = "\n".join(bench.table_lines("bbc-topic-4bit", t))
+    assert "| LoRA trained at r = b | 1.300 ± 0.000 |  |  | 1.200 ± 0.000 |" in text
+    assert "| rowwise-distill | -2.48 | -2.48 | -2.48 | -3.33 | no |" in text

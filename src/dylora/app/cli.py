@@ -381,7 +381,7 @@ def generate(
     peft_model, tokenizer, saved, task = load_run(saved)
     length = token_budget(saved.settings, task, peft_model.config)
     for line in generate(peft_model, tokenizer, text, rank_b=b, max_new_tokens=max_new_tokens, max_length=length,
-                         basis=export_basis(saved, b)):
+                         basis=export_basis(saved, b), prompt=task.prompt):
         typer.echo(line)
 
 

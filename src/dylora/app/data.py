@@ -34,7 +34,12 @@ from . import registry
 from .registry import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
 
 DATASETS: tuple[str, ...] = ("polarity", "tweets", "bbc")
-GENERATION_DATASETS: tuple[str, ...] = ("bbc-headlines",)
+GENERATION_DATASETS: tuple[str, ...] = ("bbc-headlines", "bbc-topic")
+# bbc-topic: the first words of a BBC article's body -> its topic word; few words so the task is not saturated
+TOPIC_WORDS = 16
+# bbc-topic's held-out splits (stratified by topic): a test split large enough to rank arms (>= 300), validation
+# for picks; the rest is train
+TOPIC_SPLIT = {"validation": 150, "test": 300}
 METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 FILE_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -494,17 +499,28 @@ def load_task(data: str, *, text_column: str | None = None, label_column: str | 
 
 
 def load_generation_task(data: str, *, seed: int = 0, max_train: int | None = None) -> GenerationData:
-    """Load a text-to-text task with a fixed seeded 80/10/10 split (unstratified).
+    """Load a text-to-text task with a fixed seeded split.
 
-    ``bbc-headlines``: source = the first paragraph of a BBC article, target = its headline.
+    ``bbc-headlines``: source = the first paragraph of a BBC article, target = its headline (80/10/10,
+    unstratified). ``bbc-topic``: source = the first :data:`TOPIC_WORDS` words of its body (headline left out),
+    target = its topic word (business, entertainment, politics, sports, tech); validation and test hold
+    :data:`TOPIC_SPLIT` articles, stratified by topic.
     """
     if data not in GENERATION_DATASETS:
         raise DataError(f"unknown generation dataset {data!r}; choose one of {', '.join(GENERATION_DATASETS)}")
     records = _read_bbc_records()
-    sources = [_norm_ws(r["body"].split("\n\n", 1)[0]) for r in records]
-    targets = [_norm_ws(r["headline"]) for r in records]
-    train, val, test = _split_indices(len(records), None, seed, data)
-    train = _subsample(train, None, max_train, seed)
+    if data == "bbc-topic":
+        sources = [" ".join(r["body"].split()[:TOPIC_WORDS]) for r in records]
+        targets = [r["label"] for r in records]
+        labels = np.asarray(targets)
+        train, rest = _split(np.arange(len(records)), labels, sum(TOPIC_SPLIT.values()), seed)
+        val, test = _split(rest, labels, TOPIC_SPLIT["test"], seed)
+    else:
+        sources = [_norm_ws(r["body"].split("\n\n", 1)[0]) for r in records]
+        targets = [_norm_ws(r["headline"]) for r in records]
+        labels = None
+        train, val, test = _split_indices(len(records), None, seed, data)
+    train = _subsample(train, labels, max_train, seed)
     splits = datasets.DatasetDict({
         split: datasets.Dataset.from_dict({"source": [sources[i] for i in idx],
                                            "target": [targets[i] for i in idx]})

@@ -52,7 +52,8 @@ class Settings(DyLoraSettings):
     """A run's settings; written to run.json so a result can be reproduced."""
 
     model: str = _option("minilm", "Short name (minilm, mpnet, smollm2), model directory or hub id.")
-    data: str = _option("polarity", "polarity, tweets, bbc, bbc-headlines, or a .csv/.tsv/.json/.jsonl file.")
+    data: str = _option("polarity", "polarity, tweets, bbc, bbc-headlines, bbc-topic, or a .csv/.tsv/.json/.jsonl "
+                                    "file.")
     method: str = "dylora"  # dylora | lora | full
     r: int = _option(8, "LoRA rank (r_max for DyLoRA); --r-max under torchrun, whose own parser takes --r for one "
                      "of its options.", "--r", "--r-max")

@@ -1,13 +1,20 @@
-"""The generation task: a causal LM writes a text from a text (`bbc-headlines`: a headline for a paragraph).
+"""The generation task: a causal LM writes a text from a text (`bbc-headlines`: a headline for a paragraph;
+`bbc-topic`: the topic word of an article's first words).
 
-A task plug-in of `dylora.app.run`. Each rank is evaluated with greedy, batched, left-padded decoding (KV
-cache on) and scored with BLEU, ROUGE-L F1 and target perplexity; the best rank is picked on BLEU.
+A task plug-in of `dylora.app.run`. bbc-headlines: each rank is evaluated with greedy, batched, left-padded
+decoding (KV cache on) and scored with BLEU, ROUGE-L F1 and target perplexity; the best rank is picked on BLEU.
+bbc-topic: each rank is evaluated by one teacher-forced forward over prompt + reference (`teacher_forced`),
+which gives the per-token NLL of the reference (topic word and EOS), its perplexity, and the exact match of greedy
+decoding: greedy decoding writes exactly the reference and then EOS iff at every target position the forward's
+argmax is the reference token (by induction over the positions: while the argmaxes agree, greedy decoding feeds the
+model the same prefix as the forward). The best rank is picked on exact match.
 
 Prompt format (the same token ids in training and generation)::
 
     [bos] "Write a short headline for this news paragraph.\\nParagraph:" " <paragraph>" "\\nHeadline:"
 
-followed in training by " <headline>" and EOS. The loss covers the headline and EOS only: prompt tokens and
+followed in training by " <headline>" and EOS; bbc-topic: "News:" " <first words>" "\nTopic:", then
+" <topic>" and EOS (`PROMPTS`). The loss covers the headline and EOS only: prompt tokens and
 padding get label -100. Each piece is tokenised on its own and the token ids are concatenated, so the prompt
 is exactly the same whether or not a target follows.
 
@@ -36,6 +43,11 @@ SEPARATOR = "\nHeadline:"
 GENERATION_MAX_LENGTH = 160
 MAX_NEW_TOKENS = 24
 METRICS = ("bleu", "rougeL", "perplexity")  # the first picks the best rank (higher is better)
+# per dataset: (instruction, separator) of the prompt, and the metrics (the first picks the best rank, higher is
+# better); bbc-topic's are one forward's (`teacher_forced`)
+PROMPTS = {"bbc-headlines": (INSTRUCTION, SEPARATOR), "bbc-topic": ("News:", "\nTopic:")}
+DATASET_METRICS = {"bbc-headlines": METRICS, "bbc-topic": ("exact_match", "nll", "perplexity")}
+TEACHER_FORCED = ("bbc-topic",)  # scored by one forward, no decoding
 N_SAMPLES = 5
 IGNORE = -100
 
@@ -56,21 +68,24 @@ def _bos(tokenizer: Any) -> list[int]:
     return [bos] if ids and ids[0] == bos else []
 
 
-def encode_prompt(tokenizer: Any, source: str, budget: int) -> list[int]:
-    """Token ids of the prompt for `source`, the paragraph cut so the prompt has at most `budget` tokens."""
-    head = _bos(tokenizer) + _ids(tokenizer, INSTRUCTION)
-    tail = _ids(tokenizer, SEPARATOR)
+def encode_prompt(tokenizer: Any, source: str, budget: int,
+                  prompt: tuple[str, str] = (INSTRUCTION, SEPARATOR)) -> list[int]:
+    """Token ids of the prompt (instruction, separator) for `source`, the source cut so the prompt has at most
+    `budget` tokens."""
+    head = _bos(tokenizer) + _ids(tokenizer, prompt[0])
+    tail = _ids(tokenizer, prompt[1])
     room = max(0, budget - len(head) - len(tail))
     return head + _ids(tokenizer, " " + source.strip())[:room] + tail
 
 
-def encode_example(tokenizer: Any, source: str, target: str, max_length: int) -> dict[str, list[int]]:
+def encode_example(tokenizer: Any, source: str, target: str, max_length: int,
+                   prompt: tuple[str, str] = (INSTRUCTION, SEPARATOR)) -> dict[str, list[int]]:
     """input_ids = prompt + target + eos; labels = -100 on the prompt, the token ids on target + eos."""
     if tokenizer.eos_token_id is None:
         raise zoo.ModelError("the tokenizer has no eos token to end a generated text with")
     target_ids = _ids(tokenizer, " " + target.strip())[: max(1, max_length // 2)] + [tokenizer.eos_token_id]
-    prompt = encode_prompt(tokenizer, source, max_length - len(target_ids))
-    return {"input_ids": prompt + target_ids, "labels": [IGNORE] * len(prompt) + target_ids}
+    ids = encode_prompt(tokenizer, source, max_length - len(target_ids), prompt)
+    return {"input_ids": ids + target_ids, "labels": [IGNORE] * len(ids) + target_ids}
 
 
 class CausalCollator:
@@ -127,7 +142,8 @@ def load_causal_lm(model_dir: str, model_name: str, seed: int = 0, **load_kwargs
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, sources: Sequence[str], *, rank_b: int | None = None,
              max_new_tokens: int = MAX_NEW_TOKENS, max_length: int = GENERATION_MAX_LENGTH, batch_size: int = 16,
-             progress: bool = False, desc: str = "generate", basis: str = "prefix") -> list[str]:
+             progress: bool = False, desc: str = "generate", basis: str = "prefix",
+             prompt: tuple[str, str] = (INSTRUCTION, SEPARATOR)) -> list[str]:
     """Greedy headlines for `sources`, batched and left-padded, with the KV cache.
 
     With `rank_b`, the DyLoRA rank is b (in `basis`) for the whole call (`dylora.at_rank`), restored afterwards.
@@ -139,13 +155,13 @@ def generate(model: Any, tokenizer: Any, sources: Sequence[str], *, rank_b: int 
         raise ValueError("empty prompt: every text to generate from must contain some words")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    floor = len(encode_prompt(tokenizer, "", 0)) + 1  # the instruction, the separator and one paragraph token
+    floor = len(encode_prompt(tokenizer, "", 0, prompt)) + 1  # the instruction, the separator and one paragraph token
     limit = zoo.max_positions(model.config)
     if limit and max_new_tokens > limit - floor:  # beyond the positions the model has (or forever, with RoPE)
         raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the model: it must lie in [1, {limit - floor}] "
                          f"(its context of {limit} tokens less the {floor} of the shortest prompt)")
     budget = max(floor, max_length - max_new_tokens)
-    prompts = [encode_prompt(tokenizer, x, budget) for x in sources]
+    prompts = [encode_prompt(tokenizer, x, budget, prompt) for x in sources]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs: list[str] = [""] * len(prompts)
@@ -219,6 +235,57 @@ def perplexity(model: Any, encoded: Any, pad_token_id: int, batch_size: int = 16
     return float(torch.exp(torch.tensor(total / max(count, 1))))
 
 
+@torch.no_grad()
+def teacher_forced(model: Any, encoded: Any, pad_token_id: int, batch_size: int = 16,
+                   examples: bool = False) -> dict[str, Any]:
+    """One forward over each prompt + reference (left-padded, so the logits of the target positions are the last
+    columns and only those go through the LM head): the mean NLL of the reference tokens (EOS included; nats per
+    token), its perplexity, and exact match (%): the share of examples whose argmax equals the reference at every
+    target position, which is exactly when greedy decoding writes the reference and then EOS. With `examples`,
+    each example's summed NLL ("example_loss") and exact match (1.0 / 0.0, "example_correct") too."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    rows = list(encoded)
+    per_example, correct = [0.0] * len(rows), [False] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # batches of like lengths: less padding
+    try:
+        for start in range(0, len(rows), batch_size):
+            index = order[start:start + batch_size]
+            batch = [rows[i] for i in index]
+            n = max(len(f["input_ids"]) for f in batch)
+            ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
+            labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(batch), n), dtype=torch.long)
+            for row, f in enumerate(batch):  # left padding: every example ends at the last column
+                k = len(f["input_ids"])
+                ids[row, n - k:] = torch.as_tensor(f["input_ids"])
+                labels[row, n - k:] = torch.as_tensor(f["labels"])
+                mask[row, n - k:] = 1
+            # the target starts after the prompt: its predictions come from the columns before it
+            keep = int((labels != IGNORE).sum(1).max()) + 1
+            position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # as generate() numbers a left-padded prompt
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=position_ids.to(device), logits_to_keep=keep).logits[:, :-1].float()
+            target = labels[:, n - keep + 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE,
+                                                    reduction="none")
+            scored = target != IGNORE
+            total += float(nll.sum())
+            count += int(scored.sum())
+            for i, ok, loss in zip(index, ((logits.argmax(-1) == target) | ~scored).all(1), nll.sum(1), strict=True):
+                correct[i], per_example[i] = bool(ok), float(loss)
+    finally:
+        model.train(was_training)
+    mean = total / max(count, 1)
+    out: dict[str, Any] = {"exact_match": 100.0 * sum(correct) / max(len(rows), 1), "nll": mean,
+                           "perplexity": math.exp(mean)}
+    if examples:
+        out.update(example_loss=per_example, example_correct=[float(x) for x in correct])
+    return out
+
+
 class GenerationTask:
     """Text-to-text generation with a decoder-only causal LM."""
 
@@ -231,6 +298,10 @@ class GenerationTask:
 
     def __init__(self, s: Settings) -> None:
         self.s = s
+        self.prompt = PROMPTS.get(s.data, PROMPTS["bbc-headlines"])
+        self.metrics = list(DATASET_METRICS.get(s.data, METRICS))
+        self.teacher_forced = s.data in TEACHER_FORCED
+        self.example_scores = self.teacher_forced  # evaluate(examples=True): per-example losses (any_rank's picks)
         self.data: data_mod.GenerationData | None = None
         self.splits: dict[str, Any] = {}
         self.encoded: dict[str, Any] = {}
@@ -264,7 +335,7 @@ class GenerationTask:
         self.max_length = max_length
 
         def enc(batch: dict[str, list]) -> dict[str, list]:
-            rows = [encode_example(self.tokenizer, x, y, max_length)
+            rows = [encode_example(self.tokenizer, x, y, max_length, self.prompt)
                     for x, y in zip(batch["source"], batch["target"], strict=True)]
             return {"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}
 
@@ -275,13 +346,18 @@ class GenerationTask:
     def collator(self) -> Any:
         return CausalCollator(self.tokenizer.pad_token_id)
 
-    def evaluate(self, model: Any, split: str) -> dict[str, float]:
-        """BLEU, ROUGE-L and perplexity of one split at the model's current rank (predictions kept)."""
+    def evaluate(self, model: Any, split: str, examples: bool = False) -> dict[str, Any]:
+        """BLEU, ROUGE-L and perplexity of one split at the model's current rank (predictions kept); bbc-topic:
+        exact match, NLL and perplexity from one forward (`teacher_forced`; with `examples`, per-example NLLs)."""
+        if self.teacher_forced:
+            return teacher_forced(model, self.encoded[split], self.tokenizer.pad_token_id, self.s.eval_batch_size,
+                                  examples=examples)
         b = self._rank(model)
         basis = get_basis(model) if b and dylora_adapters(model) else "prefix"
         preds = generate(model, self.tokenizer, self.splits[split]["source"], max_new_tokens=MAX_NEW_TOKENS,
                          max_length=self.max_length, batch_size=self.s.eval_batch_size,
-                         progress=self.progress, desc=f"{split} r={b if b is not None else 'per layer'}")
+                         progress=self.progress, desc=f"{split} r={b if b is not None else 'per layer'}",
+                         prompt=self.prompt)
         if b is not None:  # samples.json shows uniform ranks; a per-layer allocation is scored, not sampled
             self.predictions[split][b, basis] = preds
         scores = text_scores(preds, self.splits[split]["target"])
@@ -303,8 +379,9 @@ class GenerationTask:
         return math.log(perplexity(model, rows, self.tokenizer.pad_token_id, self.s.eval_batch_size))
 
     def plot(self, path: Path, validation: list, test: list, title: str) -> None:
-        report.plot_sweep(path, validation, test, [(["bleu", "rougeL"], "score (0-100)"),
-                                                   (["perplexity"], "target perplexity")], title, params=False)
+        scores = ["exact_match"] if self.teacher_forced else ["bleu", "rougeL"]
+        report.plot_sweep(path, validation, test, [(scores, "score (0-100)"), (["perplexity"], "target perplexity")],
+                          title, params=False)
 
     def outputs(self, best_rank: int) -> dict[str, Any]:
         """samples.json: the first test predictions at each rank swept ("ranks"; the SVD cut's under "svd")."""
@@ -322,6 +399,7 @@ class GenerationTask:
 
     def record(self) -> dict[str, Any]:
         return {"task": "generation", "metrics": self.metrics,
-                "prompt": {"instruction": INSTRUCTION, "separator": SEPARATOR}, "max_new_tokens": MAX_NEW_TOKENS,
+                "prompt": {"instruction": self.prompt[0], "separator": self.prompt[1]},
+                "max_new_tokens": None if self.teacher_forced else MAX_NEW_TOKENS,
                 "train_examples": len(self.encoded["train"]),
                 "eval_examples": {k: len(self.splits[k]) for k in ("validation", "test")}}

@@ -1,60 +1,39 @@
 """Merge, save, load and export: any rank b leaves as a plain PEFT LoRA that vanilla PEFT loads exactly."""
 
-import atexit
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from conftest import randomise_lora, tiny_bert, tiny_gpt2
 from safetensors.torch import load_file, save_file
+from tiny import ask
 
 import dylora
 from dylora import DyLoraConfig
 
-# One process a test worker, started on first use, that never imports dylora: plain PEFT loads each adapter there and
-# runs it (a process of its own a call cost ~15 s of imports, most of these tests' time)
-VANILLA = textwrap.dedent(
-    """
-    import json, sys, traceback, torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from peft import PeftModel
-    for line in sys.stdin:
-        try:
-            base_dir, io, adapter_dirs = json.loads(line)
-            auto = AutoModelForCausalLM if "causal" in base_dir else AutoModelForSequenceClassification
-            outs = {}
-            for i, adapter_dir in enumerate(adapter_dirs):
-                model = PeftModel.from_pretrained(auto.from_pretrained(base_dir), adapter_dir).eval()
-                with torch.no_grad():
-                    outs[str(i)] = model(input_ids=load_file(io)["ids"]).logits.contiguous()
-            assert "dylora" not in sys.modules
-            save_file(outs, io + ".out")
-            print(json.dumps("ok"), flush=True)
-        except Exception:
-            print(json.dumps(traceback.format_exc()), flush=True)
-    """
-)
-_vanilla: list[subprocess.Popen] = []
+# plain PEFT loads each adapter and runs it, in a process that never imports dylora (`tiny.ask`)
+VANILLA = """
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from peft import PeftModel
+
+def handle(base_dir, io, adapter_dirs):
+    auto = AutoModelForCausalLM if "causal" in base_dir else AutoModelForSequenceClassification
+    outs = {}
+    for i, adapter_dir in enumerate(adapter_dirs):
+        model = PeftModel.from_pretrained(auto.from_pretrained(base_dir), adapter_dir).eval()
+        with torch.no_grad():
+            outs[str(i)] = model(input_ids=load_file(io)["ids"]).logits.contiguous()
+    save_file(outs, io + ".out")
+"""
 
 
 def vanilla_peft_outputs(base_dir, adapter_dirs, ids, tmp_path):
     """Load each adapter with plain PEFT in a separate process (dylora never imported there) and run it."""
-    if not _vanilla or _vanilla[0].poll() is not None:
-        proc = subprocess.Popen([sys.executable, "-c", VANILLA], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True)
-        atexit.register(proc.kill)
-        _vanilla[:] = [proc]
-    proc = _vanilla[0]
     io = str(tmp_path / "io.safetensors")
     save_file({"ids": ids}, io)
-    proc.stdin.write(json.dumps([str(base_dir), io, [str(d) for d in adapter_dirs]]) + "\n")
-    proc.stdin.flush()
-    answer = json.loads(proc.stdout.readline() or json.dumps("the vanilla PEFT process died"))
-    assert answer == "ok", answer
+    ask(VANILLA, str(base_dir), io, [str(d) for d in adapter_dirs])
     outs = load_file(io + ".out")
     return [outs[str(i)] for i in range(len(adapter_dirs))]
 

@@ -8,12 +8,8 @@ a dequantized model (or, with requantize=True, PEFT's requantized one).
 
 from __future__ import annotations
 
-import atexit
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -24,7 +20,7 @@ from conftest import randomise_lora  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
-from tiny import make_tiny_model, run_cli  # noqa: E402
+from tiny import ask, make_tiny_model, run_cli  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     BitsAndBytesConfig,
@@ -137,43 +133,23 @@ def test_every_recipe_trains_the_adapter_and_never_the_quantized_base(base_dir, 
     assert all(torch.equal(after[n].detach(), p) for n, p in quantized_before.items())
 
 
-# one process for the test's bases (started on first use, dylora never imported there): its imports are most of the time
-VANILLA = textwrap.dedent("""
-    import json, sys, traceback, torch
-    from peft import PeftModel
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    torch.set_num_threads(1)  # as in the test: bitsandbytes' CPU kernel sums in a thread-dependent order
-    for line in sys.stdin:
-        try:
-            base_dir, kw, ids, jobs = json.loads(line)
-            kw = {k: getattr(torch, v[6:]) if isinstance(v, str) and v.startswith("torch.") else v
-                  for k, v in kw.items()}
-            for adapter, out in jobs:
-                base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**kw),
-                                                            device_map="cpu")
-                model = PeftModel.from_pretrained(base, adapter).eval()
-                with torch.no_grad():
-                    save_file({"logits": model(torch.tensor(ids)).logits.contiguous()}, out)
-            assert "dylora" not in sys.modules
-            print(json.dumps("ok"), flush=True)
-        except Exception:
-            print(json.dumps(traceback.format_exc()), flush=True)
-""")
-_vanilla: list[subprocess.Popen] = []
+# plain PEFT loads each export onto the quantized base, in a process that never imports dylora (`tiny.ask`)
+VANILLA = """
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+torch.set_num_threads(1)  # as in the test: bitsandbytes' CPU kernel sums in a thread-dependent order
 
-
-def vanilla_peft(*request) -> None:
-    """Run one request in the vanilla-PEFT process (started on first use)."""
-    if not _vanilla or _vanilla[0].poll() is not None:
-        proc = subprocess.Popen([sys.executable, "-c", VANILLA], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                text=True)
-        atexit.register(proc.kill)
-        _vanilla[:] = [proc]
-    _vanilla[0].stdin.write(json.dumps(request) + "\n")
-    _vanilla[0].stdin.flush()
-    answer = json.loads(_vanilla[0].stdout.readline() or json.dumps("the vanilla PEFT process died"))
-    assert answer == "ok", answer[-3000:]
+def handle(base_dir, kw, ids, jobs):
+    kw = {k: getattr(torch, v[6:]) if isinstance(v, str) and v.startswith("torch.") else v for k, v in kw.items()}
+    for adapter, out in jobs:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**kw),
+                                                    device_map="cpu")
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        with torch.no_grad():
+            save_file({"logits": model(torch.tensor(ids)).logits.contiguous()}, out)
+"""
 
 
 @pytest.mark.parametrize("kind", ["nf4-dq", "8bit"])
@@ -196,7 +172,7 @@ def test_an_exported_rank_loads_in_vanilla_peft_onto_the_quantized_base_with_equ
             expected[case] = model(IDS).logits
     kw = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in QUANT[kind].items()}
     jobs = [(str(tmp_path / case), str(tmp_path / f"{case}.safetensors")) for case in cases]
-    vanilla_peft(str(base_dir), kw, IDS.tolist(), jobs)
+    ask(VANILLA, str(base_dir), kw, IDS.tolist(), jobs)
     # 8-bit: PEFT adds a plain LoRA's output after casting it to the base output's dtype, the variant before
     tol = 5e-3 if kind == "8bit" else 1e-4
     for case in cases:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +111,34 @@ def refused(args: list[str], capsys: Any, code: int = 2, needle: str = "") -> st
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert needle.lower() in err.lower(), err
     return err
+
+
+# the loop every `ask` process runs around its script's `handle(*request)`: a JSON request a line, "ok" or the
+# traceback back, and a check that the process never imported dylora (what makes it vanilla PEFT)
+_SERVE = textwrap.dedent("""
+    import json, sys, traceback
+    for line in sys.stdin:
+        try:
+            handle(*json.loads(line))
+            assert "dylora" not in sys.modules
+            print(json.dumps("ok"), flush=True)
+        except Exception:
+            print(json.dumps(traceback.format_exc()), flush=True)
+""")
+_PROCESSES: dict[str, subprocess.Popen] = {}
+
+
+def ask(script: str, *request: Any) -> None:
+    """Run `handle(*request)` of `script` in a Python process of its own that never imports dylora: one process a
+    script and test worker, started on first use (a process a call cost ~15 s of imports). A failure there fails
+    here with its traceback."""
+    proc = _PROCESSES.get(script)
+    if proc is None or proc.poll() is not None:
+        proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script) + _SERVE], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        atexit.register(proc.kill)
+        _PROCESSES[script] = proc
+    proc.stdin.write(json.dumps(request) + "\n")
+    proc.stdin.flush()
+    answer = json.loads(proc.stdout.readline() or json.dumps("the process died"))
+    assert answer == "ok", answer[-3000:]

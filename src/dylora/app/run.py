@@ -326,7 +326,7 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
     run_dir.write_sweep(sweep_payload(val, test, task.metrics, best, smallest, task.higher_is_better, bases,
                                       s.basis_rule))
     title = f"{s.method} on {task.name} ({Path(s.model).name}, r_max={s.r})"
-    run_dir.write_sweep_plot(lambda path: task.plot(path, val, test, title))
+    run_dir.write_plot(RunDir.SWEEP_PLOT, lambda path: task.plot(path, val, test, title))
     run_dir.write_outputs(task.outputs(best))
     result.timings = {"train_s": round(t_train, 2), "sweep_s": round(t_sweep, 2),
                       "sweep_validation_s": round(t_val, 2), "sweep_test_s": round(t_sweep - t_val, 2),

@@ -112,9 +112,6 @@ class RunDir:
         draw(self.path / name)
         return self.path / name
 
-    def write_sweep_plot(self, draw: Callable[[Path], Any]) -> Path:
-        return self.write_plot(self.SWEEP_PLOT, draw)
-
     def write_outputs(self, outputs: dict[str, Any]) -> None:
         """A task's own files (`Task.outputs`): JSON documents by name, e.g. samples.json."""
         for name, payload in outputs.items():

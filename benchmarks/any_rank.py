@@ -83,6 +83,9 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     # the r_max teacher pass on one step in 5: about 1 + 0.84 / 5 = 1.2x a LoRA step (the paired timing: the
     # teacher pass costs 0.84 of a LoRA step), the cost target
     "rowwise-distill-k5": dict(recipe="rowwise", distill=True, distill_every=5),
+    # the r_max teacher on a random 1/8 or 1/4 of each batch's rows, every step: about 1.1x / 1.2x a LoRA step
+    "rowwise-distill-f125": dict(recipe="rowwise", distill=True, distill_fraction=0.125),
+    "rowwise-distill-f25": dict(recipe="rowwise", distill=True, distill_fraction=0.25),
     # re-basis into singular-value order after every 10th step, optimizer state of A and B reset: 1 pass a step
     "rowwise-rebasis10": dict(recipe="rowwise", distill=False, rebasis_every=10),
     # LoRA at r for half the steps, one re-basis, then rowwise: 1 pass a step

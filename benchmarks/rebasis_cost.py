@@ -9,7 +9,9 @@ round's time to the same round's LoRA time, median over rounds:
 - rowwise: one pass, a rank per row;
 - rowwise-rebasis10: rowwise, and `dylora.rebasis.rebasis` (optimizer state reset) after every 10th step, its cost
   spread over the steps;
-- rowwise-distill: a pass at r_max, then the rowwise pass learning from it (`dylora train`'s default).
+- rowwise-distill: a pass at r_max, then the rowwise pass learning from it (dylora train's recipe after its LoRA
+  phase);
+- rowwise-distill-f125, rowwise-distill-f25: the r_max pass on 1/8 or 1/4 of the rows (`distill_fraction`).
 "LoRA first" costs f x 1 + (1 - f) x the recipe after it: its figures are computed from these ratios.
 On a shared machine the ratios are indicative only: the load average at the start and end is recorded.
 """
@@ -26,7 +28,8 @@ from pathlib import Path
 import torch
 
 B, L, ROUNDS, STEPS, EVERY = 16, 64, 7, 10, 10
-ARMS = ("lora", "rowwise", "rowwise-rebasis10", "rowwise-distill")
+ARMS = ("lora", "rowwise", "rowwise-rebasis10", "rowwise-distill", "rowwise-distill-f125", "rowwise-distill-f25")
+FRACTION = {"rowwise-distill-f125": 0.125, "rowwise-distill-f25": 0.25}
 
 
 def main() -> int:
@@ -54,7 +57,8 @@ def main() -> int:
             model = get_peft_model(base, LoraConfig(**common))
             recipe = None
         else:
-            cfg = dylora.DyLoraConfig(**common, recipe="rowwise", distill=arm == "rowwise-distill")
+            cfg = dylora.DyLoraConfig(**common, recipe="rowwise", distill=arm.startswith("rowwise-distill"),
+                                      distill_fraction=FRACTION.get(arm, 1.0))
             model = dylora.get_dylora_model(base, cfg)
             recipe = Recipe.from_config(cfg)
         model.train()

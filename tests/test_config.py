@@ -26,7 +26,8 @@ def test_to_dict_is_plain_lora_and_sidecar_holds_dylora_fields():
     assert "r_min" not in c.to_dict() and "frozen" not in c.to_dict()
     assert c.dylora_dict() == {"r_min": 2, "rank_distribution": "uniform", "geometric_p": 0.15,
                                "frozen": True, "seed": 0, "recipe": "paper", "sandwich_k": 1, "distill": False,
-                               "distill_weight": 0.5, "distill_every": 1, "rank_scaling": "alpha/b",
+                               "distill_weight": 0.5, "distill_every": 1, "distill_fraction": 1.0,
+                               "rank_scaling": "alpha/b",
                                "rebasis_every": 0, "rebasis_state": "reset", "lora_first": 0.0}
 
 

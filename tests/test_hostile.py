@@ -366,12 +366,13 @@ def test_readers_find_a_run_a_kill_left_moved_aside(run, capsys, tmp_path):
 
 @pytest.mark.parametrize(("extra", "needles"), [
     (["--lora-alpha", "1e38"], ["no update reached the adapter in 3 steps", "--lora-alpha (it is 1e+38"]),
-    (["--lr", "1e-9", "--max-steps", "60"], ["stayed at chance (0.52 >= 0.97 x 0.75 ln 2)", "lr is too small",
+    (["--lr", "1e-9", "--max-steps", "60"], ["stayed at chance (0.69 >= 0.97 ln 2)", "lr is too small",
                                              "--lr 1e-4 or larger"]),
 ], ids=["alpha-1e38", "lr-1e-9"])
 def test_the_guard_stops_runs_that_cannot_learn(world, capsys, tmp_path, extra, needles):
     """lora_alpha 1e38: the gradient norm overflows, clipping leaves every update 0, lora_B stays 0 (loss flat,
-    50% accuracy). lr 1e-9 for 60 steps: the rowwise+distill loss sits at 0.75 ln 2 = 0.52, never ln 2."""
+    50% accuracy). lr 1e-9 for 60 steps: the default's LoRA phase (48 steps) sits at ln 2 = 0.69, its rowwise +
+    distillation steps after it at 0.75 ln 2; each logged loss is judged at its own step's chance level."""
     out = tmp_path / "stuck"
     err = refused(T(world, *extra, out=out), capsys, code=3, needle="training stopped")
     assert all(n in err for n in needles), err
@@ -393,6 +394,20 @@ def test_the_guard_reads_the_gradient_norm_and_the_recipes_chance_level(tmp_path
     assert chance_weight(recipe("paper", False)) == 1
     thinned = Recipe(RankSampler(1, 4), "rowwise", 1, True, 0.5, 4)  # one step in 4 distilled: (0.75 + 3) / 4
     assert chance_weight(thinned) == pytest.approx(0.9375)
+    # LoRA first for 8 of 10 steps: a plain pass (ln K at chance) up to step 7, then rowwise with distillation
+    first = Recipe(RankSampler(1, 4), "rowwise", distill=True, lora_first=0.8, total_steps=10)
+    assert [chance_weight(first, step) for step in (0, 7, 8, 9)] == [1, 1, 0.75, 0.75]
+    assert chance_weight(first) == 0.75
+    thinned_first = Recipe(RankSampler(1, 4), "rowwise", distill=True, distill_every=3, lora_first=0.5, total_steps=10)
+    assert chance_weight(thinned_first, 5) == pytest.approx((0.75 + 2) / 3)  # step 6 taught, steps 5 and 7 not
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[], use_cpu=True)
+    guard, control = TrainingGuard(num_classes=2, window=2, min_steps=0), TrainerControl()
+    guard.recipe = Recipe(RankSampler(1, 4), "rowwise", distill=True, lora_first=0.5, total_steps=100)
+    for step in (20, 30, 60):  # 0.6: under ln 2 in the LoRA phase, over 0.75 ln 2 = 0.52 after the switch (step 50)
+        guard.on_log(args, TrainerState(global_step=step, max_steps=100), control, logs={"loss": 0.6})
+        assert not control.should_training_stop, step  # a window that still holds a LoRA-phase loss under ln 2
+    guard.on_log(args, TrainerState(global_step=70, max_steps=100), control, logs={"loss": 0.6})
+    assert control.should_training_stop and "stayed at chance (0.60 >= 0.97 x 0.75 ln 2)" in guard.reason
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, report_to=[], use_cpu=True)
     guard, control = TrainingGuard(num_classes=2), TrainerControl()
     guard.on_log(args, TrainerState(global_step=10, max_steps=100), control, logs={"loss": 0.6, "grad_norm": 3.0})

@@ -86,6 +86,19 @@ def test_model_rebasis_keeps_the_output_and_makes_the_prefix_the_svd_cut():
         torch.testing.assert_close(norms, s, atol=1e-5, rtol=1e-4)  # component i holds s_i, in order
 
 
+def test_rebasis_leaves_a_layer_with_non_finite_factors_as_it_is():
+    """A diverged layer has no SVD: it is left for the training guard, the finite layers are re-based."""
+    model = bert_model()
+    first = layers(model)[0]
+    A, B = first.lora_variant["default"].factors(first, "default")
+    with torch.no_grad():
+        B[0, 0] = float("nan")
+    before = (A.clone(), B.clone())
+    assert rebasis(model) == len(layers(model)) - 1
+    torch.testing.assert_close(A, before[0], equal_nan=True)
+    torch.testing.assert_close(B, before[1], equal_nan=True)
+
+
 def adam_step(model):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()

@@ -95,9 +95,14 @@ def test_rowwise_distill_is_a_pass_at_r_max_then_a_rowwise_pass_that_learns_from
     assert sorted(ranks) == list(range(1, 9))  # stratified: every rank in the step
     set_example_ranks(model, ranks)
     rows = model(**inputs)
-    p_t, p_s = teacher.softmax(-1), rows.logits.softmax(-1)
+    assert_distilled(model, loss, got, top.loss, teacher, rows.loss, rows.logits)
+
+
+def assert_distilled(model, loss, got, top_loss, teacher, rows_loss, student):
+    """`loss` and the gradients `got` are those of L_r + 0.7 L_rows + 0.3 KL(p_teacher || p_student) (w = 0.3)."""
+    p_t, p_s = teacher.softmax(-1), student.softmax(-1)
     kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean()
-    want_loss = top.loss + 0.7 * rows.loss + 0.3 * kl
+    want_loss = top_loss + 0.7 * rows_loss + 0.3 * kl
     want_loss.backward()
     torch.testing.assert_close(loss.detach(), want_loss.detach())
     want = lora_grads(model)
@@ -120,6 +125,63 @@ def test_rowwise_distill_every_k_teaches_on_every_kth_step_and_is_plain_rowwise_
     for step, want in ((3, every), (4, plain)):
         got, _ = dylora_loss(model, inputs, step=step, recipe=thinned)
         torch.testing.assert_close(got, dylora_loss(model, inputs, step=step, recipe=want)[0])
+
+
+def test_rowwise_distill_fraction_teaches_on_a_random_fraction_of_the_rows():
+    """distill_fraction f: the r_max pass runs on the rows S (round(f n) of them, drawn anew each step), and
+    L = L_rmax(S) + (1 - w) L_rows + w KL(p_rmax || p_rows) on S, each term a mean over its own rows."""
+    sampler = RankSampler(1, 8, seed=3)
+    recipe = Recipe(sampler, "rowwise", distill=True, distill_weight=0.3, distill_fraction=0.25)
+    full = Recipe(sampler, "rowwise", distill=True, distill_weight=0.3)
+    subsets = [recipe.passes(step, 16)[0].subset for step in range(6)]
+    assert all(len(s) == 4 and list(s) == sorted(set(s)) for s in subsets)
+    assert len(set(subsets)) == 6  # drawn anew each step, a pure function of (seed, step):
+    assert subsets == [Recipe(sampler, "rowwise", distill=True, distill_fraction=0.25).passes(step, 16)[0].subset
+                       for step in range(6)]
+    assert [p.ranks for p in recipe.passes(2, 16)] == [p.ranks for p in full.passes(2, 16)]  # the same ranks
+    assert recipe.passes(0, 3)[0].subset is not None and len(recipe.passes(0, 3)[0].subset) == 1  # at least a row
+
+    model, inputs = bert_model().train(), batch(n=8)
+    loss, _ = dylora_loss(model, inputs, step=2, recipe=recipe)
+    loss.backward()
+    got = lora_grads(model)
+    model.zero_grad()
+    rows = list(recipe.passes(2, 8)[0].subset)
+    assert len(rows) == 2
+    dylora.set_rank(model, 8)
+    top = model(**{k: v[rows] for k, v in inputs.items()})
+    set_example_ranks(model, [int(b) for b in sampler.example_ranks(8, 2)])
+    mixed = model(**inputs)
+    assert_distilled(model, loss, got, top.loss, top.logits.detach(), mixed.loss, mixed.logits[rows])
+
+
+def test_a_fraction_teacher_on_a_causal_lm_normalised_by_the_batch_is_a_mean_over_its_rows_tokens():
+    """Where the task loss is a sum over the batch's tokens / num_items_in_batch (the Trainer's), the r_max pass on
+    the rows S and the KL on S are still means over S's tokens: divided by S's share of the items."""
+    cfg = DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                       recipe="rowwise", distill=True, distill_weight=0.4, distill_fraction=0.5, seed=2)
+    model = dylora.get_dylora_model(tiny_llama(), cfg).train()
+    randomise_lora(model, std=0.1)
+    data = lm_dataset(n=6)
+    inputs = {k: torch.tensor(data[k]) for k in ("input_ids", "labels")}
+    items = int((inputs["labels"][:, 1:] != -100).sum())
+
+    def summed(m, x):  # a loss normalised by the whole batch's items, as the Trainer's with num_items_in_batch
+        out = m(**{k: v for k, v in x.items() if k != "labels"})
+        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), x["labels"][:, 1:].flatten(), reduction="sum")
+        return ce / items, out
+
+    recipe = Recipe.from_config(cfg)
+    loss, _ = dylora_loss(model, inputs, step=1, recipe=recipe, compute_loss_fn=summed, kl_denominator=items)
+    rows = list(recipe.passes(1, 6)[0].subset)
+    assert len(rows) == 3
+    sub = {k: v[rows] for k, v in inputs.items()}
+    dylora.set_rank(model, 4)
+    top = model(**sub)  # the model's own loss: a mean over S's tokens
+    set_example_ranks(model, [int(b) for b in RankSampler(1, 4, seed=2).example_ranks(6, 1)])
+    mixed = model(**inputs)
+    want = top.loss + 0.6 * mixed.loss + 0.4 * distill_kl(mixed.logits[rows], top.logits, sub["labels"], shift=True)
+    torch.testing.assert_close(loss.detach(), want.detach())
 
 
 def test_distillation_term_is_zero_when_student_and_teacher_agree():
@@ -324,6 +386,9 @@ def test_sqrt_scaling_forward_and_export_are_exact_in_vanilla_peft(tmp_path):
     ({"distill_every": 0}, "distill_every="), ({"distill_every": 2.5}, "distill_every="),
     ({"distill_every": 4}, "distill_every="), ({"recipe": "sandwich", "distill": True, "distill_every": 4},
                                                  "distill_every="),
+    ({"distill_fraction": 0.0}, "distill_fraction="), ({"distill_fraction": 1.5}, "distill_fraction="),
+    ({"distill_fraction": True}, "distill_fraction="), ({"distill_fraction": 0.25}, "distill_fraction="),
+    ({"recipe": "sandwich", "distill": True, "distill_fraction": 0.25}, "distill_fraction="),
 ])
 def test_invalid_recipe_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field) as err:
@@ -340,14 +405,17 @@ def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
         cfg.dylora_dict()
     side = tmp_path / "a" / "dylora_config.json"
     old = {k: v for k, v in json.loads(side.read_text()).items()
-           if k not in ("recipe", "sandwich_k", "distill", "distill_weight", "distill_every", "rank_scaling")}
+           if k not in ("recipe", "sandwich_k", "distill", "distill_weight", "distill_every", "distill_fraction",
+                        "rank_scaling")}
     side.write_text(json.dumps(old))
     loaded = dylora_adapters(dylora.load(tiny_bert(), tmp_path / "a"))["default"]
-    assert (loaded.recipe, loaded.sandwich_k, loaded.distill, loaded.distill_every, loaded.rank_scaling) == \
-        ("paper", 1, False, 1, "alpha/b")
-    thinned = DyLoraConfig(r=4, target_modules=["query"], recipe="rowwise", distill=True, distill_every=3)
+    assert (loaded.recipe, loaded.sandwich_k, loaded.distill, loaded.distill_every, loaded.distill_fraction,
+            loaded.rank_scaling) == ("paper", 1, False, 1, 1.0, "alpha/b")
+    thinned = DyLoraConfig(r=4, target_modules=["query"], recipe="rowwise", distill=True, distill_every=3,
+                           distill_fraction=0.125)
     dylora.save(dylora.get_dylora_model(tiny_bert(), thinned), tmp_path / "b")
-    assert dylora_adapters(dylora.load(tiny_bert(), tmp_path / "b"))["default"].distill_every == 3
+    loaded = dylora_adapters(dylora.load(tiny_bert(), tmp_path / "b"))["default"]
+    assert (loaded.distill_every, loaded.distill_fraction) == (3, 0.125)
 
 
 def test_the_recipe_table_is_the_one_list_of_recipes():

@@ -57,18 +57,24 @@ def nonfinite_adapter_weights(model: torch.nn.Module) -> list[str]:
     return [n for n, p in unwrap(model).named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
 
 
-def chance_weight(recipe: Recipe) -> float:
+def chance_weight(recipe: Recipe, step: int | None = None) -> float:
     """The logged loss at chance as a fraction of ln K: the mean, over a step's passes, of the task loss's weight
     (1 - distill_weight in a pass that learns from r_max, whose KL is 0 while every rank predicts alike; 1 else).
-    Rowwise with distillation (the CLI's default) logs 0.75 ln K at chance, not ln K; with `distill_every` k, the mean
-    over the k steps of its period: step 0 is taught, the k - 1 others are not, so (w(0) + (k - 1) w(1)) / k, in
-    closed form (a sum over the k steps would not end for a huge k)."""
-    def weight(step: int) -> float:
-        passes = recipe.passes(step, 1)
+    Rowwise with distillation logs 0.75 ln K at chance, not ln K; with `distill_every` k, the mean over the k steps
+    of its period: one is taught, the k - 1 others are not, so (w(taught) + (k - 1) w(not)) / k, in closed form (a
+    sum over the k steps would not end for a huge k). With `lora_first`, optimizer step `step` before the switch is a
+    plain LoRA pass (1); from the switch on (and with `step` None), the recipe's weight."""
+    base = recipe.switch_step if recipe.lora_first else 0
+    if step is not None and step < base:
+        return 1.0
+
+    def weight(at: int) -> float:
+        passes = recipe.passes(at, 1)
         return sum(1 - recipe.distill_weight if p.distill else 1.0 for p in passes) / len(passes)
 
     k = recipe.distill_every
-    return weight(0) if k == 1 else (weight(0) + (k - 1) * weight(1)) / k
+    taught = -(-base // k) * k  # the first taught step from the switch on
+    return weight(taught) if k == 1 else (weight(taught) + (k - 1) * weight(taught + 1)) / k
 
 
 def _zero_adapter(model: torch.nn.Module) -> bool:
@@ -96,9 +102,9 @@ class TrainingGuard(TrainerCallback):
                  chance_ratio: float = 0.97) -> None:
         self.num_classes, self.window, self.min_steps, self.chance_ratio = num_classes, window, min_steps, chance_ratio
         self.cause: StopCause | None = None
-        self.weight = 1.0  # chance_weight of the model's recipe, read at the start of training
+        self.recipe: Recipe | None = None  # the model's recipe, read at the start of training
         self.lora_alpha: float | None = None
-        self._losses: list[float] = []
+        self._losses: list[tuple[float, float]] = []  # (logged loss, its chance weight)
         self._moved, self._step = 0.0, 0  # the sum of the lr over the steps so far (logged lr x steps between logs)
 
     @property
@@ -125,7 +131,9 @@ class TrainingGuard(TrainerCallback):
         configs = list((getattr(unwrap(model), "peft_config", None) or {}).values()) if model is not None else []
         self.lora_alpha = getattr(configs[0], "lora_alpha", None) if configs else None
         adapters = dylora_adapters(model) if model is not None else {}
-        self.weight = chance_weight(Recipe.from_config(next(iter(adapters.values())))) if adapters else 1.0
+        self.recipe = Recipe.from_config(next(iter(adapters.values()))) if adapters else None
+        if self.recipe is not None:
+            self.recipe.total_steps = state.max_steps
         for logs in state.log_history or []:
             if isinstance(logs, dict) and isinstance(logs.get("step"), int):
                 self._judge(args, logs["step"], state.max_steps, control, logs)
@@ -155,13 +163,15 @@ class TrainingGuard(TrainerCallback):
             return
         if step <= args.get_warmup_steps(max_steps):
             return
-        self._losses.append(loss)
+        weight = chance_weight(self.recipe, step - 1) if self.recipe is not None else 1.0  # of the logged steps' last
+        self._losses.append((loss, weight))
         if not self.num_classes or self.num_classes < 2 or step < self.min_steps:
             return
         if len(self._losses) >= self.window:
-            lowest = min(self._losses[-self.window:])
-            if lowest >= self.chance_ratio * self.weight * math.log(self.num_classes):
-                weighted = f"{self.chance_ratio} x {self.weight:g}" if self.weight != 1 else f"{self.chance_ratio}"
+            window = self._losses[-self.window:]
+            if all(value >= self.chance_ratio * w * math.log(self.num_classes) for value, w in window):
+                lowest, weight = min(window, key=lambda lw: lw[0] / lw[1])
+                weighted = f"{self.chance_ratio} x {weight:g}" if weight != 1 else f"{self.chance_ratio}"
                 self._stop(control, args, StopKind.AT_CHANCE, f"training loss stayed at chance ({lowest:.2f} >= "
                            f"{weighted} ln {self.num_classes}) after warm-up", step, lowest)
 

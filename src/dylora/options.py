@@ -26,6 +26,9 @@ RECIPES = ("paper", "sandwich", "rowwise", "nested")
 DISTILL_RECIPES = ("sandwich", "rowwise")  # the recipes that can distill from r_max (dylora train: on by default)
 DEFAULT_RECIPE = "paper"  # DyLoraConfig's: the paper's Algorithm 1; a sidecar or run.json without a recipe trained so
 RECOMMENDED_RECIPE = "rowwise"  # dylora train's (with distill), the closest to LoRA at every rank (docs/results.md)
+# dylora train's lora_first with its default recipe: plain LoRA for 80% of the steps, then rowwise with distillation
+# (about 1.2x a LoRA run, not 2x; docs/results.md, "Confirmation on seeds and a task the choice did not see")
+RECOMMENDED_LORA_FIRST = 0.8
 REBASIS_STATES = ("reset", "rotate")  # what a re-basis does to the optimizer state of A and B (dylora.rebasis)
 
 
@@ -58,12 +61,16 @@ class DyLoraOptions:
                                     when=("with distillation (--distill, rowwise or sandwich)", lambda o: o.distill))
     distill_every: int = _option(1, "Rowwise with distill: run the r pass (the teacher) on every k-th step only; a "
                                  "step costs about 1 + 1/k passes instead of 2.")
+    distill_fraction: float = _option(1.0, "Rowwise with distill: run the r pass (the teacher) on this fraction of "
+                                      "each batch's rows only, drawn anew each step; a taught step costs about 1 + f "
+                                      "passes instead of 2.")
     rank_scaling: str = _option("alpha/b", "Scale at rank b: alpha/b (the paper's) or alpha/sqrt(b).")
     rebasis_every: int = _option(0, "Rowwise: after every k-th optimizer step rotate A and B into singular-value "
                                  "order, B A unchanged (0: never).")
     rebasis_state: str = _option("reset", "The optimizer state of A and B at a re-basis: reset or rotate.")
     lora_first: float = _option(0.0, "Rowwise: train plain LoRA at r for this fraction of the steps, re-basis once "
-                                "into singular-value order, then the recipe (0: off).")
+                                "into singular-value order, then the recipe (0: off; dylora train's default: 0.8 with "
+                                "its default recipe, else 0).", cli_default=None, cli_type=float | None)
 
     def check(self, r: int) -> None:
         """Refuse an invalid option, given the rank r (= r_max): a ValueError naming the field and what is valid."""
@@ -97,6 +104,12 @@ class DyLoraOptions:
         if self.distill_every > 1 and not (self.distill and self.recipe == "rowwise"):
             raise bad("distill_every", "distill_every > 1 thins rowwise's r_max pass: it needs recipe='rowwise' and "
                                        "distill=True")
+        fraction = self.distill_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
+            raise bad("distill_fraction", "distill_fraction must be a fraction of the rows in (0, 1]")
+        if fraction < 1 and not (self.distill and self.recipe == "rowwise"):
+            raise bad("distill_fraction", "distill_fraction < 1 thins rowwise's r_max pass: it needs recipe='rowwise' "
+                                          "and distill=True")
         if not integer("rebasis_every", 0):
             raise bad("rebasis_every", "rebasis_every must be an integer >= 0 (0: never)")
         if self.rebasis_state not in REBASIS_STATES:
@@ -128,4 +141,5 @@ def options_of(source: Any) -> dict[str, Any]:
 
 
 __all__ = ["DEFAULT_RECIPE", "DISTILL_RECIPES", "DISTRIBUTIONS", "DyLoraOptions", "MAX_DISTILL_EVERY",
-           "RANK_SCALINGS", "REBASIS_STATES", "RECIPES", "RECOMMENDED_RECIPE", "option_names", "options_of"]
+           "RANK_SCALINGS", "REBASIS_STATES", "RECIPES", "RECOMMENDED_LORA_FIRST", "RECOMMENDED_RECIPE",
+           "option_names", "options_of"]

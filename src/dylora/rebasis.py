@@ -12,7 +12,8 @@ steps. The optimizer state of A and B (AdamW's moments) no longer fits the new c
   through the squared entries of the same matrices, exact for a permutation or a diagonal P and an approximation
   otherwise. P^{-1} is the pseudo-inverse (a component with s_i = 0 has no inverse).
 
-A layer with r > in or r > out is left as it is (its update has fewer than r singular values).
+A layer with r > in or r > out is left as it is (its update has fewer than r singular values), and so is a layer
+whose A or B is not finite (a diverged run: it has no SVD, and the training guard stops the run on it).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def rebasis(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = No
         for module in _layers(model, name):
             variant = module.lora_variant[name]
             A, B = variant.factors(module, name)  # (r, in) and (out, r) views of the parameters
-            if A.shape[0] > min(A.shape[1], B.shape[0]):
+            if A.shape[0] > min(A.shape[1], B.shape[0]) or not (A.isfinite().all() and B.isfinite().all()):
                 continue
             new_a, new_b, _ = svd_rebasis(A, B)
             pa = pb = None

@@ -10,7 +10,9 @@ A recipe's step is a list of passes (a forward, a loss) at ranks that are a pure
             `distill`, a pass at r_max comes first (task loss) and the rowwise pass's loss is
             (1 - w) task + w KL(p_rmax || p_rows): two passes, one of them at every rank. With
             `distill_every` k > 1, only steps 0, k, 2k, ... have the r_max pass (about 1 + 1/k passes a step);
-            the others are the rowwise pass alone.
+            the others are the rowwise pass alone. With `distill_fraction` f < 1, the r_max pass runs on a random
+            f of the batch's rows (at least one, drawn anew each step) and the KL is taken on those rows: an unbiased
+            estimate of the two-pass loss at about 1 + f passes a step.
 - nested:   one pass at the expected scale E_b[s_b] (see `dylora.functional`).
 
 Rowwise's re-basis options (`dylora.rebasis`): with `lora_first` f > 0, the first `switch_step` = round(f * steps)
@@ -42,12 +44,14 @@ RANKS_KEY = "dylora/ranks"  # log_history entry of a step trained at several ran
 @dataclass(frozen=True)
 class RecipePass:
     """One forward of a recipe step: at one rank ("rank"), a rank per row ("rows"), or at E_b[s_b] ("expected").
-    `teacher`: its detached logits teach the later passes; `distill`: this pass learns from them."""
+    `teacher`: its detached logits teach the later passes; `distill`: this pass learns from them. `subset`: the batch
+    rows this pass runs on (None: all of them)."""
 
     kind: str
     ranks: tuple[int, ...] = ()
     teacher: bool = False
     distill: bool = False
+    subset: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Recipe:
     distill: bool = False
     distill_weight: float = 0.5
     distill_every: int = 1
+    distill_fraction: float = 1.0
     rebasis_every: int = 0
     rebasis_state: str = "reset"
     lora_first: float = 0.0
@@ -153,7 +158,7 @@ class Sandwich(Recipe):
 @dataclass
 class Rowwise(Recipe):
     """One pass with a rank per row (every rank in every step); with `distill`, a pass at r_max teaches it (on
-    every `distill_every`-th step)."""
+    every `distill_every`-th step, on a `distill_fraction` of the rows)."""
 
     name: str = "rowwise"
 
@@ -162,7 +167,10 @@ class Rowwise(Recipe):
             return [RecipePass("rank", (self.sampler.r_max,))]
         taught = self.distill and step % self.distill_every == 0
         rows = RecipePass("rows", tuple(int(b) for b in self.sampler.example_ranks(n_rows, step)), distill=taught)
-        return [RecipePass("rank", (self.sampler.r_max,), teacher=True), rows] if taught else [rows]
+        if not taught:
+            return [rows]
+        subset = None if self.distill_fraction >= 1 else self.sampler.teacher_rows(n_rows, step, self.distill_fraction)
+        return [RecipePass("rank", (self.sampler.r_max,), teacher=True, subset=subset), rows]
 
     def apply(self, model: torch.nn.Module, p: RecipePass) -> None:
         if p.kind == "rows":

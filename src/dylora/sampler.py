@@ -75,6 +75,13 @@ class RankSampler:
         rng.shuffle(ranks)
         return ranks
 
+    def teacher_rows(self, n: int, step: int, fraction: float) -> tuple[int, ...]:
+        """The rows of a step's r_max pass when it runs on a fraction of the n rows: max(1, round(fraction n)) of
+        them, drawn without replacement, in increasing order (a stream of its own, not the ranks')."""
+        k = min(n, max(1, round(fraction * n)))
+        rows = np.random.default_rng([self.seed, int(step), 1]).choice(n, size=k, replace=False)
+        return tuple(int(j) for j in np.sort(rows))
+
     def __repr__(self) -> str:
         return (f"RankSampler(r_min={self.r_min}, r_max={self.r_max}, distribution={self.distribution!r}, "
                 f"p={self.p}, seed={self.seed})")

@@ -78,16 +78,49 @@ def model_loss(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Te
     return outputs.loss, outputs
 
 
+def select_rows(inputs: dict[str, Any], rows: tuple[int, ...]) -> dict[str, Any]:
+    """The micro-batch's rows `rows`: every tensor indexed by batch row is cut to them, the rest passed through."""
+    n = _rows(inputs)
+    index = torch.tensor(rows, dtype=torch.long)
+    return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in inputs.items()}
+
+
+def _share(labels: torch.Tensor | None, rows: tuple[int, ...], n: int, shift: bool) -> float:
+    """The share of the micro-batch's loss items (labels != -100, shifted for a causal LM) in the rows `rows`."""
+    if labels is None or labels.dim() < 2:
+        return len(rows) / n
+    valid = (labels[..., 1:] if shift else labels) != -100
+    total = int(valid.sum())
+    return int(valid[torch.tensor(rows, dtype=torch.long, device=valid.device)].sum()) / total if total else 1.0
+
+
 def run_pass(model: torch.nn.Module, inputs: dict[str, Any], recipe: Recipe, p: RecipePass,
              compute_loss_fn: LossFn = model_loss, teacher: torch.Tensor | None = None,
-             kl_denominator: torch.Tensor | float | None = None) -> tuple[torch.Tensor, Any]:
-    """The loss of one pass: the task loss at the pass's ranks, mixed with distillation where it has a teacher."""
+             kl_denominator: torch.Tensor | float | None = None,
+             teacher_rows: tuple[int, ...] | None = None) -> tuple[torch.Tensor, Any]:
+    """The loss of one pass: the task loss at the pass's ranks, mixed with distillation where it has a teacher.
+
+    A pass on a `subset` of the rows (and the KL towards a teacher that ran on `teacher_rows` only) is a mean over
+    those rows: where the loss is normalised by the whole batch (`kl_denominator`, the Trainer's
+    `num_items_in_batch`), it is divided by the rows' share of the batch's loss items."""
     labels = inputs.get("labels")
+    shift = (p.subset is not None or teacher_rows is not None) and _predicts_next_token(model)
     recipe.apply(model, p)
-    loss, outputs = compute_loss_fn(model, inputs)
+    if p.subset is None:
+        loss, outputs = compute_loss_fn(model, inputs)
+    else:
+        loss, outputs = compute_loss_fn(model, select_rows(inputs, p.subset))
+        if kl_denominator is not None:
+            loss = loss / _share(labels, p.subset, _rows(inputs), shift)
     if p.distill and teacher is not None:
-        w = recipe.distill_weight
-        kl = distill_kl(outputs.logits, teacher, labels, shift=_predicts_next_token(model), denominator=kl_denominator)
+        w, student, denominator = recipe.distill_weight, outputs.logits, kl_denominator
+        if teacher_rows is not None:
+            index = torch.tensor(teacher_rows, dtype=torch.long, device=student.device)
+            student, labels = student[index], labels[index] if labels is not None else None
+            if denominator is not None:
+                denominator = denominator * _share(inputs.get("labels"), teacher_rows, _rows(inputs), shift)
+        kl = distill_kl(student, teacher, labels, shift=_predicts_next_token(model), denominator=denominator)
         loss = (1 - w) * loss + w * kl
     return loss, outputs
 
@@ -103,11 +136,11 @@ def dylora_loss(model: torch.nn.Module, inputs: dict[str, Any], step: int, recip
     last pass's state, so gradient checkpointing is only correct for one-pass recipes; `DyLoraTrainer`
     backpropagates pass by pass instead.
     """
-    total, first, teacher = None, None, None
+    total, first, teacher, rows = None, None, None, None
     for p in recipe.passes(step, _rows(inputs)):
-        loss, outputs = run_pass(model, inputs, recipe, p, compute_loss_fn, teacher, kl_denominator)
+        loss, outputs = run_pass(model, inputs, recipe, p, compute_loss_fn, teacher, kl_denominator, rows)
         if p.teacher:
-            teacher = outputs.logits.detach()
+            teacher, rows = outputs.logits.detach(), p.subset
         total = loss if total is None else total + loss
         first = outputs if first is None else first
     return total, first
@@ -189,6 +222,7 @@ class DyLoraTrainerMixin:
         self.add_callback(self.recipe_callback)
         self._pass: RecipePass | None = None
         self._teacher: torch.Tensor | None = None
+        self._teacher_rows: tuple[int, ...] | None = None
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -199,7 +233,7 @@ class DyLoraTrainerMixin:
                 loss = super().training_step(model, inputs, num_items_in_batch)
                 total = loss if total is None else total + loss
         finally:
-            self._pass, self._teacher = None, None
+            self._pass, self._teacher, self._teacher_rows = None, None, None
         # the gradients add up over the passes; the logged loss is their mean, so it reads like one pass's (and the
         # guard's chance level is ln K for every recipe, times `chance_weight` where passes are distilled)
         return total / len(passes)
@@ -218,9 +252,9 @@ class DyLoraTrainerMixin:
             return super(DyLoraTrainerMixin, self).compute_loss(m, x, False, num_items_in_batch), None
 
         loss, outputs = run_pass(model, inputs, self.recipe, p, task_loss, self._teacher,
-                                 self._kl_denominator(num_items_in_batch))
+                                 self._kl_denominator(num_items_in_batch), self._teacher_rows)
         if p.teacher:
-            self._teacher = outputs.logits.detach()
+            self._teacher, self._teacher_rows = outputs.logits.detach(), p.subset
         return (loss, outputs) if return_outputs else loss
 
     def _kl_denominator(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | int | None:
@@ -239,4 +273,5 @@ class DyLoraTrainer(DyLoraTrainerMixin, Trainer):
 
 
 __all__ = ["RANKS_KEY", "RANK_KEY", "DyLoraCallback", "DyLoraTrainer", "DyLoraTrainerMixin", "Recipe",
-           "RecipeCallback", "RecipePass", "distill_kl", "dylora_loss", "model_loss", "run_pass", "step_rank"]
+           "RecipeCallback", "RecipePass", "distill_kl", "dylora_loss", "model_loss", "run_pass", "select_rows",
+           "step_rank"]

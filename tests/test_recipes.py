@@ -155,33 +155,40 @@ def test_rowwise_distill_fraction_teaches_on_a_random_fraction_of_the_rows():
     assert_distilled(model, loss, got, top.loss, top.logits.detach(), mixed.loss, mixed.logits[rows])
 
 
-def test_a_fraction_teacher_on_a_causal_lm_normalised_by_the_batch_is_a_mean_over_its_rows_tokens():
-    """Where the task loss is a sum over the batch's tokens / num_items_in_batch (the Trainer's), the r_max pass on
-    the rows S and the KL on S are still means over S's tokens: divided by S's share of the items."""
-    cfg = DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
-                       recipe="rowwise", distill=True, distill_weight=0.4, distill_fraction=0.5, seed=2)
-    model = dylora.get_dylora_model(tiny_llama(), cfg).train()
-    randomise_lora(model, std=0.1)
-    data = lm_dataset(n=6)
-    inputs = {k: torch.tensor(data[k]) for k in ("input_ids", "labels")}
-    items = int((inputs["labels"][:, 1:] != -100).sum())
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_fraction_teacher_in_the_trainer_is_a_mean_over_its_rows_items(tmp_path, family):
+    """In DyLoraTrainer the r_max pass on the rows S is the mean loss over S's items, whether the model's loss is a
+    batch mean (BERT's classifier) or a sum over the batch's tokens / num_items_in_batch (a causal LM: it is scaled to
+    S's share), and the KL on S a mean over S's positions: (1 - w) L_rows + w KL(p_rmax || p_rows) on S."""
+    kw = dict(recipe="rowwise", distill=True, distill_weight=0.4, distill_fraction=0.5, seed=2)
+    if family == "bert":
+        model, data, r = bert_model(**kw), toy_dataset(n=6), 8
+    else:
+        cfg = DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", **kw)
+        model, data, r = dylora.get_dylora_model(tiny_llama(), cfg), lm_dataset(n=6), 4
+        randomise_lora(model, std=0.1)
+    seen = []
 
-    def summed(m, x):  # a loss normalised by the whole batch's items, as the Trainer's with num_items_in_batch
-        out = m(**{k: v for k, v in x.items() if k != "labels"})
-        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), x["labels"][:, 1:].flatten(), reduction="sum")
-        return ce / items, out
+    class Recording(DyLoraTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            seen.append((self._pass, {k: v.clone() for k, v in inputs.items()}, out.detach(), num_items_in_batch))
+            return out
 
-    recipe = Recipe.from_config(cfg)
-    loss, _ = dylora_loss(model, inputs, step=1, recipe=recipe, compute_loss_fn=summed, kl_denominator=items)
-    rows = list(recipe.passes(1, 6)[0].subset)
+    Recording(model=model, args=targs(tmp_path, 1, 6, 1, learning_rate=0.0), train_dataset=data).train()
+    (top_pass, inputs, top_loss, items), (rows_pass, _, rows_loss, _) = seen
+    assert top_pass.subset is not None and rows_pass.distill and (items is not None or family == "bert")
+    rows = list(top_pass.subset)
     assert len(rows) == 3
     sub = {k: v[rows] for k, v in inputs.items()}
-    dylora.set_rank(model, 4)
-    top = model(**sub)  # the model's own loss: a mean over S's tokens
-    set_example_ranks(model, [int(b) for b in RankSampler(1, 4, seed=2).example_ranks(6, 1)])
-    mixed = model(**inputs)
-    want = top.loss + 0.6 * mixed.loss + 0.4 * distill_kl(mixed.logits[rows], top.logits, sub["labels"], shift=True)
-    torch.testing.assert_close(loss.detach(), want.detach())
+    with torch.no_grad():
+        dylora.set_rank(model, r)
+        top = model(**sub)  # the model's own loss: a mean over S's rows or tokens
+        torch.testing.assert_close(top_loss, top.loss)
+        set_example_ranks(model, list(rows_pass.ranks))
+        mixed = model(**inputs)
+        kl = distill_kl(mixed.logits[rows], top.logits, sub["labels"], shift=family == "llama")
+        torch.testing.assert_close(rows_loss, 0.6 * mixed.loss + 0.4 * kl)
 
 
 def test_distillation_term_is_zero_when_student_and_teacher_agree():

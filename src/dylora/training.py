@@ -101,26 +101,22 @@ def run_pass(model: torch.nn.Module, inputs: dict[str, Any], recipe: Recipe, p: 
              teacher_rows: tuple[int, ...] | None = None) -> tuple[torch.Tensor, Any]:
     """The loss of one pass: the task loss at the pass's ranks, mixed with distillation where it has a teacher.
 
-    A pass on a `subset` of the rows (and the KL towards a teacher that ran on `teacher_rows` only) is a mean over
-    those rows: where the loss is normalised by the whole batch (`kl_denominator`, the Trainer's
-    `num_items_in_batch`), it is divided by the rows' share of the batch's loss items."""
+    A pass on a `subset` of the rows gets those rows' inputs (`compute_loss_fn`'s loss of them as it is: the model's
+    own loss is their mean; `DyLoraTrainer` scales `num_items_in_batch` to their items). The KL towards a teacher that
+    ran on `teacher_rows` only is taken on those rows, a mean over them (`kl_denominator` times their share of the
+    batch's loss items)."""
     labels = inputs.get("labels")
-    shift = (p.subset is not None or teacher_rows is not None) and _predicts_next_token(model)
     recipe.apply(model, p)
-    if p.subset is None:
-        loss, outputs = compute_loss_fn(model, inputs)
-    else:
-        loss, outputs = compute_loss_fn(model, select_rows(inputs, p.subset))
-        if kl_denominator is not None:
-            loss = loss / _share(labels, p.subset, _rows(inputs), shift)
+    loss, outputs = compute_loss_fn(model, inputs if p.subset is None else select_rows(inputs, p.subset))
     if p.distill and teacher is not None:
-        w, student, denominator = recipe.distill_weight, outputs.logits, kl_denominator
+        w, student, denominator, shift = recipe.distill_weight, outputs.logits, kl_denominator, \
+            _predicts_next_token(model)
         if teacher_rows is not None:
             index = torch.tensor(teacher_rows, dtype=torch.long, device=student.device)
             student, labels = student[index], labels[index] if labels is not None else None
             if denominator is not None:
                 denominator = denominator * _share(inputs.get("labels"), teacher_rows, _rows(inputs), shift)
-        kl = distill_kl(student, teacher, labels, shift=_predicts_next_token(model), denominator=denominator)
+        kl = distill_kl(student, teacher, labels, shift=shift, denominator=denominator)
         loss = (1 - w) * loss + w * kl
     return loss, outputs
 
@@ -245,11 +241,14 @@ class DyLoraTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         want_outputs = return_outputs or p.teacher or p.distill  # only distillation needs the logits
+        items = num_items_in_batch
+        if p.subset is not None and items is not None:  # a loss normalised by it stays a mean over the subset's items
+            items = items * _share(inputs.get("labels"), p.subset, _rows(inputs), _predicts_next_token(model))
 
         def task_loss(m: torch.nn.Module, x: dict[str, Any]) -> tuple[torch.Tensor, Any]:
             if want_outputs:
-                return super(DyLoraTrainerMixin, self).compute_loss(m, x, True, num_items_in_batch)
-            return super(DyLoraTrainerMixin, self).compute_loss(m, x, False, num_items_in_batch), None
+                return super(DyLoraTrainerMixin, self).compute_loss(m, x, True, items)
+            return super(DyLoraTrainerMixin, self).compute_loss(m, x, False, items), None
 
         loss, outputs = run_pass(model, inputs, self.recipe, p, task_loss, self._teacher,
                                  self._kl_denominator(num_items_in_batch), self._teacher_rows)

@@ -168,11 +168,10 @@ def test_ddp_only_process_0_writes_the_run(ddp_run):
         assert verify(ckpt) is None
 
 
-@pytest.mark.parametrize("recipe", [[], ["--recipe", "sandwich"]], ids=["default-lora-first", "sandwich"])
+@pytest.mark.parametrize("recipe", [[], ["--recipe", "sandwich"]], ids=["default-rowwise-distill", "sandwich"])
 def test_every_process_runs_the_same_passes_of_a_recipe_step(tiny, tmp_path, recipe):
-    """Each pass of a step (the default: r for the first 80% of the steps, re-basis, then r and the rowwise ranks;
-    sandwich: r, r_min and a drawn rank) has the same rank scale in both processes, a pure function of (seed, step),
-    while each process trains on its own rows; both end with the same weights (the re-basis included)."""
+    """Each pass of a step (r then the rowwise ranks; r, r_min and a drawn rank) has the same rank scale in both
+    processes, a pure function of (seed, step), while each process trains on its own rows."""
     out, trace = tmp_path / "run", tmp_path / "trace"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "dylora", "train", "--model", tiny, *COMMON, *recipe, "--max-steps", "4", "--batch-size", "4",
@@ -180,17 +179,12 @@ def test_every_process_runs_the_same_passes_of_a_recipe_step(tiny, tmp_path, rec
     run_cli(cmd, trace)
     traces = [read_trace(trace / f"ranks-{i}.json") for i in (0, 1)]
     passes = [[(step, scale) for step, _, _, scale in t["forwards"]] for t in traces]
-    assert passes[0] == passes[1] and len(passes[0]) == (4 * 3 if recipe else 3 * 1 + 2)  # default: switch at step 3
-    if recipe:
-        assert len({scale for _, scale in passes[0]}) > 2  # different ranks from pass to pass
-    else:  # LoRA at r in steps 0-2; step 3: the teacher at r, then the rank vector
-        assert [step for step, _ in passes[0]] == [0, 1, 2, 3, 3]
-        assert passes[0][0][1] == passes[0][3][1] != passes[0][4][1]
+    assert passes[0] == passes[1] and len(passes[0]) == 4 * (3 if recipe else 2)
+    assert len({scale for _, scale in passes[0]}) > 2  # different ranks (and rank vectors) from pass to pass
     assert not {f[2] for f in traces[0]["forwards"]} & {f[2] for f in traces[1]["forwards"]}
     assert traces[0]["weights"] == traces[1]["weights"]
     settings = json.loads((out / "run.json").read_text())["settings"]
-    assert (settings["recipe"], settings["distill"], settings["lora_first"]) == \
-        (("sandwich", True, 0.0) if recipe else ("rowwise", True, 0.8))
+    assert (settings["recipe"], settings["distill"]) == (("sandwich", True) if recipe else ("rowwise", True))
 
 
 def test_prepare_out_only_process_0_creates_or_deletes_the_partial_dir(tmp_path):

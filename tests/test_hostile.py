@@ -366,13 +366,15 @@ def test_readers_find_a_run_a_kill_left_moved_aside(run, capsys, tmp_path):
 
 @pytest.mark.parametrize(("extra", "needles"), [
     (["--lora-alpha", "1e38"], ["no update reached the adapter in 3 steps", "--lora-alpha (it is 1e+38"]),
-    (["--lr", "1e-9", "--max-steps", "60"], ["stayed at chance (0.69 >= 0.97 ln 2)", "lr is too small",
+    (["--lr", "1e-9", "--max-steps", "60"], ["stayed at chance (0.52 >= 0.97 x 0.75 ln 2)", "lr is too small",
                                              "--lr 1e-4 or larger"]),
-], ids=["alpha-1e38", "lr-1e-9"])
+    (["--lr", "1e-9", "--max-steps", "60", "--lora-first", "0.9"], ["stayed at chance (0.69 >= 0.97 ln 2)"]),
+], ids=["alpha-1e38", "lr-1e-9", "lr-1e-9-lora-first"])
 def test_the_guard_stops_runs_that_cannot_learn(world, capsys, tmp_path, extra, needles):
     """lora_alpha 1e38: the gradient norm overflows, clipping leaves every update 0, lora_B stays 0 (loss flat,
-    50% accuracy). lr 1e-9 for 60 steps: the default's LoRA phase (48 steps) sits at ln 2 = 0.69, its rowwise +
-    distillation steps after it at 0.75 ln 2; each logged loss is judged at its own step's chance level."""
+    50% accuracy). lr 1e-9 for 60 steps: the rowwise+distill loss sits at 0.75 ln 2 = 0.52, never ln 2; with
+    --lora-first 0.9 the first 54 steps are plain LoRA, at ln 2 = 0.69 (each logged loss is judged at its step's
+    chance level)."""
     out = tmp_path / "stuck"
     err = refused(T(world, *extra, out=out), capsys, code=3, needle="training stopped")
     assert all(n in err for n in needles), err

@@ -26,9 +26,6 @@ RECIPES = ("paper", "sandwich", "rowwise", "nested")
 DISTILL_RECIPES = ("sandwich", "rowwise")  # the recipes that can distill from r_max (dylora train: on by default)
 DEFAULT_RECIPE = "paper"  # DyLoraConfig's: the paper's Algorithm 1; a sidecar or run.json without a recipe trained so
 RECOMMENDED_RECIPE = "rowwise"  # dylora train's (with distill), the closest to LoRA at every rank (docs/results.md)
-# dylora train's lora_first with its default recipe: plain LoRA for 80% of the steps, then rowwise with distillation
-# (about 1.2x a LoRA run, not 2x; docs/results.md, "Confirmation on seeds and a task the choice did not see")
-RECOMMENDED_LORA_FIRST = 0.8
 REBASIS_STATES = ("reset", "rotate")  # what a re-basis does to the optimizer state of A and B (dylora.rebasis)
 
 
@@ -69,8 +66,7 @@ class DyLoraOptions:
                                  "order, B A unchanged (0: never).")
     rebasis_state: str = _option("reset", "The optimizer state of A and B at a re-basis: reset or rotate.")
     lora_first: float = _option(0.0, "Rowwise: train plain LoRA at r for this fraction of the steps, re-basis once "
-                                "into singular-value order, then the recipe (0: off; dylora train's default: 0.8 with "
-                                "its default recipe, else 0).", cli_default=None, cli_type=float | None)
+                                "into singular-value order, then the recipe (0: off).")
 
     def check(self, r: int) -> None:
         """Refuse an invalid option, given the rank r (= r_max): a ValueError naming the field and what is valid."""
@@ -141,5 +137,5 @@ def options_of(source: Any) -> dict[str, Any]:
 
 
 __all__ = ["DEFAULT_RECIPE", "DISTILL_RECIPES", "DISTRIBUTIONS", "DyLoraOptions", "MAX_DISTILL_EVERY",
-           "RANK_SCALINGS", "REBASIS_STATES", "RECIPES", "RECOMMENDED_LORA_FIRST", "RECOMMENDED_RECIPE",
-           "option_names", "options_of"]
+           "RANK_SCALINGS", "REBASIS_STATES", "RECIPES", "RECOMMENDED_RECIPE", "option_names",
+           "options_of"]

@@ -17,14 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..options import (
-    DEFAULT_RECIPE,
-    DISTILL_RECIPES,
-    RECOMMENDED_LORA_FIRST,
-    RECOMMENDED_RECIPE,
-    DyLoraOptions,
-    options_of,
-)
+from ..options import DEFAULT_RECIPE, DISTILL_RECIPES, RECOMMENDED_RECIPE, DyLoraOptions, options_of
 
 TRAINING_METHODS = ("dylora", "lora", "full")
 SWEEP_BASES = ("prefix", "svd", "both")  # the bases a sweep evaluates (dylora.layers.BASES, or both)
@@ -115,7 +108,6 @@ class Settings(DyLoraSettings):
             values.setdefault("rank_distribution", values.pop("distribution"))
         values.setdefault("recipe", DEFAULT_RECIPE)  # runs written before recipes existed trained the paper's way
         values.setdefault("distill", False)
-        values.setdefault("lora_first", 0.0)  # and before dylora train's default recipe began with LoRA
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -177,14 +169,10 @@ class Settings(DyLoraSettings):
             raise ValueError(f"--quantize {self.quantize} needs bitsandbytes: pip install 'dylora[quant]'")
 
     def _default_recipe(self) -> None:
-        """recipe None: options.RECOMMENDED_RECIPE, rowwise (with distill None: distilled from r_max), after plain
-        LoRA for lora_first None: options.RECOMMENDED_LORA_FIRST (0.8) of the steps, the recipe closest to LoRA at
-        every rank at about 1.2x a LoRA run (docs/results.md); with `frozen`, which trains one component a step,
-        options.DEFAULT_RECIPE (paper). distill None: on where the recipe has it (options.DISTILL_RECIPES: sandwich,
-        rowwise). lora_first None with a recipe named, frozen, or without distillation: 0 (off)."""
-        if self.lora_first is None:
-            default = self.method == "dylora" and self.recipe is None and not self.frozen and self.distill is not False
-            self.lora_first = RECOMMENDED_LORA_FIRST if default else 0.0
+        """recipe None: options.RECOMMENDED_RECIPE, rowwise (with distill None: distilled from r_max, two passes a
+        step), the recipe closest to LoRA at every rank (docs/results.md, "Training recipes"); with `frozen`, which
+        trains one component a step, options.DEFAULT_RECIPE (paper). distill None: on where the recipe has it
+        (options.DISTILL_RECIPES: sandwich, rowwise)."""
         if self.recipe is None:
             self.recipe = DEFAULT_RECIPE if self.frozen else RECOMMENDED_RECIPE
         if self.distill is None:

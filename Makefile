@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: venv
 	$(BIN)/ruff check src tests benchmarks tools
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
+	# one torch thread per test worker (OMP_NUM_THREADS, inherited by the processes the tests start): two workers on
+	# two cores, not each with a thread per core
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20
 
 # the core tests at both ends of the declared ranges of transformers, peft and accelerate (torch as pinned),
 # each in its own fresh environment (.venv-lowest, .venv-newest): 30 min on a busy 2-core machine, set-up included;

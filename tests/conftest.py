@@ -21,6 +21,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on two cores: one thread each, not two threads fighting per core
     torch.set_num_threads(1)
 
+# the files that run for a minute or more (multi-process runs, real models), in `make test`'s measured order: handed
+# out first, so `--dist loadfile` does not leave one of them to run alone at the end while the other worker idles
+LONGEST_FIRST = ("test_distributed.py", "test_quantized.py", "test_cli.py", "test_hostile.py", "test_qlora_bench.py",
+                 "test_generation.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
 
 def tiny_bert(num_labels: int = 2, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification

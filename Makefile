@@ -2,7 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+DEPS_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(DEPS_HASH)
 export DYLORA_CACHE ?= $(HOME)/.cache/dylora
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 # the tests start many Python processes: compile the packages' bytecode once, in parallel, rather than in each of
 # them (pip installs with --no-compile; the few files written for newer Pythons fail and are skipped); not a step of
 # `make venv`, so `make demo` does not wait for it
-COMPILED := $(VENV)/.compiled-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+COMPILED := $(VENV)/.compiled-$(DEPS_HASH)
 
 $(COMPILED): $(STAMP)
 	$(BIN)/python -c 'import compileall, re, sysconfig; compileall.compile_dir(sysconfig.get_paths()["purelib"], \

@@ -137,5 +137,4 @@ def options_of(source: Any) -> dict[str, Any]:
 
 
 __all__ = ["DEFAULT_RECIPE", "DISTILL_RECIPES", "DISTRIBUTIONS", "DyLoraOptions", "MAX_DISTILL_EVERY",
-           "RANK_SCALINGS", "REBASIS_STATES", "RECIPES", "RECOMMENDED_RECIPE", "option_names",
-           "options_of"]
+           "RANK_SCALINGS", "REBASIS_STATES", "RECIPES", "RECOMMENDED_RECIPE", "option_names", "options_of"]

@@ -150,6 +150,12 @@ def test_bad_arguments_message_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dylora: error:") and "polarity" in lines[0]
     assert "Traceback" not in proc.stderr
+    # ... and before the training stack is imported: a typo costs no start-up of torch, transformers and peft
+    code = (f"import sys; from dylora.app.cli import main; code = main(['train', '--data', 'nosuchdata', '--out', "
+            f"{str(tmp_path / 'x')!r}]); print(code, sorted(m for m in ('torch', 'transformers', 'peft') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.stdout.split("\n")[-2] == "2 []", out.stdout + out.stderr
 
 
 def test_export_rank_outside_range_and_bad_rank_spec(trained, tmp_path):

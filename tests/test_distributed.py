@@ -1,8 +1,9 @@
 """Distributed training, resume after SIGKILL, atomic checkpoints, FSDP and torch.compile (issue #4).
 
 The CLI runs as a user would run it: `torchrun --nproc_per_node 2 -m dylora train ...` on CPU (gloo), and
-`python -m dylora train ...` killed with SIGKILL after a checkpoint, then `--resume`d. Every process of a run
-records the rank of each training forward under $DYLORA_RANK_TRACE (`tests/rank_trace.py`, plugged in with
+`python -m dylora train ...` killed with SIGKILL after a checkpoint, then `--resume`d; the recipe runs share one
+torchrun launch, a script calling the CLI's `main` once per recipe (a launch is mostly start-up). Every process of
+a run records the rank of each training forward under $DYLORA_RANK_TRACE (`tests/rank_trace.py`, plugged in with
 $DYLORA_CALLBACKS).
 Tiny random BERT, 200 polarity examples, at most 20 steps: the whole file takes a few minutes on 2 cores.
 """
@@ -168,23 +169,46 @@ def test_ddp_only_process_0_writes_the_run(ddp_run):
         assert verify(ckpt) is None
 
 
-@pytest.mark.parametrize("recipe", [[], ["--recipe", "sandwich"]], ids=["default-rowwise-distill", "sandwich"])
-def test_every_process_runs_the_same_passes_of_a_recipe_step(tiny, tmp_path, recipe):
+RECIPES = {"default-rowwise-distill": [], "sandwich": ["--recipe", "sandwich"]}
+RUNS_SCRIPT = """
+import json, os, sys
+from dylora.app.cli import main
+for trace, args in json.loads(sys.argv[1]):  # one `dylora` command line after another, in this process
+    os.environ["DYLORA_RANK_TRACE"] = trace
+    code = main(args)
+    if code:
+        sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tiny, tmp_path_factory):
+    """`dylora train` with each recipe under one torchrun launch of 2 processes (a launch is mostly start-up)."""
+    root = tmp_path_factory.mktemp("recipes")
+    script = root / "runs.py"
+    script.write_text(RUNS_SCRIPT)
+    runs = {name: (root / name / "run", root / name / "trace") for name in RECIPES}
+    specs = [[str(trace), ["train", "--model", tiny, *COMMON, *RECIPES[name], "--max-steps", "4", "--batch-size", "4",
+                           "--out", str(out)]] for name, (out, trace) in runs.items()]
+    run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             str(script), json.dumps(specs)], root / "unused")
+    return runs
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_process_runs_the_same_passes_of_a_recipe_step(recipe_runs, recipe):
     """Each pass of a step (r then the rowwise ranks; r, r_min and a drawn rank) has the same rank scale in both
     processes, a pure function of (seed, step), while each process trains on its own rows."""
-    out, trace = tmp_path / "run", tmp_path / "trace"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "dylora", "train", "--model", tiny, *COMMON, *recipe, "--max-steps", "4", "--batch-size", "4",
-           "--out", str(out)]
-    run_cli(cmd, trace)
+    out, trace = recipe_runs[recipe]
+    sandwich = recipe == "sandwich"
     traces = [read_trace(trace / f"ranks-{i}.json") for i in (0, 1)]
     passes = [[(step, scale) for step, _, _, scale in t["forwards"]] for t in traces]
-    assert passes[0] == passes[1] and len(passes[0]) == 4 * (3 if recipe else 2)
+    assert passes[0] == passes[1] and len(passes[0]) == 4 * (3 if sandwich else 2)
     assert len({scale for _, scale in passes[0]}) > 2  # different ranks (and rank vectors) from pass to pass
     assert not {f[2] for f in traces[0]["forwards"]} & {f[2] for f in traces[1]["forwards"]}
     assert traces[0]["weights"] == traces[1]["weights"]
     settings = json.loads((out / "run.json").read_text())["settings"]
-    assert (settings["recipe"], settings["distill"]) == (("sandwich", True) if recipe else ("rowwise", True))
+    assert (settings["recipe"], settings["distill"]) == (("sandwich", True) if sandwich else ("rowwise", True))
 
 
 def test_prepare_out_only_process_0_creates_or_deletes_the_partial_dir(tmp_path):

@@ -107,14 +107,15 @@ def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None =
 
 def _train(method: str, kw: dict[str, Any], out: Path | None, overwrite: bool, resume: bool, keep_checkpoints: bool,
            no_guard: bool, quiet: bool) -> None:
-    from .run import train
-    from .rundir import RunDir
     from .settings import Settings
 
-    _hush(quiet)
     targets, ranks = kw.pop("target_modules"), kw.pop("ranks", None)
     s = Settings(method=method, target_modules=[t.strip() for t in targets.split(",")] if targets else None,
                  ranks=_parse_ranks(ranks), guard=not no_guard, **kw).validate()
+    _hush(quiet)  # after the checks: a mistyped option is refused before the training stack is imported
+    from .run import train
+    from .rundir import RunDir
+
     if method == "dylora":  # options that only one recipe or distribution reads (their `when`, dylora.options)
         import dataclasses
 

@@ -32,16 +32,14 @@ from sklearn.model_selection import train_test_split
 from .. import files
 from . import registry
 from .registry import CACHE_ENV, cache_dir  # noqa: F401  (re-exported)
+from .settings import DATASETS, FILE_EXTENSIONS, GENERATION_DATASETS, unknown_data
 
-DATASETS: tuple[str, ...] = ("polarity", "tweets", "bbc")
-GENERATION_DATASETS: tuple[str, ...] = ("bbc-headlines", "bbc-topic")
 # bbc-topic: the first words of a BBC article's body -> its topic word; few words so the task is not saturated
 TOPIC_WORDS = 16
 # bbc-topic's held-out splits (stratified by topic): a test split large enough to rank arms (>= 300), validation
 # for picks; the rest is train
 TOPIC_SPLIT = {"validation": 150, "test": 300}
 METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
-FILE_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 # Cap applied to the train split when ``max_train`` is None: the tweets corpus is large and noisy, and
@@ -463,12 +461,6 @@ def _load_local(found: dict[str, Path], name: str, text_column: str, label_colum
     return _pooled_task(name, parts, names, ["accuracy", "macro_f1"], seed, max_train, str(found["train"]))
 
 
-def _unknown(data: str) -> DataError:
-    return DataError(f"unknown dataset {data!r} (and no such file or directory); choose one of "
-                     f"{', '.join(DATASETS)}, or give a path to a {'/'.join(FILE_EXTENSIONS)} file or a "
-                     "directory with train.* (optional validation.*, test.*)")
-
-
 def load_task(data: str, *, text_column: str | None = None, label_column: str | None = None,
               text_pair_column: str | None = None, seed: int = 0, max_train: int | None = None) -> TaskData:
     """Load a classification task with fixed, seeded, stratified 80/10/10 splits.
@@ -493,7 +485,7 @@ def load_task(data: str, *, text_column: str | None = None, label_column: str | 
     text_column = text_column or "text"
     label_column = label_column or "label"
     if not (path.is_dir() or path.is_file()):
-        raise _unknown(data)
+        raise DataError(unknown_data(data))
     found, name = (_find_split_files(path), path.name) if path.is_dir() else ({"train": path}, path.stem)
     return _load_local(found, name, text_column, label_column, text_pair_column, seed, max_train)
 

@@ -41,10 +41,9 @@ from ..sweep import SweepRow, rank_parameters, rank_sweep
 from ..training import DyLoraTrainer
 from . import zoo
 from .checkpoint import CompleteCheckpointCallback, newest_complete
-from .data import GENERATION_DATASETS
 from .report import pick_bases, pick_ranks, sweep_payload
 from .rundir import RunDir, card_rows, partial_dir
-from .settings import Settings
+from .settings import GENERATION_DATASETS, Settings
 from .tasks import Task, task_for
 
 

@@ -15,6 +15,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..options import DEFAULT_RECIPE, DISTILL_RECIPES, RECOMMENDED_RECIPE, DyLoraOptions, options_of
@@ -25,6 +26,16 @@ QUANTIZE = ("4bit", "8bit")  # bitsandbytes' Linear4bit / Linear8bitLt
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 BASIS_RULES = ("paired", "loss", "metric")  # how the sweep picks each rank's basis on validation (report.pick_bases)
+DATASETS: tuple[str, ...] = ("polarity", "tweets", "bbc")  # classification tasks fetched from registries (app.data)
+GENERATION_DATASETS: tuple[str, ...] = ("bbc-headlines", "bbc-topic")
+FILE_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl")  # a local dataset's file types
+
+
+def unknown_data(data: str) -> str:
+    """The one-line refusal of a --data that names no dataset and no file or directory."""
+    return (f"unknown dataset {data!r} (and no such file or directory); choose one of "
+            f"{', '.join(DATASETS + GENERATION_DATASETS)}, or give a path to a {'/'.join(FILE_EXTENSIONS)} file or a "
+            "directory with train.* (optional validation.*, test.*)")
 
 
 def _option(default: Any, help: str, *flags: str, train_only: bool = False) -> Any:
@@ -134,6 +145,8 @@ class Settings(DyLoraSettings):
             raise ValueError(f"--basis-rule must be one of {', '.join(BASIS_RULES)}, got {self.basis_rule!r}")
         if self.basis is not None and self.basis not in SWEEP_BASES:
             raise ValueError(f"--basis must be one of {', '.join(SWEEP_BASES)}, got {self.basis!r}")
+        if self.data not in DATASETS + GENERATION_DATASETS and not Path(self.data).expanduser().exists():
+            raise ValueError(unknown_data(self.data))  # before the training stack is imported: a typo fails at once
         self._validate_quantization()
         if self.method != "full":
             self.peft_config(["x"])  # DyLoraConfig / LoraConfig name the field and the valid range

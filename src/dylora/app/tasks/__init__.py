@@ -45,7 +45,7 @@ class Task(Protocol):
 
 def task_for(s: Settings, task_type: str | None = None) -> Task:
     """The task plug-in of a dataset (or of a saved adapter's PEFT task type)."""
-    from ..data import GENERATION_DATASETS
+    from ..settings import GENERATION_DATASETS
 
     generation = task_type == "CAUSAL_LM" if task_type else s.data in GENERATION_DATASETS
     if generation:

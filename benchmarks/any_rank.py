@@ -87,6 +87,13 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     # the r_max teacher on a random 1/8 or 1/4 of each batch's rows, every step: about 1.1x / 1.2x a LoRA step
     "rowwise-distill-f125": dict(recipe="rowwise", distill=True, distill_fraction=0.125),
     "rowwise-distill-f25": dict(recipe="rowwise", distill=True, distill_fraction=0.25),
+    # one rowwise pass with half of every batch's rows at r_max, the other half spread over the ranks below it
+    # (uniformly, or geometrically: favouring rank 1): 1 pass a step, no teacher
+    "rowwise-top50": dict(recipe="rowwise", distill=False, top_share=0.5),
+    "rowwise-top50-geo": dict(recipe="rowwise", distill=False, top_share=0.5, rank_distribution="geometric",
+                              geometric_p=0.3),
+    "rowwise-top75": dict(recipe="rowwise", distill=False, top_share=0.75),
+    "rowwise-top50-sqrt": dict(recipe="rowwise", distill=False, top_share=0.5, rank_scaling="alpha/sqrt(b)"),
     # re-basis into singular-value order after every 10th step, optimizer state of A and B reset: 1 pass a step
     "rowwise-rebasis10": dict(recipe="rowwise", distill=False, rebasis_every=10),
     # LoRA at r for half the steps, one re-basis, then rowwise: 1 pass a step

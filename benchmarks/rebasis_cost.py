@@ -1,7 +1,7 @@
 """What one training step of the re-basis recipes costs against a LoRA r = 8 step, paired in one process: MiniLM,
 query+value, r = 8, batch 16 x 64 tokens of polarity, AdamW, one optimizer step each.
 
-    python benchmarks/rebasis_cost.py     # writes benchmarks/results/rebasis_cost.json
+    python benchmarks/rebasis_cost.py     # writes benchmarks/results/rebasis_cost.json (--arms A,B --out F)
 
 Arms, timed in interleaved rounds (each round: every arm for STEPS steps, the order rotating), the ratio of each
 round's time to the same round's LoRA time, median over rounds:
@@ -11,13 +11,16 @@ round's time to the same round's LoRA time, median over rounds:
   spread over the steps;
 - rowwise-distill: a pass at r_max, then the rowwise pass learning from it (dylora train's recipe after its LoRA
   phase);
-- rowwise-distill-f125, rowwise-distill-f25: the r_max pass on 1/8 or 1/4 of the rows (`distill_fraction`).
+- rowwise-distill-f125, rowwise-distill-f25: the r_max pass on 1/8 or 1/4 of the rows (`distill_fraction`);
+- rowwise-top50, rowwise-top75: one rowwise pass with half or three quarters of the rows at r_max (`top_share`).
+`--arms lora,rowwise-top75` times a subset (lora always among them); `--out` names the file.
 "LoRA first" costs f x 1 + (1 - f) x the recipe after it: its figures are computed from these ratios.
 On a shared machine the ratios are indicative only: the load average at the start and end is recorded.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -28,11 +31,24 @@ from pathlib import Path
 import torch
 
 B, L, ROUNDS, STEPS, EVERY = 16, 64, 7, 10, 10
-ARMS = ("lora", "rowwise", "rowwise-rebasis10", "rowwise-distill", "rowwise-distill-f125", "rowwise-distill-f25")
-FRACTION = {"rowwise-distill-f125": 0.125, "rowwise-distill-f25": 0.25}
+SETTINGS = {  # arm: its DyLoraConfig settings (None: PEFT LoRA)
+    "lora": None, "rowwise": {}, "rowwise-rebasis10": {}, "rowwise-distill": dict(distill=True),
+    "rowwise-distill-f125": dict(distill=True, distill_fraction=0.125),
+    "rowwise-distill-f25": dict(distill=True, distill_fraction=0.25),
+    "rowwise-top50": dict(top_share=0.5),
+    "rowwise-top75": dict(top_share=0.75),
+}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arms", default=",".join(SETTINGS), help="comma-separated arms (lora is always timed)")
+    parser.add_argument("--out", default="benchmarks/results/rebasis_cost.json")
+    args = parser.parse_args(argv)
+    unknown = [a for a in args.arms.split(",") if a not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join(SETTINGS)}")
+    arms = ("lora", *[a for a in SETTINGS if a != "lora" and a in args.arms.split(",")])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -57,15 +73,14 @@ def main() -> int:
             model = get_peft_model(base, LoraConfig(**common))
             recipe = None
         else:
-            cfg = dylora.DyLoraConfig(**common, recipe="rowwise", distill=arm.startswith("rowwise-distill"),
-                                      distill_fraction=FRACTION.get(arm, 1.0))
+            cfg = dylora.DyLoraConfig(**common, recipe="rowwise", **SETTINGS[arm])
             model = dylora.get_dylora_model(base, cfg)
             recipe = Recipe.from_config(cfg)
         model.train()
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), recipe
 
-    built = {arm: build(arm) for arm in ARMS}
-    steps = dict.fromkeys(ARMS, 0)
+    built = {arm: build(arm) for arm in arms}
+    steps = dict.fromkeys(arms, 0)
 
     def step(arm: str) -> None:
         model, opt, recipe = built[arm]
@@ -81,25 +96,25 @@ def main() -> int:
             rebasis(model, opt, "reset")
 
     load0 = os.getloadavg()[0]
-    for arm in ARMS:  # warm-up
+    for arm in arms:  # warm-up
         for _ in range(2):
             step(arm)
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
     for i in range(ROUNDS):
-        order = ARMS[i % len(ARMS):] + ARMS[:i % len(ARMS)]
+        order = arms[i % len(arms):] + arms[:i % len(arms)]
         for arm in order:
             t = time.perf_counter()
             for _ in range(STEPS):
                 step(arm)
             times[arm].append(time.perf_counter() - t)
     ratio = {arm: statistics.median(a / lo for a, lo in zip(times[arm], times["lora"], strict=True))
-             for arm in ARMS if arm != "lora"}
+             for arm in arms if arm != "lora"}
     derived = {f"lora-first f={f} then {arm}": f + (1 - f) * ratio[arm]
-               for f, arm in ((0.5, "rowwise"), (0.8, "rowwise-distill"))}
+               for f, arm in ((0.5, "rowwise"), (0.8, "rowwise-distill")) if arm in ratio}
     result = {"what": __doc__.split("\n")[0], "batch": B, "length": L, "rounds": ROUNDS, "steps_per_round": STEPS,
               "round_s": times, "ratio_median": ratio, "derived": derived, "torch_threads": torch.get_num_threads(),
               "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
-    out = Path("benchmarks/results/rebasis_cost.json")
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("ratio_median", "derived", "load_start", "load_end")}, indent=1))

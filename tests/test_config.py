@@ -25,7 +25,8 @@ def test_to_dict_is_plain_lora_and_sidecar_holds_dylora_fields():
     c = DyLoraConfig(r=8, r_min=2, frozen=True, target_modules=["query"])
     assert "r_min" not in c.to_dict() and "frozen" not in c.to_dict()
     assert c.dylora_dict() == {"r_min": 2, "rank_distribution": "uniform", "geometric_p": 0.15,
-                               "frozen": True, "seed": 0, "recipe": "paper", "sandwich_k": 1, "distill": False,
+                               "top_share": 0.0, "frozen": True, "seed": 0, "recipe": "paper", "sandwich_k": 1,
+                               "distill": False,
                                "distill_weight": 0.5, "distill_every": 1, "distill_fraction": 1.0,
                                "rank_scaling": "alpha/b",
                                "rebasis_every": 0, "rebasis_state": "reset", "lora_first": 0.0}
@@ -40,6 +41,7 @@ def test_to_dict_is_plain_lora_and_sidecar_holds_dylora_fields():
         ({"rank_distribution": "zipf"}, "rank_distribution="),
         ({"geometric_p": 0.0}, "geometric_p="),
         ({"geometric_p": 1.5}, "geometric_p="),
+        ({"top_share": 1.0}, "top_share="), ({"top_share": -0.1}, "top_share="), ({"top_share": True}, "top_share="),
         ({"use_rslora": True}, "use_rslora="),
         ({"use_dora": True}, "use_dora="),
         ({"lora_bias": True}, "lora_bias="),

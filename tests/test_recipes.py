@@ -396,6 +396,7 @@ def test_sqrt_scaling_forward_and_export_are_exact_in_vanilla_peft(tmp_path):
     ({"distill_fraction": 0.0}, "distill_fraction="), ({"distill_fraction": 1.5}, "distill_fraction="),
     ({"distill_fraction": True}, "distill_fraction="), ({"distill_fraction": 0.25}, "distill_fraction="),
     ({"recipe": "sandwich", "distill": True, "distill_fraction": 0.25}, "distill_fraction="),
+    ({"recipe": "sandwich", "top_share": 0.5}, "top_share="),
 ])
 def test_invalid_recipe_settings_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field) as err:
@@ -423,6 +424,9 @@ def test_recipe_settings_go_to_the_sidecar_and_old_sidecars_load(tmp_path):
     dylora.save(dylora.get_dylora_model(tiny_bert(), thinned), tmp_path / "b")
     loaded = dylora_adapters(dylora.load(tiny_bert(), tmp_path / "b"))["default"]
     assert (loaded.distill_every, loaded.distill_fraction) == (3, 0.125)
+    top = DyLoraConfig(r=4, target_modules=["query"], recipe="rowwise", top_share=0.75)
+    dylora.save(dylora.get_dylora_model(tiny_bert(), top), tmp_path / "c")
+    assert dylora_adapters(dylora.load(tiny_bert(), tmp_path / "c"))["default"].top_share == 0.75
 
 
 def test_the_recipe_table_is_the_one_list_of_recipes():

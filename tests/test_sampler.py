@@ -39,9 +39,22 @@ def test_geometric_pmf_is_truncated_geometric():
     assert np.all(np.diff(pmf) < 0)  # favours low ranks
 
 
-@pytest.mark.parametrize(("dist", "p"), [("uniform", 0.15), ("geometric", 0.15), ("geometric", 0.6)])
-def test_empirical_distribution_matches_pmf(dist, p):
-    s = RankSampler(1, 8, dist, p, seed=7)
+@pytest.mark.parametrize("dist", ["uniform", "geometric"])
+def test_top_share_gives_r_max_its_share_and_the_ranks_below_the_law_scaled(dist):
+    """P(r_max) = q; below it the law restricted to [r_min, r_max - 1], scaled to 1 - q; rowwise puts q of the rows
+    at r_max in every step (stratified)."""
+    s = RankSampler(2, 8, dist, 0.3, top_share=0.5)
+    below = RankSampler(2, 7, dist, 0.3).pmf()
+    assert np.allclose(s.pmf(), np.append(0.5 * below, 0.5)) and s.pmf().sum() == pytest.approx(1.0)
+    assert all(np.sum(s.example_ranks(16, step) == 8) == 8 for step in range(10))
+    assert np.allclose(RankSampler(2, 8, dist, 0.3, top_share=0.0).pmf(), RankSampler(2, 8, dist, 0.3).pmf())
+    assert RankSampler(3, 3, top_share=0.5).pmf().tolist() == [1.0]  # one rank: nothing to share
+
+
+@pytest.mark.parametrize(("dist", "p", "q"), [("uniform", 0.15, 0.0), ("geometric", 0.15, 0.0),
+                                              ("geometric", 0.6, 0.0), ("geometric", 0.3, 0.5)])
+def test_empirical_distribution_matches_pmf(dist, p, q):
+    s = RankSampler(1, 8, dist, p, seed=7, top_share=q)
     draws = np.array([s.sample(i) for i in range(20_000)])
     counts = np.bincount(draws - 1, minlength=8)
     expected = s.pmf() * len(draws)
@@ -50,12 +63,13 @@ def test_empirical_distribution_matches_pmf(dist, p):
 
 def test_from_config():
     s = RankSampler.from_config(DyLoraConfig(r=6, r_min=2, rank_distribution="geometric", geometric_p=0.3,
-                                             seed=5, target_modules=["q"]))
-    assert (s.r_min, s.r_max, s.distribution, s.p, s.seed) == (2, 6, "geometric", 0.3, 5)
+                                             seed=5, top_share=0.25, target_modules=["q"]))
+    assert (s.r_min, s.r_max, s.distribution, s.p, s.seed, s.top_share) == (2, 6, "geometric", 0.3, 5, 0.25)
 
 
 @pytest.mark.parametrize(("args", "msg"), [((0, 8), "r_min"), ((5, 4), "r_min"), ((1, 8, "zipf"), "uniform"),
-                                           ((1, 8, "geometric", 0.0), "p must")])
+                                           ((1, 8, "geometric", 0.0), "p must"),
+                                           ((1, 8, "uniform", 0.15, 0, 1.0), "top_share")])
 def test_bad_arguments(args, msg):
     with pytest.raises(ValueError, match=msg):
         RankSampler(*args)

@@ -44,6 +44,9 @@ class DyLoraOptions:
                                      "P(b) ~ p (1-p)^(b - r_min).", "--rank-distribution", "--distribution")
     geometric_p: float = _option(0.15, "p of the geometric distribution, in (0, 1].", when=(
         "with --rank-distribution geometric", lambda o: o.rank_distribution == "geometric"))
+    top_share: float = _option(0.0, "Probability of rank r itself; the ranks below it share the rest as the "
+                               "distribution gives (rowwise: about this fraction of every batch's rows at r). 0: as "
+                               "the distribution gives.")
     frozen: bool = _option(False, "DyLoRA (Frozen): train only component b at rank b.", "--frozen")
     seed: int = _option(0, "Seed of the rank sampler (dylora train: the run's --seed).", option=False)
     recipe: str = _option(DEFAULT_RECIPE, "How each step uses ranks: paper (one sampled rank, the paper's), sandwich, "
@@ -85,6 +88,12 @@ class DyLoraOptions:
             raise bad("rank_distribution", f"choose one of {', '.join(DISTRIBUTIONS)}")
         if not 0.0 < float(self.geometric_p) <= 1.0:
             raise bad("geometric_p", "geometric_p must lie in (0, 1]")
+        share = self.top_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share < 1.0:
+            raise bad("top_share", "top_share must be a probability in [0, 1) (0: as the distribution gives)")
+        if share and self.recipe == "sandwich":
+            raise bad("top_share", "a sandwich step trains r every step and draws its other ranks strictly below "
+                                   "it: top_share has no effect there (use paper, rowwise or nested)")
         if self.recipe not in RECIPES:
             raise bad("recipe", f"choose one of {', '.join(RECIPES)}")
         if not integer("sandwich_k", 0):

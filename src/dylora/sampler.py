@@ -18,22 +18,28 @@ class RankSampler:
       - uniform:   P(b) = 1 / (r_max - r_min + 1)
       - geometric: P(b) = p (1 - p)^(b - r_min) / Z,  Z = 1 - (1 - p)^(r_max - r_min + 1)
         (a geometric law truncated to the range, favouring low ranks).
+    With `top_share` q > 0, r_max itself gets P(r_max) = q and the ranks below it the law above restricted to
+    [r_min, r_max - 1], scaled to 1 - q (for rowwise: about q of every batch's rows at r_max).
     """
 
     def __init__(self, r_min: int, r_max: int, distribution: str = "uniform", p: float = 0.15,
-                 seed: int = 0) -> None:
+                 seed: int = 0, top_share: float = 0.0) -> None:
         if not 1 <= r_min <= r_max:
             raise ValueError(f"need 1 <= r_min <= r_max, got r_min={r_min}, r_max={r_max}")
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown rank distribution {distribution!r}: choose one of {', '.join(DISTRIBUTIONS)}")
         if not 0.0 < p <= 1.0:
             raise ValueError(f"geometric p must lie in (0, 1], got {p}")
+        if not 0.0 <= top_share < 1.0:
+            raise ValueError(f"top_share must lie in [0, 1), got {top_share}")
         self.r_min, self.r_max, self.distribution, self.p, self.seed = r_min, r_max, distribution, p, int(seed)
+        self.top_share = float(top_share)
         self._cdf = np.cumsum(self.pmf())
 
     @classmethod
     def from_config(cls, config) -> RankSampler:
-        return cls(config.r_min, config.r, config.rank_distribution, config.geometric_p, config.seed)
+        return cls(config.r_min, config.r, config.rank_distribution, config.geometric_p, config.seed,
+                   config.top_share)
 
     @property
     def ranks(self) -> list[int]:
@@ -42,10 +48,14 @@ class RankSampler:
     def pmf(self) -> np.ndarray:
         """P(b) for b = r_min .. r_max."""
         n = self.r_max - self.r_min + 1
+        if self.top_share and n > 1:
+            return np.append((1.0 - self.top_share) * self._law(n - 1), self.top_share)
+        return self._law(n)
+
+    def _law(self, n: int) -> np.ndarray:
         if self.distribution == "uniform":
             return np.full(n, 1.0 / n)
-        k = np.arange(n)
-        w = self.p * (1.0 - self.p) ** k
+        w = self.p * (1.0 - self.p) ** np.arange(n)
         return w / w.sum()
 
     def sample(self, step: int) -> int:
@@ -84,4 +94,4 @@ class RankSampler:
 
     def __repr__(self) -> str:
         return (f"RankSampler(r_min={self.r_min}, r_max={self.r_max}, distribution={self.distribution!r}, "
-                f"p={self.p}, seed={self.seed})")
+                f"p={self.p}, seed={self.seed}, top_share={self.top_share})")

@@ -67,8 +67,8 @@ SCHEDULES = {
     # perplexity (lower is better), exact match beside it ("also"), picked on perplexity too
     ("bbc-topic", "1ep"): dict(settings=TOPIC, lr=1e-3, seeds=3, ranks=SHOWN, metric="perplexity",
                                also=["exact_match"], lean=True,
-                               arms=["lora-r8", "rowwise-distill", "lora-first-distill", "lora-r1", "lora-r2",
-                                     "lora-r4"]),
+                               arms=["lora-r8", "rowwise-distill", "lora-first-distill", "rowwise-top75", "lora-r1",
+                                     "lora-r2", "lora-r4"]),
     # the same on a 4-bit base (QLoRA / QDyLoRA: nf4, double quant, fp32 compute), one seed, fewer arms
     ("bbc-topic", "4bit"): dict(settings={**TOPIC, "quantize": "4bit"}, lr=1e-3, seeds=1, ranks=SHOWN,
                                 metric="perplexity", also=["exact_match"], lean=True,

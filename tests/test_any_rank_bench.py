@@ -144,8 +144,9 @@ def test_select_arms_keeps_the_named_arms():
 def test_smollm2_on_bbc_topic_is_three_seeds_fp32_and_one_seed_4bit_with_fewer_arms():
     jobs = bench.train_jobs([("bbc-topic", "1ep"), ("bbc-topic", "4bit")], range(3), Path("/nonexistent"))
     fp32 = {key[3] for key in jobs if key[1] == "1ep"}
-    # the DyLoRA recipes: the default and the one before it
-    assert fp32 == {"lora-r8", "rowwise-distill", "lora-first-distill", "lora-r1", "lora-r2", "lora-r4"}
+    # the DyLoRA recipes: the default and the two cheap shapes measured beside it
+    assert fp32 == {"lora-r8", "rowwise-distill", "lora-first-distill", "rowwise-top75", "lora-r1", "lora-r2",
+                    "lora-r4"}
     assert {key[2] for key in jobs if key[1] == "1ep"} == {0, 1, 2}
     assert {(key[2], key[3]) for key in jobs if key[1] == "4bit"} == {(0, "lora-r8"), (0, "rowwise-distill"),
                                                                      (0, "lora-r1")}

@@ -94,6 +94,8 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
                               geometric_p=0.3),
     "rowwise-top75": dict(recipe="rowwise", distill=False, top_share=0.75),
     "rowwise-top50-sqrt": dict(recipe="rowwise", distill=False, top_share=0.5, rank_scaling="alpha/sqrt(b)"),
+    # 3/4 of the rows at r_max, and the r_max teacher on one step in 5: about 1 + 1.06 / 5 = 1.2x
+    "rowwise-top75-k5": dict(recipe="rowwise", distill=True, distill_every=5, top_share=0.75),
     # re-basis into singular-value order after every 10th step, optimizer state of A and B reset: 1 pass a step
     "rowwise-rebasis10": dict(recipe="rowwise", distill=False, rebasis_every=10),
     # LoRA at r for half the steps, one re-basis, then rowwise: 1 pass a step

@@ -22,6 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from pool_workers import exit_with_parent
+
 from dylora.app.run import sweep_run, train
 from dylora.app.settings import Settings
 
@@ -104,8 +106,11 @@ def _job(kind: str, out: Path, s: Settings | Path) -> dict:
     return run_once(out, s) if kind == "run" else truncated(out, s)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int | None = None) -> None:
     import warnings
+
+    if parent is not None:
+        exit_with_parent(parent)
 
     import datasets
     import torch
@@ -129,7 +134,7 @@ class Pool:
         os.environ["OMP_NUM_THREADS"] = str(threads)  # spawned workers start with it
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.ex = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(threads,))
+                                      initializer=_init_worker, initargs=(threads, os.getpid()))
         self.job = job or _job
 
     def map(self, jobs: dict) -> dict:

@@ -213,3 +213,51 @@ def test_topic_targets_are_relative_perplexity_and_4bit_compares_b_2_4_with_the_
     text = "\n".join(bench.table_lines("bbc-topic-4bit", t))
     assert "| LoRA trained at r = b | 1.300 ± 0.000 |  |  | 1.200 ± 0.000 |" in text
     assert "| rowwise-distill | -2.48 | -2.48 | -2.48 | -3.33 | no |" in text
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie that nobody reaps, as under a container's init, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc (Linux)")
+def test_a_pool_worker_ends_soon_after_its_killed_benchmark(tmp_path):
+    """A benchmark killed by SIGKILL leaves no worker training on: its spawned workers (`reproduce.Pool`'s
+    initializer calls `pool_workers.exit_with_parent`) end within seconds of their parent."""
+    import subprocess
+    import textwrap
+    import time
+
+    script = textwrap.dedent(f"""
+        import multiprocessing, os, sys, time
+        sys.path.insert(0, {str(Path(__file__).parents[1] / "benchmarks")!r})
+        import pool_workers
+
+        def worker(parent):
+            pool_workers.exit_with_parent(parent, every=0.05)
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            child = multiprocessing.get_context("spawn").Process(target=worker, args=(os.getpid(),))
+            child.start()
+            print(child.pid, flush=True)
+            time.sleep(60)
+    """)
+    (tmp_path / "bench.py").write_text(script)  # spawn finds `worker` in a __main__ read from a file
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "bench.py")], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert _running(child)  # the worker outlives a while of its parent's life
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(child)
+    finally:
+        parent.kill()

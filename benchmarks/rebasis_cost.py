@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(SETTINGS), help="comma-separated arms (lora is always timed)")
     parser.add_argument("--out", default="benchmarks/results/rebasis_cost.json")
     args = parser.parse_args(argv)
-    unknown = [a for a in args.arms.split(",") if a not in SETTINGS]
+    named = args.arms.split(",")
+    unknown = [a for a in named if a not in SETTINGS]
     if unknown:
         parser.error(f"unknown arm(s) {', '.join(unknown)}: choose from {', '.join(SETTINGS)}")
-    arms = ("lora", *[a for a in SETTINGS if a != "lora" and a in args.arms.split(",")])
+    arms = ("lora", *[a for a in SETTINGS if a != "lora" and a in named])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification

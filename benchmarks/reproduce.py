@@ -106,11 +106,10 @@ def _job(kind: str, out: Path, s: Settings | Path) -> dict:
     return run_once(out, s) if kind == "run" else truncated(out, s)
 
 
-def _init_worker(threads: int, parent: int | None = None) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     import warnings
 
-    if parent is not None:
-        exit_with_parent(parent)
+    exit_with_parent(parent)  # a killed benchmark takes its workers with it
 
     import datasets
     import torch

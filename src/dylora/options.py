@@ -80,6 +80,10 @@ class DyLoraOptions:
             value = getattr(self, name)
             return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
 
+        def real(name: str) -> bool:  # a number, not a bool (True would pass as 1)
+            value = getattr(self, name)
+            return not isinstance(value, bool) and isinstance(value, int | float)
+
         if not integer("r_min", 1):
             raise bad("r_min", "r_min must be an integer >= 1")
         if self.r_min > r:
@@ -88,10 +92,9 @@ class DyLoraOptions:
             raise bad("rank_distribution", f"choose one of {', '.join(DISTRIBUTIONS)}")
         if not 0.0 < float(self.geometric_p) <= 1.0:
             raise bad("geometric_p", "geometric_p must lie in (0, 1]")
-        share = self.top_share
-        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share < 1.0:
+        if not real("top_share") or not 0.0 <= self.top_share < 1.0:
             raise bad("top_share", "top_share must be a probability in [0, 1) (0: as the distribution gives)")
-        if share and self.recipe == "sandwich":
+        if self.top_share and self.recipe == "sandwich":
             raise bad("top_share", "a sandwich step trains r every step and draws its other ranks strictly below "
                                    "it: top_share has no effect there (use paper, rowwise or nested)")
         if self.recipe not in RECIPES:
@@ -109,18 +112,16 @@ class DyLoraOptions:
         if self.distill_every > 1 and not (self.distill and self.recipe == "rowwise"):
             raise bad("distill_every", "distill_every > 1 thins rowwise's r_max pass: it needs recipe='rowwise' and "
                                        "distill=True")
-        fraction = self.distill_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 < fraction <= 1.0:
+        if not real("distill_fraction") or not 0.0 < self.distill_fraction <= 1.0:
             raise bad("distill_fraction", "distill_fraction must be a fraction of the rows in (0, 1]")
-        if fraction < 1 and not (self.distill and self.recipe == "rowwise"):
+        if self.distill_fraction < 1 and not (self.distill and self.recipe == "rowwise"):
             raise bad("distill_fraction", "distill_fraction < 1 thins rowwise's r_max pass: it needs recipe='rowwise' "
                                           "and distill=True")
         if not integer("rebasis_every", 0):
             raise bad("rebasis_every", "rebasis_every must be an integer >= 0 (0: never)")
         if self.rebasis_state not in REBASIS_STATES:
             raise bad("rebasis_state", f"choose one of {', '.join(REBASIS_STATES)}")
-        if isinstance(self.lora_first, bool) or not isinstance(self.lora_first, int | float) \
-                or not 0.0 <= self.lora_first < 1.0:
+        if not real("lora_first") or not 0.0 <= self.lora_first < 1.0:
             raise bad("lora_first", "lora_first must be a fraction of the steps in [0, 1)")
         for name in ("rebasis_every", "lora_first"):
             if getattr(self, name) and self.recipe != "rowwise":

@@ -338,12 +338,16 @@ def eval_all(plan: list[tuple[str, str]], seeds: range, root: Path, pool: Pool, 
 # ---------------------------------------------------------------- summaries (pure: tested in tests/)
 
 
-# the rows of a DyLoRA arm: each basis, the pick on validation by the better accuracy (today's "picked"), by the mean
-# loss and by the paired test (dylora.app.report.pick_bases' rules), and the better basis on test (an oracle)
-BASIS_ROWS = ("prefix", "svd", "picked", "picked-loss", "picked-paired", "oracle")
-PICK_RULES = ("picked", "picked-loss", "picked-paired", "prefix", "svd")
-PICK_LABELS = {"picked": "accuracy (today's)", "picked-loss": "mean loss", "picked-paired": "paired loss test",
-               "prefix": "always prefix", "svd": "always SVD"}
+# the rows of a DyLoRA arm: each basis; the pick on validation by each rule of dylora.app.report.pick_bases: "picked"
+# by `dylora train`'s default rule (what export uses: the SVD cut unless the prefix is better beyond noise), and by
+# the better accuracy ("picked-metric", the default until 2026-12-08: "picked" in older results), the mean loss and
+# the paired loss test; and the better basis on test (an oracle)
+BASIS_ROWS = ("prefix", "svd", "picked", "picked-metric", "picked-loss", "picked-paired", "oracle")
+PICK_RULES = ("picked", "picked-metric", "picked-loss", "picked-paired", "prefix", "svd")
+PICK_LABELS = {"picked": "prefer the SVD cut (the default)", "picked-metric": "accuracy",
+               "picked-loss": "mean loss", "picked-paired": "paired loss test", "prefix": "always prefix",
+               "svd": "always SVD"}
+RULE_OF = {"picked-metric": "metric", "picked-loss": "loss", "picked-paired": "paired"}  # and "picked": the default
 
 
 def aurac(acc: dict[int, float], ranks: list[int] = RANKS) -> float:
@@ -360,38 +364,32 @@ def better(metric: str, a: float, b: float) -> bool:
 
 
 def curves(sweep: list[dict], metric: str, pick_on: str | None = None) -> dict[str, dict[str, dict[int, float]]]:
-    """{basis: {split: {b: score}}} of one sweep, plus "picked": per b the basis with the better validation score
-    (prefix on a tie) in `pick_on` (default: `metric`), scored on test in `metric`; its "choice" holds the basis
-    chosen at each b (with both bases swept)."""
+    """{basis: {split: {b: score}}} of one sweep, plus a row per pick rule (PICK_RULES, `dylora.app.report.pick_bases`
+    on the validation rows, scored on validation `pick_on`, default `metric`, and on test in `metric`) and "oracle"
+    (the better basis on test, prefix on a tie); each such row's "choice" holds the basis chosen at each b."""
+    from dylora.app.report import pick_bases
+    from dylora.app.settings import Settings
+    from dylora.sweep import SweepRow
+
     pick_on = pick_on or metric
     out: dict = {}
-    on: dict = {}
+    val_rows = []
     for row in sweep:  # (a lean sweep of a plain LoRA has no validation scores)
         for split in ("validation", "test"):
             if f"{split}_{metric}" in row:
                 out.setdefault(row["basis"], {}).setdefault(split, {})[int(row["rank"])] = row[f"{split}_{metric}"]
         if f"validation_{pick_on}" in row:
-            on.setdefault(row["basis"], {})[int(row["rank"])] = row[f"validation_{pick_on}"]
+            extra = {k.removeprefix("validation_"): row[k] for k in ("validation_example_loss",
+                                                                    "validation_example_correct") if k in row}
+            val_rows.append(SweepRow(int(row["rank"]), {pick_on: row[f"validation_{pick_on}"]}, 0, extra,
+                                     row["basis"]))
     if "prefix" not in out:  # a plain LoRA: its SVD cut only
         return out
     pre, svd = out["prefix"], out["svd"]
-    choice = {b: "svd" if better(pick_on, on["svd"][b], on["prefix"][b]) else "prefix" for b in pre["validation"]}
-    rules = {"picked": choice,
-             # the better basis on test: an oracle, for scale (prefix on a tie)
-             "oracle": {b: "svd" if better(metric, svd["test"][b], pre["test"][b]) else "prefix" for b in pre["test"]}}
-    losses = {(int(row["rank"]), row["basis"]): row["validation_example_loss"] for row in sweep
-              if "validation_example_loss" in row}
-    if losses:  # per-example validation losses: the pick by mean loss and the paired pick (dylora.app.report); a
-        # b without them (a lean sweep's b = r, where both bases are one update) keeps the prefix
-        from dylora.app.report import paired_better
-
-        def has(b: int) -> bool:
-            return (b, "svd") in losses and (b, "prefix") in losses
-
-        rules["picked-loss"] = {b: "svd" if has(b) and statistics.fmean(losses[b, "svd"])
-                                < statistics.fmean(losses[b, "prefix"]) else "prefix" for b in choice}
-        rules["picked-paired"] = {b: "svd" if has(b) and paired_better(losses[b, "prefix"], losses[b, "svd"])
-                                  else "prefix" for b in choice}
+    higher = pick_on not in LOWER_IS_BETTER
+    rules = {name: pick_bases(val_rows, pick_on, higher, RULE_OF.get(name, Settings.basis_rule), R)
+             for name in ("picked", *RULE_OF)}
+    rules["oracle"] = {b: "svd" if better(metric, svd["test"][b], pre["test"][b]) else "prefix" for b in pre["test"]}
     for name, rule in rules.items():
         out[name] = {split: {b: out[rule[b]][split][b] for b in rule} for split in ("validation", "test")}
         out[name]["choice"] = rule

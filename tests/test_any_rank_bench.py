@@ -41,10 +41,25 @@ def test_picked_takes_the_basis_better_on_validation_and_reports_its_test():
     prefix_test = [10, 20, 30, 40, 50, 60, 70, 80]
     svd_test = [11, 21, 31, 41, 51, 61, 71, 81]  # svd is better on test everywhere: test must not drive the pick
     c = bench.curves(sweep(prefix_val, svd_val, prefix_test, svd_test), "accuracy")
-    assert c["picked"]["choice"] == {1: "svd", 2: "prefix", 3: "prefix", 4: "svd", 5: "prefix", 6: "prefix",
-                                     7: "prefix", 8: "prefix"}
-    assert c["picked"]["test"] == {1: 11, 2: 20, 3: 30, 4: 41, 5: 50, 6: 60, 7: 70, 8: 80}
-    assert c["picked"]["validation"][1] == 70 and c["picked"]["validation"][3] == 70
+    assert c["picked-metric"]["choice"] == {1: "svd", 2: "prefix", 3: "prefix", 4: "svd", 5: "prefix", 6: "prefix",
+                                            7: "prefix", 8: "prefix"}
+    assert c["picked-metric"]["test"] == {1: 11, 2: 20, 3: 30, 4: 41, 5: 50, 6: 60, 7: 70, 8: 80}
+    assert c["picked-metric"]["validation"][1] == 70 and c["picked-metric"]["validation"][3] == 70
+    # without per-example scores every rule is the metric's (dylora.app.report.pick_bases)
+    assert c["picked"] == c["picked-metric"] == c["picked-loss"] == c["picked-paired"]
+
+
+def test_picked_is_the_default_rule_the_svd_cut_unless_the_prefix_is_right_on_more_examples_beyond_noise():
+    rows = sweep([61] * 8, [60] * 8, [50] * 8, [55] * 8)  # the prefix ahead on validation, the SVD cut on test
+    for row in rows:  # 100 validation examples: the prefix right on 1 more at every b, on 3 more at b = 2
+        lead = 3 if row["rank"] == 2 else 1
+        ones = 60 + (lead if row["basis"] == "prefix" else 0)
+        row["validation_example_correct"] = [1.0] * ones + [0.0] * (100 - ones)
+    c = bench.curves(rows, "accuracy")
+    assert c["picked-metric"]["choice"] == dict.fromkeys(RANKS, "prefix")  # 61 > 60 (b = 2: 63 > 60)
+    # one example is within noise; at b = 8 = r both bases are one update: the prefix, as trained
+    assert c["picked"]["choice"] == {**dict.fromkeys(RANKS, "svd"), 2: "prefix", 8: "prefix"}
+    assert c["picked"]["test"][1] == 55 and c["picked"]["test"][2] == 50
 
 
 def evaluated(dy_test: float, lora_at_b: float, svd_test: float) -> dict:
@@ -110,7 +125,7 @@ def test_curves_pick_by_loss_and_by_the_paired_test_and_the_oracle_reads_test():
             row["validation_example_loss"] = [x + (0.3 if i % 3 else -0.6) for i, x in
                                               enumerate(row["validation_example_loss"])]
     c = bench.curves(rows, "accuracy")
-    assert set(c["picked"]["choice"].values()) == {"svd"}
+    assert c["picked-metric"]["choice"] == {**dict.fromkeys(RANKS, "svd"), 8: "prefix"}  # b = r: one update
     assert c["picked-paired"]["choice"][1] == "svd" and c["picked-paired"]["choice"][2] == "prefix"
     assert c["oracle"]["choice"] == dict.fromkeys(RANKS, "prefix") and c["oracle"]["test"][1] == 70
 
@@ -171,12 +186,13 @@ def test_perplexity_picks_the_lower_basis_and_exact_match_follows_that_pick():
     rows = topic_sweep({"prefix": ([1.5, 1.4, 1.3, 1.2], [1.5, 1.4, 1.3, 1.2]),
                         "svd": ([1.4, 1.5, 1.3, 1.1], [1.6, 1.3, 1.3, 1.2])})
     c = bench.curves(rows, "perplexity")
-    assert c["picked"]["choice"] == {1: "svd", 2: "prefix", 4: "prefix", 8: "svd"}  # lower validation; tie: prefix
+    # the lower validation; a tie: the prefix; b = 8 = r, one update in both bases: the prefix
+    assert c["picked"]["choice"] == {1: "svd", 2: "prefix", 4: "prefix", 8: "prefix"}
     assert c["picked"]["test"] == {1: 1.6, 2: 1.4, 4: 1.3, 8: 1.2}
     assert c["oracle"]["choice"] == {1: "prefix", 2: "svd", 4: "prefix", 8: "prefix"}
     em = bench.curves(rows, "exact_match", pick_on="perplexity")  # the SVD cut is 1 point better on test EM
     assert em["picked"]["choice"] == c["picked"]["choice"]
-    assert em["picked"]["test"] == {1: 52.0, 2: 52.0, 4: 54.0, 8: 59.0}
+    assert em["picked"]["test"] == {1: 52.0, 2: 52.0, 4: 54.0, 8: 58.0}
 
 
 def test_topic_targets_are_relative_perplexity_and_4bit_compares_b_2_4_with_the_svd_cut():

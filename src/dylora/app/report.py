@@ -22,6 +22,8 @@ def pick_ranks(rows: list[SweepRow], metric: str, within: float, higher_is_bette
 
 
 PAIRED_Z = 2.0  # "paired": the SVD cut only where its mean loss is lower by more than this many standard errors
+PREFER_SVD_Z = 1.0  # "prefer-svd": the prefix only where it is better by more than this many standard errors
+CORRECTNESS_METRICS = ("accuracy", "exact_match")  # a metric that is the mean of per-example correctness
 
 
 def paired_better(base: list[float], other: list[float], z: float = PAIRED_Z) -> bool:
@@ -34,22 +36,42 @@ def paired_better(base: list[float], other: list[float], z: float = PAIRED_Z) ->
     n = len(d)
     mean = sum(d) / n
     sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
-    return mean > z * sd / n ** 0.5
+    # a lead of exactly z standard errors is not beyond them: one example of n ahead and none behind is mean = SE = 1/n
+    # exactly, which rounding would otherwise decide
+    return mean > z * sd / n ** 0.5 * (1 + 1e-9)
 
 
-def pick_bases(rows: list[SweepRow], metric: str, higher_is_better: bool = True, rule: str = "metric"
-               ) -> dict[int, str]:
+def example_errors(row: SweepRow, metric: str) -> list[float] | None:
+    """A row's per-example scores, lower is better, in the form of `metric`: 1 - correctness for a metric that is
+    its mean (accuracy, exact match), else the per-example loss; None where the row has not got them."""
+    if metric in CORRECTNESS_METRICS and row.extra.get("example_correct") is not None:
+        return [1.0 - c for c in row.extra["example_correct"]]
+    return row.extra.get("example_loss")
+
+
+def pick_bases(rows: list[SweepRow], metric: str, higher_is_better: bool = True, rule: str = "metric",
+               r: int | None = None) -> dict[int, str]:
     """{rank: the basis picked on these (validation) rows}. `rule`: "metric", the better metric (a tie goes to the
     prefix); "loss", the lower mean per-example loss; "paired", the prefix unless the SVD cut's per-example losses
-    are lower beyond noise (`paired_better`). "loss" and "paired" need the rows' per-example losses
-    (`extra["example_loss"]`, from a task that gives them); a rank without them falls back to "metric"."""
+    are lower beyond noise (`paired_better`, z = PAIRED_Z); "prefer-svd", the SVD cut unless the prefix's
+    per-example scores (`example_errors`: correctness for accuracy, else the loss) are better beyond noise
+    (z = PREFER_SVD_Z). The other rules need the rows' per-example scores (`extra`, from a task that gives them);
+    a rank without them falls back to "metric". At the full rank `r`, where both bases are one update, every rule
+    keeps the prefix: the trained factors as they are."""
     if rule not in BASIS_RULES:
         raise ValueError(f"basis rule must be one of {', '.join(BASIS_RULES)}, got {rule!r}")
     if rule != "metric":
-        by = {(row.rank, row.basis): row.extra.get("example_loss") for row in rows}
-        out = pick_bases(rows, metric, higher_is_better)
+        by = {(row.rank, row.basis): row for row in rows}
+        out = pick_bases(rows, metric, higher_is_better, r=r)
         for b in out:
-            pre, svd = by.get((b, "prefix")), by.get((b, "svd"))
+            if (b, "prefix") not in by or (b, "svd") not in by or b == r:
+                continue
+            if rule == "prefer-svd":
+                pre, svd = example_errors(by[b, "prefix"], metric), example_errors(by[b, "svd"], metric)
+                if pre is not None and svd is not None:
+                    out[b] = "prefix" if paired_better(svd, pre, PREFER_SVD_Z) else "svd"
+                continue
+            pre, svd = by[b, "prefix"].extra.get("example_loss"), by[b, "svd"].extra.get("example_loss")
             if pre is None or svd is None:
                 continue
             if rule == "loss":
@@ -64,7 +86,8 @@ def pick_bases(rows: list[SweepRow], metric: str, higher_is_better: bool = True,
         if old is None or (sign * row.metrics[metric], row.basis == "prefix") > \
                 (sign * old.metrics[metric], old.basis == "prefix"):
             picked[row.rank] = row
-    return {b: row.basis for b, row in sorted(picked.items())}
+    has_prefix = {row.rank for row in rows if row.basis == "prefix"}
+    return {b: "prefix" if b == r and b in has_prefix else row.basis for b, row in sorted(picked.items())}
 
 
 def sweep_payload(validation: list[SweepRow], test: list[SweepRow], metrics: list[str], best: int,

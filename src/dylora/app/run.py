@@ -308,7 +308,7 @@ def _train_and_publish(s: Settings, out: Path, partial: Path, task: Task, model:
     t_sweep = time.perf_counter() - t1
     metric = task.metrics[0]
     best, smallest = pick_ranks(val, metric, s.within, task.higher_is_better)
-    bases = pick_bases(val, metric, task.higher_is_better, s.basis_rule)
+    bases = pick_bases(val, metric, task.higher_is_better, s.basis_rule, s.r if s.method == "dylora" else None)
     result = RunResult(out, val, test, best, smallest, metric, rank_history=rank_history, bases=bases)
     picked = [row for row in val if bases[row.rank] == row.basis]
 

@@ -25,7 +25,8 @@ SWEEP_BASES = ("prefix", "svd", "both")  # the bases a sweep evaluates (dylora.l
 QUANTIZE = ("4bit", "8bit")  # bitsandbytes' Linear4bit / Linear8bitLt
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-BASIS_RULES = ("paired", "loss", "metric")  # how the sweep picks each rank's basis on validation (report.pick_bases)
+# how the sweep picks each rank's basis on validation (report.pick_bases); the first is the default
+BASIS_RULES = ("prefer-svd", "paired", "loss", "metric")
 DATASETS: tuple[str, ...] = ("polarity", "tweets", "bbc")  # classification tasks fetched from registries (app.data)
 GENERATION_DATASETS: tuple[str, ...] = ("bbc-headlines", "bbc-topic")
 FILE_EXTENSIONS: tuple[str, ...] = (".csv", ".tsv", ".json", ".jsonl")  # a local dataset's file types
@@ -105,9 +106,11 @@ class Settings(DyLoraSettings):
                                  "--double-quant/--no-double-quant")
     compute_dtype: str | None = _option(None, "dtype the quantized layers compute in: float32, bfloat16 or float16 "
                                         "(default: float32 on CPU, bfloat16 on CUDA).")
-    basis_rule: str = _option("metric", "How the sweep picks each rank's basis on validation: metric (the better "
-                              "score), loss (the lower mean loss) or paired (the prefix unless the SVD cut's "
-                              "per-example losses are lower beyond noise: a paired z-test, z = 2).",
+    basis_rule: str = _option("prefer-svd", "How the sweep picks each rank's basis on validation: prefer-svd (the SVD "
+                              "cut unless the prefix is better beyond noise: a paired z-test on per-example "
+                              "correctness, or losses for other metrics, z = 1), metric (the better score), loss "
+                              "(the lower mean loss) or paired (the prefix unless the SVD cut's per-example losses "
+                              "are lower beyond noise, z = 2).",
                               train_only=True)
     guard: bool = True  # stop a run whose loss is not finite or stays at chance (TrainingGuard); CLI --no-guard
 

@@ -98,6 +98,8 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     "rowwise-top75-k5": dict(recipe="rowwise", distill=True, distill_every=5, top_share=0.75),
     # re-basis into singular-value order after every 10th step, optimizer state of A and B reset: 1 pass a step
     "rowwise-rebasis10": dict(recipe="rowwise", distill=False, rebasis_every=10),
+    # the same, with the Adam moments of A and B rotated with them (rebasis_state="rotate") instead of reset
+    "rowwise-rebasis10-rot": dict(recipe="rowwise", distill=False, rebasis_every=10, rebasis_state="rotate"),
     # LoRA at r for half the steps, one re-basis, then rowwise: 1 pass a step
     "lora-first": dict(recipe="rowwise", distill=False, lora_first=0.5),
     # LoRA at r for 80% of the steps, one re-basis, then rowwise with the r teacher: 0.8 + 0.2 x 1.84 = 1.17x

@@ -1,5 +1,5 @@
 """Any rank after training: LoRA trained at b, LoRA r=8 cut by SVD, and DyLoRA recipes read in the prefix basis,
-the SVD basis or the better of the two on validation ("picked"), at every b = 1..8 (issue #19, item 5).
+the SVD basis or the one picked on validation by `dylora train`'s rule ("picked"), at every b = 1..8 (issue #19).
 
     python benchmarks/any_rank.py                       # train what is missing, evaluate, render (make any-rank)
     python benchmarks/any_rank.py --phase train         # only train (resumable: a cached arm is skipped)
@@ -10,11 +10,12 @@ the SVD basis or the better of the two on validation ("picked"), at every b = 1.
     python benchmarks/any_rank.py --tasks bbc-1ep --arms lora-r8,rowwise-distill,lora-first,lora-r1,lora-r2,lora-r4 \
         --ranks 1,2,4,8 --results /tmp/x.json --docs /tmp/docs   # some arms only, swept at four ranks
 
-The re-basis arms (rowwise-rebasis10, lora-first, lora-first-distill) and the picks by validation loss
-("picked-loss": the lower mean loss; "picked-paired": the prefix unless the SVD cut's per-example losses are lower
-beyond noise, `dylora.app.report.pick_bases`) come with per-example validation losses in each arm's sweep; "oracle"
-is the better basis on test, for scale. The summary counts, per recipe and rule, the cells (seed x b) where the
-rule chose the worse basis and the points it lost there, and gives the standard error over seeds of each paired gap.
+Each arm's sweep keeps the per-example validation losses and correctness, so every rule of
+`dylora.app.report.pick_bases` is applied to it: "picked" (the default, prefer-svd: the SVD cut unless the prefix is
+ahead beyond noise), "picked-metric" (the better accuracy), "picked-loss" (the lower mean loss), "picked-paired" (the
+prefix unless the SVD cut's losses are lower beyond noise); "oracle" is the better basis on test, for scale. The
+summary counts, per recipe and rule, the cells (seed x b) where the rule chose the worse basis and the points it lost
+there, and gives the standard error over seeds of each paired gap.
 
 Three phases. train: every arm (task, schedule, seed, method) is one `dylora.app.run.train` run whose adapter (at r)
 and run.json (its train time) land in `<cache>/<task>-<schedule>/<arm>-s<seed>/` (default

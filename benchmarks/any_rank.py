@@ -94,6 +94,9 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     "rowwise-top50-geo": dict(recipe="rowwise", distill=False, top_share=0.5, rank_distribution="geometric",
                               geometric_p=0.3),
     "rowwise-top75": dict(recipe="rowwise", distill=False, top_share=0.75),
+    # the same, the ranks below r drawn geometrically (p = 0.3: about 8% of the rows at b = 1, 6% at b = 2)
+    "rowwise-top75-geo": dict(recipe="rowwise", distill=False, top_share=0.75, rank_distribution="geometric",
+                              geometric_p=0.3),
     "rowwise-top50-sqrt": dict(recipe="rowwise", distill=False, top_share=0.5, rank_scaling="alpha/sqrt(b)"),
     # 3/4 of the rows at r_max, and the r_max teacher on one step in 5: about 1 + 1.06 / 5 = 1.2x
     "rowwise-top75-k5": dict(recipe="rowwise", distill=True, distill_every=5, top_share=0.75),

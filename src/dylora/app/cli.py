@@ -79,7 +79,8 @@ def _console() -> Any:
 def _sweep_table(title: str, rows: list, metrics: list[str], test: list | None = None, marks: dict | None = None,
                  picked: dict | None = None):
     """One row per rank (per rank and basis when two bases were swept): params, each metric (validation and test
-    when both are given), and marks ("picked" on the basis better on validation, best and smallest within)."""
+    when both are given), and marks ("picked" on the basis picked on validation by --basis-rule, best and smallest
+    within)."""
     from rich.table import Table
 
     table = Table(title=title)

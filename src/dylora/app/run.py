@@ -57,7 +57,7 @@ class RunResult:
     metric: str
     timings: dict[str, float] = field(default_factory=dict)
     rank_history: list[tuple[int, int]] = field(default_factory=list)
-    bases: dict[int, str] = field(default_factory=dict)  # per rank, the basis better on validation
+    bases: dict[int, str] = field(default_factory=dict)  # per rank, the basis picked on validation (--basis-rule)
 
 
 @dataclass

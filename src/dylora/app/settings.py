@@ -97,7 +97,7 @@ class Settings(DyLoraSettings):
                                       "r_min to r).", train_only=True)
     basis: str | None = _option(None, "Bases the sweep evaluates at each rank: prefix (the first b components), svd "
                                 "(the best rank-b approximation of the r_max update) or both (the default), each "
-                                "rank then exported in the one better on validation.", train_only=True)
+                                "rank then exported in the one picked on validation (--basis-rule).", train_only=True)
     quantize: str | None = _option(None, "Load the base model quantized by bitsandbytes, 4bit (QLoRA; QDyLoRA with "
                                    "dylora train) or 8bit; the adapter stays in full precision. Needs "
                                    "'dylora[quant]'.")

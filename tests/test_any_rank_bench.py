@@ -277,3 +277,14 @@ def test_a_pool_worker_ends_soon_after_its_killed_benchmark(tmp_path):
         assert not _running(child)
     finally:
         parent.kill()
+
+
+def test_the_four_epoch_schedule_is_the_checks_lr_on_each_minilm_tasks_own_data():
+    """bbc, polarity and tweets at 4 epochs and lr 2e-3 (issue 27's check schedule): the 1-epoch settings otherwise,
+    opt-in (not in ORDER, so `make any-rank` does not grow)."""
+    for task in ("bbc", "polarity", "tweets"):
+        four, one = bench.SCHEDULES[task, "4ep"], bench.SCHEDULES[task, "1ep"]
+        assert (four["settings"]["epochs"], four["lr"]) == (4.0, 2e-3)
+        assert {**four["settings"], "epochs": one["settings"].get("epochs", 1.0)} == \
+            {**one["settings"], "epochs": one["settings"].get("epochs", 1.0)}
+        assert (task, "4ep") not in bench.ORDER

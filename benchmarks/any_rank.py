@@ -86,12 +86,12 @@ RECIPES = {  # arm: the DyLoRA settings of that recipe
     "paper": dict(recipe="paper", distill=False),
     "rowwise": dict(recipe="rowwise", distill=False),
     "rowwise-distill": dict(recipe="rowwise", distill=True, distill_every=1),  # the teacher pass every step
-    # the r_max teacher pass on one step in 5: about 1 + 0.84 / 5 = 1.2x a LoRA step (the paired timing: the
-    # teacher pass costs 0.84 of a LoRA step), the cost target
     # the default with the rowwise pass's ranks drawn geometrically (p = 0.15: 21% of the rows at b = 1, 7% at r)
     "rowwise-distill-geo": dict(recipe="rowwise", distill=True, rank_distribution="geometric", geometric_p=0.15),
     # the default with distill_weight 0.25 (the rowwise pass's loss 0.75 task + 0.25 KL instead of 0.5 + 0.5)
     "rowwise-distill-w25": dict(recipe="rowwise", distill=True, distill_weight=0.25),
+    # the r_max teacher pass on one step in 5: about 1 + 0.84 / 5 = 1.2x a LoRA step (the paired timing: the
+    # teacher pass costs 0.84 of a LoRA step), the cost target
     "rowwise-distill-k5": dict(recipe="rowwise", distill=True, distill_every=5),
     # the r_max teacher on a random 1/8 or 1/4 of each batch's rows, every step: about 1.1x / 1.2x a LoRA step
     "rowwise-distill-f125": dict(recipe="rowwise", distill=True, distill_fraction=0.125),

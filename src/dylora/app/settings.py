@@ -106,8 +106,8 @@ class Settings(DyLoraSettings):
                                  "--double-quant/--no-double-quant")
     compute_dtype: str | None = _option(None, "dtype the quantized layers compute in: float32, bfloat16 or float16 "
                                         "(default: float32 on CPU, bfloat16 on CUDA).")
-    basis_rule: str = _option("prefer-svd", "How the sweep picks each rank's basis on validation: prefer-svd (the SVD "
-                              "cut unless the prefix is better beyond noise: a paired z-test on per-example "
+    basis_rule: str = _option(BASIS_RULES[0], "How the sweep picks each rank's basis on validation: prefer-svd (the "
+                              "SVD cut unless the prefix is better beyond noise: a paired z-test on per-example "
                               "correctness, or losses for other metrics, z = 1), metric (the better score), loss "
                               "(the lower mean loss) or paired (the prefix unless the SVD cut's per-example losses "
                               "are lower beyond noise, z = 2).",
